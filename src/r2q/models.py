@@ -1,0 +1,115 @@
+"""Loading policies, references and tokenizers; building tiny models and tokenizers from scratch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if not loop.last %}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}\n<|assistant|>{% endif %}"
+)
+
+
+def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: bool = False):
+    """A causal LM from a local directory or hub id, weights from safetensors only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+    except ValueError as e:
+        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved beside a model; a pad token is set to EOS if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer at {path} has no EOS token; completions need one to end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_same_tokenizer(a, b, what: str = "policy and reference") -> None:
+    """Token-level rewards compare two models token by token: they must share one vocabulary."""
+    if a.get_vocab() != b.get_vocab():
+        raise UserError(f"the {what} tokenizers differ; token-level rewards need one shared vocabulary")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, eos: str = "<|endoftext|>",
+                        chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer (pad = EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = [eos] + ([f"<|{r}|>" for r in ("system", "user", "assistant")] if chat_template else [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+                max_positions: int = 512):
+    """Config of a small Llama-style or GPT-2-style causal LM."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    raise UserError(f"unknown architecture {arch!r}; use llama or gpt2")
+
+
+def tiny_model(arch: str, vocab_size: int, seed: int = 0, **kw):
+    """A randomly initialised causal LM from `tiny_config` (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **kw))
+    return model.float().eval()
+
+
+def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,79 @@
+"""Implicit token rewards of a DPO policy (the paper's Eq. 10) and what is built from them.
+
+All tensors are completion-aligned: (S, L) with a bool mask (S, L) of real tokens (EOS included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def implicit_rewards(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """r_t = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)), 0 where masked.  (S, L) -> (S, L)
+
+    ref_logps=None is the reference-free case (pi_ref uniform up to a constant: r_t = beta * log pi).
+    """
+    diff = policy_logps if ref_logps is None else policy_logps - ref_logps
+    return (beta * diff).masked_fill(~mask, 0.0)
+
+
+def cumulative_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q_t = sum_{i<=t} r_i: the implicit Q of the prefix up to potential-based shaping.  (S, L) -> (S, L)
+
+    Entries past the end of a completion hold the sequence total.
+    """
+    return rewards.masked_fill(~mask, 0.0).cumsum(-1)
+
+
+def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t r_t over each completion: the sequence-level implicit reward.  (S, L) -> (S,)"""
+    return rewards.masked_fill(~mask, 0.0).sum(-1)
+
+
+def step_ids(step_ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Index of the step each token belongs to, given (S, L) bool marks of the tokens that end a step.
+
+    A step ends at (and includes) a marked token; the tokens after the last mark form a final step.
+    Masked entries get -1.
+    """
+    ends = (step_ends & mask).long()
+    ids = ends.cumsum(-1) - ends  # the ending token still belongs to its step
+    return ids.masked_fill(~mask, -1)
+
+
+def step_rewards(rewards: torch.Tensor, step_ends: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token rewards within each step.  -> (S, K) sums and (S, K) bool mask of real steps.
+
+    This equals the difference of the cumulative reward q at consecutive step ends (implicit PRM step reward).
+    """
+    ids = step_ids(step_ends, mask)
+    n_steps = ids.max(dim=-1).values + 1  # (S,)
+    K = max(int(n_steps.max()) if n_steps.numel() else 0, 1)
+    out = rewards.new_zeros(rewards.shape[0], K)
+    out.scatter_add_(1, ids.clamp(min=0), rewards.masked_fill(~mask, 0.0))
+    step_mask = torch.arange(K, device=rewards.device)[None, :] < n_steps[:, None]
+    return out, step_mask
+
+
+def aggregate_steps(step_sums: torch.Tensor, step_mask: torch.Tensor, how: str = "min") -> torch.Tensor:
+    """One score per completion from its step rewards: "min" (PRM best-of-N), "sum" or "last".  -> (S,)"""
+    if how == "sum":
+        return step_sums.masked_fill(~step_mask, 0.0).sum(-1)
+    if how == "min":
+        return step_sums.masked_fill(~step_mask, float("inf")).min(-1).values
+    if how == "last":
+        last = (step_mask.long().sum(-1) - 1).clamp(min=0)
+        return step_sums.gather(1, last[:, None]).squeeze(1)
+    raise ValueError(f"unknown step aggregation {how!r}; use min, sum or last")
+
+
+def step_ends_from_text(pieces: list[list[str]], delimiter: str = "\n") -> torch.Tensor:
+    """(S, L) bool: token t ends a step if its text contains the delimiter. pieces[s][t] is a token's text."""
+    L = max((len(p) for p in pieces), default=0)
+    out = torch.zeros(len(pieces), L, dtype=torch.bool)
+    for s, row in enumerate(pieces):
+        for t, piece in enumerate(row):
+            out[s, t] = delimiter in piece
+    return out

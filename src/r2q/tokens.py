@@ -1,0 +1,200 @@
+"""Token batches and per-token log-probs.
+
+Every scored token is one entry of a flat list: the hidden state that predicts it (``src_index``, a flat index
+into the ``(R, T)`` grid of the model's rows), the token itself (``targets``), and where it goes in the
+completion-aligned output (``seq_index``, ``tok_index``). This one layout serves the plain layout (one row per
+prompt + completion) and the prefix-shared one (prompt + chosen + rejected in one row, where the last prompt
+token predicts the first token of both completions), and it lets the LM head run on scored positions only.
+
+Outputs are completion-aligned ``(S, L)`` tensors: entry ``[s, t]`` is about the t-th completion token of
+sequence s (EOS included); ``mask[s, t]`` says whether it exists. A prompt token is never scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Configs with any of these attributes post-process logits in ways the head-only path would skip;
+# such models fall back to a full forward (correct, just slower).
+_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_init_value")
+
+
+@dataclass
+class TokenBatch:
+    """A batch of completions to score, in model rows plus a flat list of scored tokens.
+
+    input_ids, position_ids: (R, T) long.  attention_mask: (R, T) long (plain rows) or (R, 1, T, T) bool
+    (prefix-shared rows: True where a query may attend to a key).
+    src_index, targets, seq_index, tok_index: (N,) long, one entry per scored token.
+    lengths: (S,) long, the number of tokens of each completion.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    src_index: torch.Tensor
+    targets: torch.Tensor
+    seq_index: torch.Tensor
+    tok_index: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def completion_mask(self) -> torch.Tensor:
+        """(S, L) bool: which completion-aligned entries are real tokens."""
+        ar = torch.arange(self.max_len, device=self.lengths.device)
+        return ar[None, :] < self.lengths[:, None]
+
+    def completion_ids(self) -> torch.Tensor:
+        """(S, L) long: the completion tokens, 0 where masked."""
+        return self.scatter(self.targets).long()
+
+    def scatter(self, flat: torch.Tensor) -> torch.Tensor:
+        """Place (N,) per-token values into a completion-aligned (S, L) tensor (0 where masked)."""
+        out = flat.new_zeros(self.num_seqs, self.max_len)
+        out[self.seq_index, self.tok_index] = flat
+        return out
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model processes (non-padding positions of all rows)."""
+        if self.attention_mask.dim() == 2:
+            return int(self.attention_mask.sum())
+        return int(self.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1).sum())
+
+
+def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
+    """One right-padded row per (prompt, completion); completion s is scored from row s."""
+    if len(prompts) != len(completions):
+        raise ValueError("prompts and completions differ in number")
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    T = max(len(r) for r in rows)
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(R, T, dtype=torch.long)
+    src, tgt, seq, tok = [], [], [], []
+    for s, (p, c) in enumerate(zip(prompts, completions)):
+        if len(p) == 0:
+            raise ValueError("a prompt must have at least one token (e.g. BOS) to predict the first completion token")
+        row = rows[s]
+        input_ids[s, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[s, : len(row)] = 1
+        P = len(p)
+        for t in range(len(c)):
+            src.append(s * T + P + t - 1)
+            tgt.append(c[t])
+            seq.append(s)
+            tok.append(t)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return TokenBatch(
+        input_ids, attention_mask, position_ids, *_long(src, tgt, seq, tok),
+        torch.tensor([len(c) for c in completions], dtype=torch.long),
+    )
+
+
+def build_pair_batch(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    pad_id: int,
+    share_prefix: bool = False,
+) -> TokenBatch:
+    """Score B preference pairs: completions 0..B-1 are the chosen ones, B..2B-1 the rejected ones.
+
+    share_prefix=False: 2B plain rows (prompt + chosen, then prompt + rejected).
+    share_prefix=True: B rows [prompt, chosen, rejected]; the rejected tokens attend to the prompt and to
+    themselves but not to the chosen ones, and their positions restart right after the prompt, so every
+    scored token sees exactly the context it has in the plain layout while the prompt is run once.
+    """
+    B = len(prompts)
+    if not (len(chosen) == len(rejected) == B):
+        raise ValueError("prompts, chosen and rejected differ in number")
+    if not share_prefix:
+        return build_batch(list(prompts) * 2, list(chosen) + list(rejected), pad_id)
+    T = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(B, T, dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, 1 chosen, 2 rejected
+    src, tgt, seq, tok = [], [], [], []
+    for b, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        if len(p) == 0:
+            raise ValueError("a prompt must have at least one token (e.g. BOS) to predict the first completion token")
+        P, C, Rn = len(p), len(c), len(r)
+        input_ids[b, : P + C + Rn] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
+        position_ids[b, : P + C] = torch.arange(P + C)
+        position_ids[b, P + C : P + C + Rn] = torch.arange(P, P + Rn)
+        segment[b, :P], segment[b, P : P + C], segment[b, P + C : P + C + Rn] = 0, 1, 2
+        for s, (start, comp) in ((b, (P, c)), (B + b, (P + C, r))):
+            for t in range(len(comp)):
+                # the first token of either completion is predicted by the last prompt token
+                src.append(b * T + (P - 1 if t == 0 else start + t - 1))
+                tgt.append(comp[t])
+                seq.append(s)
+                tok.append(t)
+    idx = torch.arange(T)
+    causal = idx[None, :, None] >= idx[None, None, :]  # (1, Tq, Tk)
+    q, k = segment[:, :, None], segment[:, None, :]
+    allowed = (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    # padding queries attend to themselves only, so no row of the mask is empty (no NaN in softmax)
+    allowed = (causal & allowed) | (torch.eye(T, dtype=torch.bool)[None] & (q < 0))
+    return TokenBatch(
+        input_ids, allowed[:, None], position_ids, *_long(src, tgt, seq, tok),
+        torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.long),
+    )
+
+
+def _long(*lists: list[int]) -> list[torch.Tensor]:
+    return [torch.tensor(x, dtype=torch.long) for x in lists]
+
+
+def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] = logits[target] - logsumexp(logits), in fp32.  (N, V), (N,) -> (N,)"""
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _head_only(model: torch.nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return (
+        model.get_output_embeddings() is not None
+        and getattr(model, "base_model", None) is not None
+        and model.base_model is not model
+        and not any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING)
+    )
+
+
+def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """log pi(a_t | s_t) for every scored token of the batch: (N,) float32.
+
+    Runs the transformer body once over the rows, then the LM head and the log-softmax only on the
+    N positions that predict a completion token.
+    """
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    if _head_only(model):
+        hidden = model.base_model(**kw, use_cache=False).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1])[batch.src_index]
+        logits = model.get_output_embeddings()(h)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+    else:
+        logits = model(**kw, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[batch.src_index]
+    return gather_logps(logits, batch.targets)
+
+
+def completion_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Per-token log pi(a_t|s_t) of each completion, completion-aligned: (S, L) float32, 0 where masked."""
+    return batch.scatter(flat_token_logps(model, batch))
