@@ -43,7 +43,9 @@ def step_ids(step_ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ids.masked_fill(~mask, -1)
 
 
-def step_rewards(rewards: torch.Tensor, step_ends: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def step_rewards(
+    rewards: torch.Tensor, step_ends: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token rewards within each step.  -> (S, K) sums and (S, K) bool mask of real steps.
 
     This equals the difference of the cumulative reward q at consecutive step ends (implicit PRM step reward).

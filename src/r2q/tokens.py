@@ -19,7 +19,8 @@ import torch
 
 # Configs with any of these attributes post-process logits in ways the head-only path would skip;
 # such models fall back to a full forward (correct, just slower).
-_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_init_value")
+_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_scale_init_value",
+                         "lm_head_multiplier", "output_multiplier")
 
 
 @dataclass
@@ -181,7 +182,16 @@ def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     Runs the transformer body once over the rows, then the LM head and the log-softmax only on the
     N positions that predict a completion token.
     """
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    mask = batch.attention_mask
+    if mask.dim() == 4:
+        impl = getattr(model.config, "_attn_implementation", None) or ""
+        if "flash" in impl:
+            raise ValueError(f"prefix-shared rows need a 4D attention mask, which {impl} cannot take; "
+                             "use share_prefix=False (--no-share-prefix)")
+        # additive form: sdpa accepts it and eager attention adds it to the scores (a bool mask would add 0/1)
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    kw = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
     if _head_only(model):
         hidden = model.base_model(**kw, use_cache=False).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[batch.src_index]

@@ -1,0 +1,555 @@
+"""Reading and validating preference / SFT data, rendering chat templates, tokenising.
+
+Rows come from JSONL, JSON, CSV, parquet or a saved `datasets` directory, in TRL's formats:
+
+- preference, standard: ``{"prompt": str, "chosen": str, "rejected": str}``
+- preference, conversational: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen`` / ``rejected``
+  lists of messages (usually one assistant message)
+- preference, implicit prompt: ``{"chosen": [msgs], "rejected": [msgs]}``; the prompt is the longest run of
+  leading messages the two share (whole messages compared; at least one message is left to each completion)
+- SFT: ``{"prompt", "completion"}`` (strings or messages), ``{"text": str}``, ``{"messages": [msgs]}``, or
+  any preference row (trained on ``chosen``)
+
+Prompt and completion are tokenised separately, so the boundary between them is exact:
+``prompt_ids = tok(prompt, add_special_tokens=True)`` and
+``completion_ids = tok(completion, add_special_tokens=False) + [EOS]``. Every problem with the input is a
+one-line `UserError` naming the file and the line (JSONL, CSV) or row (JSON, parquet, datasets) at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+
+from .errors import UserError
+
+MAX_SKIPPED_MESSAGES = 20
+FORMATS_HELP = ".jsonl, .json, .parquet, .csv or a directory saved with datasets' save_to_disk"
+
+
+@dataclass
+class PreferenceExample:
+    """One tokenised preference pair; `chosen_ids` / `rejected_ids` end with EOS unless truncated."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    row: int
+
+
+@dataclass
+class SFTExample:
+    """One tokenised prompt + completion; `completion_ids` ends with EOS unless truncated."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    row: int
+
+
+@dataclass
+class DataReport:
+    """What loading did to the rows: kept, skipped (first messages kept), truncated, identical pairs."""
+
+    source: str
+    kind: str = "preference"
+    n_rows: int = 0
+    n_kept: int = 0
+    n_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+    n_prompt_truncated: int = 0
+    n_completion_truncated: int = 0
+    n_identical: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"{self.n_rows} rows", f"{self.n_kept} kept"]
+        if self.n_skipped:
+            parts.append(f"{self.n_skipped} skipped")
+        parts.append(f"{self.n_prompt_truncated} prompts truncated")
+        parts.append(f"{self.n_completion_truncated} rows with a truncated completion")
+        if self.n_identical:
+            parts.append(f"{self.n_identical} with chosen identical to rejected")
+        return f"{self.source}: " + ", ".join(parts)
+
+
+class _RowError(Exception):
+    """A problem with one row; becomes a UserError naming the row, or a skipped row with skip_bad."""
+
+
+# ---- reading
+
+def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """The rows of a data file as ``(number, row)``: 1-based line (JSONL, CSV) or row (others) numbers."""
+    source, unit, items = _read(path)
+    for n, item in items:
+        if isinstance(item, _RowError):
+            raise UserError(f"{source} {unit} {n}: {item}")
+    return items  # type: ignore[return-value]
+
+
+def _read(path: str | os.PathLike) -> tuple[str, str, list[tuple[int, dict | _RowError]]]:
+    """(source name, "line" or "row", rows); a row that cannot be parsed is carried as its _RowError."""
+    p = Path(path)
+    source = str(path)
+    if not p.exists():
+        raise UserError(f"{source}: no such file or directory")
+    if p.is_dir():
+        unit, items = "row", _read_dataset_dir(p, source)
+    else:
+        ext = p.suffix.lower()
+        readers = {".jsonl": ("line", _read_jsonl), ".json": ("row", _read_json), ".csv": ("line", _read_csv),
+                   ".parquet": ("row", _read_parquet)}
+        if ext not in readers:
+            raise UserError(f"{source}: unknown data format {ext or '(no extension)'!r}; use {FORMATS_HELP}")
+        unit, reader = readers[ext]
+        try:
+            items = reader(p, source)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not items:
+        raise UserError(f"{source}: the file has no rows")
+    return source, unit, items
+
+
+def _read_jsonl(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
+    items: list[tuple[int, dict | _RowError]] = []
+    with open(p, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                items.append((n, _RowError(f"malformed JSON at column {e.colno}: {e.msg}")))
+                continue
+            items.append((n, obj if isinstance(obj, dict) else _not_object(obj)))
+    return items
+
+
+def _read_json(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
+    text = p.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return []
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise UserError(f"{source}: expected a list of objects (or {{'data': [...]}}), got {_tname(obj)}")
+    return [(n, r if isinstance(r, dict) else _not_object(r)) for n, r in enumerate(obj, start=1)]
+
+
+def _read_csv(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
+    # The csv module keeps every cell a string (pandas would turn texts such as "NA" or "null" into NaN);
+    # a cell missing from a short row is None, which validation reports.
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        items: list[tuple[int, dict | _RowError]] = []
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            start = 2  # line 1 is the header
+            try:
+                for row in reader:
+                    row.pop(None, None)  # cells beyond the header
+                    items.append((start, row))
+                    start = reader.line_num + 1
+            except csv.Error as e:
+                raise UserError(f"{source} line {reader.line_num}: malformed CSV: {e}") from e
+        return items
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{source}: cannot read parquet: {_first_line(e)}") from e
+    return list(enumerate(rows, start=1))
+
+
+def _read_dataset_dir(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f"{source}: a directory, but not a dataset saved with datasets' save_to_disk "
+                        f"({_first_line(e)})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"{source}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    return list(enumerate(ds.to_list(), start=1))
+
+
+# ---- validating fields
+
+def _tname(x: Any) -> str:
+    return "null" if x is None else type(x).__name__
+
+
+def _not_object(x: Any) -> _RowError:
+    return _RowError(f"expected a JSON object, got {_tname(x)}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _is_missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _get(row: Mapping, name: str, why: str = "") -> Any:
+    if name not in row:
+        raise _RowError(f"missing field {name!r}{why}")
+    value = row[name]
+    if _is_missing(value):
+        raise _RowError(f"field {name!r} is {'NaN' if value is not None else 'null'} (a missing value)")
+    return value
+
+
+def _messages(value: Any, name: str) -> list[dict] | None:
+    """`value` as a validated list of messages, or None if it is a string; anything else is a _RowError."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(f"field {name!r} must be a string or a list of messages, got {_tname(value)}")
+    out = []
+    for i, m in enumerate(value, start=1):
+        if not isinstance(m, Mapping):
+            raise _RowError(f"field {name!r} message {i} must be an object with 'role' and 'content', "
+                            f"got {_tname(m)}")
+        for key in ("role", "content"):
+            if key not in m or m[key] is None:
+                raise _RowError(f"field {name!r} message {i} has no {key!r}")
+            if not isinstance(m[key], str):
+                raise _RowError(f"field {name!r} message {i} {key!r} must be a string, got {_tname(m[key])}")
+        # other keys (name, tool_calls, ...) are kept for the template; nulls are columnar-storage filler
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out
+
+
+def _check_completion(value: str | list[dict], name: str) -> None:
+    if isinstance(value, str):
+        empty = not value.strip()
+    else:
+        empty = not value or not any(m["content"].strip() for m in value)
+    if empty:
+        raise _RowError(f"field {name!r} is empty or only whitespace")
+
+
+def _shared_prefix(a: list[dict], b: list[dict]) -> int:
+    """Leading messages a and b share, leaving at least one message to each."""
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ---- parsing rows
+
+def _parse_preference(row: Mapping) -> tuple[str, str | list[dict], list[str | list[dict]]]:
+    """(format, prompt, [chosen, rejected]) with prompt and completions all strings or all message lists."""
+    chosen_raw, rejected_raw = _get(row, "chosen"), _get(row, "rejected")
+    chosen, rejected = _messages(chosen_raw, "chosen"), _messages(rejected_raw, "rejected")
+    if (chosen is None) != (rejected is None):
+        raise _RowError("fields 'chosen' and 'rejected' must both be strings or both lists of messages")
+    if chosen is not None and rejected is not None and _is_missing(row.get("prompt")):
+        n = _shared_prefix(chosen, rejected)
+        if n == 0:
+            raise _RowError("no 'prompt', and 'chosen' and 'rejected' share no first message to take it from")
+        _check_completion(chosen[n:], "chosen")
+        _check_completion(rejected[n:], "rejected")
+        return "implicit-prompt", chosen[:n], [chosen[n:], rejected[n:]]
+    prompt_raw = _get(row, "prompt", " (needed unless 'chosen' and 'rejected' are lists of messages)")
+    prompt = _messages(prompt_raw, "prompt")
+    if (prompt is None) != (chosen is None):
+        raise _RowError("fields 'prompt', 'chosen' and 'rejected' must all be strings or all message lists")
+    _check_completion(chosen_raw if chosen is None else chosen, "chosen")
+    _check_completion(rejected_raw if rejected is None else rejected, "rejected")
+    if prompt is None:
+        return "standard", prompt_raw, [chosen_raw, rejected_raw]
+    return "conversational", prompt, [chosen, rejected]  # type: ignore[list-item]
+
+
+def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | list[dict]]]:
+    """(format, prompt, [completion]); for "text" rows the prompt is None (the text is split on tokens)."""
+    if "messages" in row:
+        msgs = _messages(_get(row, "messages"), "messages")
+        if msgs is None:
+            raise _RowError("field 'messages' must be a list of messages, got str")
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise _RowError("field 'messages' has no assistant message to learn")
+        if last != len(msgs) - 1:
+            raise _RowError("field 'messages' has messages after the last assistant message")
+        _check_completion(msgs[last:], "messages")
+        return "conversational", msgs[:last], [msgs[last:]]
+    if "text" in row:
+        text = _get(row, "text")
+        if not isinstance(text, str):
+            raise _RowError(f"field 'text' must be a string, got {_tname(text)}")
+        _check_completion(text, "text")
+        return "text", None, [text]
+    if "completion" in row:
+        comp_raw, prompt_raw = _get(row, "completion"), _get(row, "prompt")
+        comp, prompt = _messages(comp_raw, "completion"), _messages(prompt_raw, "prompt")
+        if (comp is None) != (prompt is None):
+            raise _RowError("fields 'prompt' and 'completion' must both be strings or both lists of messages")
+        _check_completion(comp_raw if comp is None else comp, "completion")
+        if prompt is None:
+            return "standard", prompt_raw, [comp_raw]
+        return "conversational", prompt, [comp]  # type: ignore[list-item]
+    if "chosen" in row:
+        fmt, prompt, (chosen, _) = _parse_preference(row)
+        return fmt, prompt, [chosen]
+    raise _RowError("missing fields: need 'prompt' and 'completion', 'messages', 'text', "
+                    "or 'prompt', 'chosen' and 'rejected'")
+
+
+# ---- tokenising
+
+def _render(tokenizer, prompt: list[dict], completions: list[list[dict]], names: Sequence[str]) -> list[str]:
+    """[prompt text, completion texts...] from the chat template; each completion continues the prompt."""
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        fulls = [tokenizer.apply_chat_template(prompt + c, tokenize=False) for c in completions]
+    except (TemplateError, ValueError) as e:  # raised by the template itself, e.g. "roles must alternate"
+        raise _RowError(f"the chat template failed: {_first_line(e)}") from e
+    out = [prompt_text]
+    for full, name in zip(fulls, names, strict=True):
+        if not full.startswith(prompt_text):
+            raise _RowError(f"the chat template's rendering of prompt + {name!r} does not start with its "
+                            "rendering of the prompt, so the prompt/completion boundary is unclear")
+        out.append(full[len(prompt_text):])
+    return out
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=True).input_ids)
+    bos = tokenizer.bos_token_id
+    # a chat template that writes BOS itself, tokenised with add_special_tokens=True, would give it twice
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(tokenizer.bos_token):
+        ids = ids[1:]
+    if not ids:
+        if bos is None:
+            raise _RowError("the prompt is empty and the tokenizer has no BOS token to stand in for it")
+        ids = [bos]
+    return ids
+
+
+def _encode_completion(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    eos = tokenizer.eos_token_id
+    return ids if ids and ids[-1] == eos else ids + [eos]
+
+
+def _encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """A plain text as (first token, the rest + EOS): BOS when the tokenizer has one, else the first token."""
+    ids = list(tokenizer(text, add_special_tokens=True).input_ids)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if len(ids) < 2:
+        raise _RowError("field 'text' is a single token; there is nothing to learn after the first")
+    eos = tokenizer.eos_token_id
+    return ids[:1], ids[1:] if ids[-1] == eos else ids[1:] + [eos]
+
+
+def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[list[int]]]:
+    """(format, prompt ids, [completion ids]) of one row, before truncation."""
+    if not isinstance(row, Mapping):
+        raise _RowError(f"expected an object with named fields, got {_tname(row)}")
+    if kind == "preference":
+        fmt, prompt, comps = _parse_preference(row)
+        names: Sequence[str] = ("chosen", "rejected")
+    else:
+        fmt, prompt, comps = _parse_sft(row)
+        names = ("completion",)
+    if prompt is None:
+        p, c = _encode_text(tokenizer, comps[0])  # type: ignore[arg-type]
+        return fmt, p, [c]
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the data is conversational (lists of messages) but the tokenizer has no "
+                            "chat template")
+        prompt, *comps = _render(tokenizer, prompt, comps, names)  # type: ignore[arg-type]
+    return fmt, _encode_prompt(tokenizer, prompt), [_encode_completion(tokenizer, c) for c in comps]  # type: ignore
+
+
+def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source: str, unit: str,
+                 skip_bad: bool) -> tuple[list, DataReport]:
+    """[(row, format, prompt ids, [completion ids])] before truncation, and a report of rows / skips."""
+    report = DataReport(source=source, kind=kind)
+    encoded = []
+    for n, row in items:
+        report.n_rows += 1
+        try:
+            if isinstance(row, _RowError):
+                raise row
+            fmt, prompt, comps = _encode_row(row, tokenizer, kind)
+        except _RowError as e:
+            msg = f"{source} {unit} {n}: {e}"
+            if not skip_bad:
+                raise UserError(msg) from None
+            report.n_skipped += 1
+            if len(report.skipped) < MAX_SKIPPED_MESSAGES:
+                report.skipped.append(msg)
+            continue
+        encoded.append((n, fmt, prompt, comps))
+        report.formats[fmt] = report.formats.get(fmt, 0) + 1
+        if kind == "preference" and comps[0] == comps[1]:
+            report.n_identical += 1
+    if report.n_rows == 0:
+        raise UserError(f"{source}: there are no rows")
+    if not encoded:
+        raise UserError(f"{source}: all {report.n_rows} rows are bad; the first: {report.skipped[0]}")
+    report.n_kept = len(encoded)
+    return encoded, report
+
+
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+    if max_prompt_length < 1 or max_length < 2:
+        raise UserError(f"max_length ({max_length}) and max_prompt_length ({max_prompt_length}) "
+                        "must be positive")
+    if max_prompt_length >= max_length:
+        raise UserError(f"max_prompt_length ({max_prompt_length}) must be less than max_length "
+                        f"({max_length}), to leave room for the completion")
+
+
+def _truncate(prompt: list[int], comps: list[list[int]], max_length: int, max_prompt_length: int):
+    """Prompt cut from the left (its end kept), then completions from the right to fit max_length.
+
+    Returns (prompt, completions, prompt_cut, any_completion_cut)."""
+    prompt_cut = len(prompt) > max_prompt_length
+    if prompt_cut:
+        prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    comp_cut = any(len(c) > room for c in comps)
+    return prompt, [c[:room] for c in comps], prompt_cut, comp_cut
+
+
+def _numbered(rows: Iterable[Mapping | tuple[int, Mapping]]) -> list[tuple[int, Any]]:
+    return [r if isinstance(r, tuple) else (i, r) for i, r in enumerate(rows, start=1)]
+
+
+def _examples(encoded, report: DataReport, max_length: int, max_prompt_length: int) -> list:
+    out: list = []
+    for n, _fmt, prompt, comps in encoded:
+        prompt, comps, p_cut, c_cut = _truncate(prompt, comps, max_length, max_prompt_length)
+        report.n_prompt_truncated += p_cut
+        report.n_completion_truncated += c_cut
+        if report.kind == "preference":
+            out.append(PreferenceExample(prompt, comps[0], comps[1], n))
+        else:
+            out.append(SFTExample(prompt, comps[0], n))
+    return out
+
+
+# ---- public API
+
+def preference_examples_from_rows(
+    rows: Iterable[Mapping | tuple[int, Mapping]], tokenizer, max_length: int = 1024,
+    max_prompt_length: int = 512, skip_bad: bool = False, *, source: str = "<rows>", unit: str = "row",
+) -> tuple[list[PreferenceExample], DataReport]:
+    """Tokenised, truncated preference pairs from in-memory rows.
+
+    rows: dicts (numbered 1, 2, ...) or (number, dict) pairs as `read_rows` gives; `source` and `unit`
+    ("row" or "line") name them in messages.
+    """
+    _check_lengths(max_length, max_prompt_length)
+    encoded, report = _encode_rows(_numbered(rows), tokenizer, "preference", source, unit, skip_bad)
+    return _examples(encoded, report, max_length, max_prompt_length), report
+
+
+def sft_examples_from_rows(
+    rows: Iterable[Mapping | tuple[int, Mapping]], tokenizer, max_length: int = 1024,
+    max_prompt_length: int = 512, skip_bad: bool = False, *, source: str = "<rows>", unit: str = "row",
+) -> tuple[list[SFTExample], DataReport]:
+    """Tokenised, truncated prompt + completion examples from in-memory rows."""
+    _check_lengths(max_length, max_prompt_length)
+    encoded, report = _encode_rows(_numbered(rows), tokenizer, "sft", source, unit, skip_bad)
+    return _examples(encoded, report, max_length, max_prompt_length), report
+
+
+def load_preferences(
+    path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
+    skip_bad: bool = False,
+) -> tuple[list[PreferenceExample], DataReport]:
+    """Preference pairs from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
+    _check_lengths(max_length, max_prompt_length)
+    source, unit, items = _read(path)
+    return preference_examples_from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad,
+                                         source=source, unit=unit)
+
+
+def load_sft(
+    path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
+    skip_bad: bool = False,
+) -> tuple[list[SFTExample], DataReport]:
+    """SFT examples from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
+    _check_lengths(max_length, max_prompt_length)
+    source, unit, items = _read(path)
+    return sft_examples_from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad,
+                                  source=source, unit=unit)
+
+
+def _percentiles(xs: list[int]) -> dict[str, int]:
+    """Nearest-rank p50 / p90 / p99 / max of token lengths."""
+    s = sorted(xs)
+    return {f"p{q}": s[max(0, math.ceil(q / 100 * len(s)) - 1)] for q in (50, 90, 99)} | {"max": s[-1]}
+
+
+def inspect_data(
+    path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
+    skip_bad: bool = True, kind: str | None = None,
+) -> dict:
+    """Counts, format and token-length percentiles (before truncation) of a data file, as plain data.
+
+    kind: "preference" or "sft"; by default preference if the first row has 'chosen' and 'rejected'.
+    """
+    _check_lengths(max_length, max_prompt_length)
+    source, unit, items = _read(path)
+    if kind is None:
+        first = next((r for _, r in items if isinstance(r, Mapping)), {})
+        kind = "preference" if "chosen" in first and "rejected" in first else "sft"
+    if kind not in ("preference", "sft"):
+        raise UserError(f"unknown data kind {kind!r}; use preference or sft")
+    encoded, report = _encode_rows(items, tokenizer, kind, source, unit, skip_bad)
+    _examples(encoded, report, max_length, max_prompt_length)  # fills the truncation counts
+    names = ("chosen", "rejected") if kind == "preference" else ("completion",)
+    lengths = {"prompt": _percentiles([len(p) for _, _, p, _ in encoded])}
+    for i, name in enumerate(names):
+        lengths[name] = _percentiles([len(c[i]) for _, _, _, c in encoded])
+    formats = report.formats
+    return {
+        "source": source,
+        "kind": kind,
+        "format": next(iter(formats)) if len(formats) == 1 else "mixed",
+        "formats": dict(formats),
+        "rows": report.n_rows,
+        "kept": report.n_kept,
+        "skipped": report.n_skipped,
+        "prompt_truncated": report.n_prompt_truncated,
+        "completion_truncated": report.n_completion_truncated,
+        "identical": report.n_identical,
+        "lengths": lengths,
+        "skipped_rows": list(report.skipped),
+    }

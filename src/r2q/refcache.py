@@ -1,0 +1,62 @@
+"""On-disk cache of the reference policy's per-token log-probs.
+
+The key is a hash of the reference weights, the tokenizer's vocabulary and the exact token ids of the data,
+so any change to one of them misses. One safetensors file per key holds every completion's per-token
+log pi_ref(a_t|s_t) concatenated, with offsets. `r2q train --precompute-ref` writes it; `r2q credit` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("R2Q_CACHE", Path.home() / ".cache" / "r2q")) / "ref_logps"
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()
+
+
+def data_hash(sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> str:
+    """Hash of (prompt ids, completion ids) for every scored completion, in order."""
+    h = hashlib.sha256()
+    for p, c in sequences:
+        h.update(repr((list(p), list(c))).encode())
+    return h.hexdigest()
+
+
+def cache_key(ref_weights: str, tokenizer, sequences) -> str:
+    h = hashlib.sha256(f"{ref_weights}|{tokenizer_hash(tokenizer)}|{data_hash(sequences)}".encode())
+    return h.hexdigest()[:32]
+
+
+def save(path: Path, logps: Sequence[torch.Tensor]) -> None:
+    """Atomic write of a list of 1-D per-token log-prob tensors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = torch.tensor([len(x) for x in logps], dtype=torch.long)
+    flat = torch.cat([x.float().cpu() for x in logps]) if logps else torch.zeros(0)
+    tmp = path.with_suffix(".tmp")
+    save_file({"logps": flat.contiguous(), "lengths": lengths}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> list[torch.Tensor]:
+    d = load_file(str(path))
+    return list(torch.split(d["logps"], d["lengths"].tolist()))

@@ -1,0 +1,504 @@
+"""The trainer: token-level DPO (and SFT) for any HF causal LM, resumable, distributed through accelerate.
+
+One optimizer step consumes a global batch of `batch_size * processes * grad_accum` examples, split into
+length-sorted micro-batches. Each process's loss is its share of the global mean (sum / global count *
+processes, since DDP averages gradients), so any split of the same global batch gives the same update.
+The data order is a function of (seed, epoch) only, so resuming needs nothing but the step number.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import refcache
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .errors import UserError
+from .losses import LOSS_TYPES, dpo_loss
+from .rewards import implicit_rewards, sequence_rewards
+from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Options of `r2q train` (DPO) and `r2q sft`; the CLI is generated from these fields."""
+
+    model: str = _f("", "Policy to start from: a local HF model directory (or hub id when online)")
+    data: str = _f("", "Training data: .jsonl, .json, .parquet, .csv or a saved dataset directory")
+    out: str = _f("", "Output directory: final model, checkpoints/, metrics.jsonl")
+    ref: str = _f("init", "Reference policy: a model path, 'init' (frozen copy of the start) or 'none'")
+    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref")
+    loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo or cdpo (label-smoothed)")
+    label_smoothing: float = _f(0.0, "cDPO label noise epsilon")
+    lr: float = _f(5e-6, "Peak learning rate (AdamW)")
+    schedule: str = _f("linear", "Learning-rate schedule after warm-up: linear, cosine or constant")
+    warmup_steps: int = _f(0, "Linear warm-up steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off)")
+    epochs: float = _f(1.0, "Epochs over the data (ignored when --max-steps is set)")
+    max_steps: int = _f(0, "Optimizer steps to run (0 = from --epochs)")
+    batch_size: int = _f(8, "Examples (pairs) per micro-batch per process")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step")
+    max_length: int = _f(1024, "Max tokens of prompt + completion (longer: cut)")
+    max_prompt_length: int = _f(512, "Max prompt tokens (cut from the left)")
+    share_prefix: bool = _f(True, "One row per pair: run the prompt once for chosen and rejected")
+    precompute_ref: bool = _f(False, "Run the reference once, cache per-token log-probs on disk, free it")
+    cache_dir: str = _f("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
+    dtype: str = _f("fp32", "fp32, or bf16 autocast (weights stay fp32)")
+    seed: int = _f(0, "Seed for data order, initialisation of the run and dropout")
+    eval_data: str = _f("", "Held-out data file (default: a split of --data, see --eval-fraction)")
+    eval_fraction: float = _f(0.0, "Fraction of --data held out for evaluation when --eval-data is unset")
+    eval_every: int = _f(0, "Evaluate every N steps (0 = only at the end)")
+    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model)")
+    keep_last: int = _f(2, "Checkpoints to keep")
+    resume: bool = _f(False, "Continue from the newest complete checkpoint in --out")
+    log_every: int = _f(1, "Write metrics every N steps")
+    skip_bad: bool = _f(False, "Skip malformed rows (counted and reported) instead of stopping")
+    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint (off: safer)")
+    quiet: bool = _f(False, "No progress bar")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    metrics: list[dict[str, Any]]
+    model: Any = None
+
+
+# -------------------------------------------------------------------------- data order
+
+
+def lengths_of(ex) -> int:
+    if hasattr(ex, "chosen_ids"):
+        return len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
+    return len(ex.prompt_ids) + len(ex.completion_ids)
+
+
+def epoch_steps(lengths: list[int], global_batch: int, parts: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: indices shuffled, sorted by length within windows of 16 batches (so a
+    micro-batch pads little), chunked, and the batches shuffled. A last batch with fewer than `parts`
+    examples (one per micro-batch) is dropped."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    window = global_batch * 16
+    order: list[int] = []
+    for i in range(0, len(perm), window):
+        order += sorted(perm[i : i + window], key=lambda j: lengths[j])
+    steps = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+    steps = [s for s in steps if len(s) >= parts]
+    return [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+
+
+def micro_batches(step: list[int], lengths: list[int], parts: int) -> list[list[int]]:
+    """Split a global batch into `parts` contiguous length-sorted micro-batches of near-equal size."""
+    step = sorted(step, key=lambda j: lengths[j])
+    n, out, i = len(step), [], 0
+    for k in range(parts):
+        size = n // parts + (1 if k < n % parts else 0)
+        out.append(step[i : i + size])
+        i += size
+    return out
+
+
+# -------------------------------------------------------------------------- scoring
+
+
+def pair_batch(examples, pad_id: int, share_prefix: bool) -> TokenBatch:
+    return build_pair_batch([e.prompt_ids for e in examples], [e.chosen_ids for e in examples],
+                            [e.rejected_ids for e in examples], pad_id, share_prefix)
+
+
+def padded(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+@torch.no_grad()
+def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: int) -> list[torch.Tensor]:
+    """Per-token reference log-probs of every completion: [chosen_0, rejected_0, chosen_1, ...]."""
+    ref.eval()
+    out: list[torch.Tensor] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        b = pair_batch(chunk, pad_id, share_prefix)
+        lp = completion_logps(ref, b.to(ref.device)).cpu()
+        B = len(chunk)
+        for j in range(B):
+            out += [lp[j, : b.lengths[j]], lp[B + j, : b.lengths[B + j]]]
+    return out
+
+
+def pair_stats(pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor, beta: float, loss_type: str,
+               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and a (B, k) table of detached per-pair metrics (see PAIR_METRICS)."""
+    B = pol.shape[0] // 2
+    r = implicit_rewards(pol, ref, mask, beta)
+    R = sequence_rewards(r, mask)
+    losses = dpo_loss(R[:B], R[B:], beta, loss_type, label_smoothing)
+    with torch.no_grad():
+        n = mask.sum(-1).float()
+        lp = sequence_rewards(pol, mask)
+        log_ratio = R / beta  # log pi(y|x) - log pi_ref(y|x) per sequence
+        ratio = torch.exp(log_ratio.clamp(max=50.0))
+        stats = torch.stack([
+            losses.detach(), R[:B], R[B:], R[:B] - R[B:], (R[:B] > R[B:]).float(),
+            R[:B] / n[:B], R[B:] / n[B:], lp[:B], lp[B:], lp[:B] / n[:B], lp[B:] / n[B:],
+            # estimates on the data, exact in expectation when the completions are samples of pi_ref:
+            # KL(pi_ref||pi) = E_ref[-log ratio], KL(pi||pi_ref) = E_ref[ratio * log ratio]
+            -(log_ratio[:B] + log_ratio[B:]) / 2, (ratio[:B] * log_ratio[:B] + ratio[B:] * log_ratio[B:]) / 2,
+        ], dim=-1)
+    return losses, stats
+
+
+PAIR_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+                "rewards/chosen_token_mean", "rewards/rejected_token_mean", "logps/chosen", "logps/rejected",
+                "logps/chosen_token_mean", "logps/rejected_token_mean", "kl/ref_pi_est", "kl/pi_ref_est"]
+
+
+# -------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, mode: Literal["dpo", "sft"], model=None, tokenizer=None, ref_model=None,
+                 train_examples=None, eval_examples=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg, self.mode = cfg, mode
+        _validate(cfg, mode)
+        self.out = Path(cfg.out)
+        trackers = "tensorboard" if _has_tensorboard() else None
+        self.acc = Accelerator(
+            gradient_accumulation_steps=1, mixed_precision="bf16" if cfg.dtype in ("bf16", "bfloat16") else "no",
+            log_with=trackers, project_dir=str(self.out),
+        )
+        set_seed(cfg.seed)
+        from .models import load_model, load_tokenizer
+
+        if model is not None and tokenizer is None:
+            raise UserError("an in-memory model needs its tokenizer")
+        tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # data before weights: a bad file fails in a second, not after a model load
+        self.train_ex, self.eval_ex, self.report = self._data(train_examples, eval_examples)
+        if model is None:
+            model = load_model(cfg.model, "fp32", cfg.trust_remote_code)
+
+        # the reference is fixed before any checkpoint is loaded: `init` means the starting weights
+        self.ref = None
+        self.ref_logps: dict[str, list[torch.Tensor]] = {}
+        self.ref_cache_hits = 0
+        if mode == "dpo" and cfg.ref != "none":
+            if cfg.ref == "init":
+                ref_model = ref_model or copy.deepcopy(model)
+            elif ref_model is None:
+                from .models import check_same_tokenizer
+
+                ref_model = load_model(cfg.ref, "fp32", cfg.trust_remote_code)
+                if (Path(cfg.ref) / "tokenizer_config.json").exists():
+                    check_same_tokenizer(tokenizer, load_tokenizer(cfg.ref), "policy and reference")
+            ref_model.requires_grad_(False).eval()
+            if cfg.precompute_ref:
+                self._precompute(ref_model)
+            else:
+                self.ref = ref_model.to(self.acc.device)
+
+        self.model = model
+        self.model.train()
+        if getattr(self.model.config, "use_cache", None):
+            self.model.config.use_cache = False
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+        )
+        self.parts = self.acc.num_processes * cfg.grad_accum
+        self.global_batch = cfg.batch_size * self.parts
+        self.lengths = [lengths_of(e) for e in self.train_ex]
+        per_epoch = len(epoch_steps(self.lengths, self.global_batch, self.parts, cfg.seed, 0))
+        if per_epoch == 0:
+            raise UserError(f"{len(self.train_ex)} training examples are fewer than one per micro-batch "
+                            f"({self.parts}); lower --batch-size/--grad-accum or add data")
+        self.steps_per_epoch = per_epoch
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+        from transformers import get_scheduler
+
+        sched = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
+        self.sched = get_scheduler(sched, self.opt, num_warmup_steps=cfg.warmup_steps,
+                                   num_training_steps=self.total_steps)
+        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        self.step = 0
+        self.metrics: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- setup helpers
+
+    def _data(self, train_examples, eval_examples):
+        from .data import load_preferences, load_sft
+
+        cfg = self.cfg
+        load = load_preferences if self.mode == "dpo" else load_sft
+        kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad=cfg.skip_bad)
+        report = None
+        if train_examples is None:
+            train_examples, report = load(cfg.data, self.tokenizer, **kw)
+        if eval_examples is None and cfg.eval_data:
+            eval_examples, _ = load(cfg.eval_data, self.tokenizer, **kw)
+        elif eval_examples is None and cfg.eval_fraction > 0:
+            g = torch.Generator().manual_seed(cfg.seed)
+            perm = torch.randperm(len(train_examples), generator=g).tolist()
+            n_eval = max(1, int(round(cfg.eval_fraction * len(train_examples))))
+            eval_examples = [train_examples[i] for i in sorted(perm[:n_eval])]
+            train_examples = [train_examples[i] for i in sorted(perm[n_eval:])]
+        return list(train_examples), list(eval_examples or []), report
+
+    def _precompute(self, ref_model) -> None:
+        """Score every completion with the reference once (cached on disk), then drop the model."""
+        cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else refcache.default_cache_dir()
+        wh = refcache.weights_hash(ref_model)
+        for split, examples in (("train", self.train_ex), ("eval", self.eval_ex)):
+            if not examples:
+                continue
+            seqs = [(e.prompt_ids, c) for e in examples for c in (e.chosen_ids, e.rejected_ids)]
+            path = cache / f"{refcache.cache_key(wh, self.tokenizer, seqs)}.safetensors"
+            if path.exists():
+                self.ref_logps[split] = refcache.load(path)
+                self.ref_cache_hits += 1
+                continue
+            if self.acc.is_main_process:
+                ref_model.to(self.acc.device)
+                logps = score_reference(ref_model, examples, self.pad_id, self.cfg.share_prefix,
+                                        max(self.cfg.batch_size, 8))
+                refcache.save(path, logps)
+            self.acc.wait_for_everyone()
+            self.ref_logps[split] = refcache.load(path)
+        ref_model.to("cpu")
+
+    # ---------------------------------------------------------------- the loop
+
+    def _forward(self, examples, idx: list[int], split: str):
+        """Loss terms of one micro-batch: (sum of per-example losses, per-example stats, tokens, count)."""
+        if self.mode == "sft":
+            b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], self.pad_id)
+            b = b.to(self.acc.device)
+            lp = completion_logps(self.model, b)
+            mask = b.completion_mask()
+            nll = -(lp.masked_fill(~mask, 0.0)).sum()
+            n_tok = mask.sum()
+            stats = torch.stack([nll.detach(), n_tok.float()])[None]
+            return nll, stats, b.num_tokens, n_tok
+        b = pair_batch(examples, self.pad_id, self.cfg.share_prefix).to(self.acc.device)
+        pol = completion_logps(self.model, b)
+        mask = b.completion_mask()
+        if self.cfg.ref == "none":
+            ref = None
+        elif self.ref is not None:
+            with torch.no_grad():
+                ref = completion_logps(self.ref, b)
+        else:
+            cached = self.ref_logps[split]
+            rows = [cached[2 * i] for i in idx] + [cached[2 * i + 1] for i in idx]
+            ref = padded(rows, pol.shape[1]).to(pol.device)
+        losses, stats = pair_stats(pol, ref, mask, self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing)
+        return losses.sum(), stats, b.num_tokens, torch.tensor(len(examples))
+
+    def _reduce(self, stats: torch.Tensor) -> dict[str, float]:
+        """Means over every example of the step across all processes (sums reduced, then divided)."""
+        totals = self.acc.reduce(torch.cat([stats.sum(0), torch.tensor([stats.shape[0]], dtype=stats.dtype,
+                                                                        device=stats.device)]), "sum")
+        if self.mode == "sft":
+            nll, n_tok = totals[0].item(), max(totals[1].item(), 1.0)
+            return {"loss": nll / n_tok, "ppl": math.exp(min(nll / n_tok, 50.0))}
+        n = max(totals[-1].item(), 1.0)
+        return {k: v / n for k, v in zip(PAIR_METRICS, totals[:-1].tolist())}
+
+    def _micro(self, step_idx: list[int], examples) -> list[list[int]]:
+        mine = micro_batches(step_idx, self.lengths, self.parts)
+        r = self.acc.process_index
+        return mine[r * self.cfg.grad_accum : (r + 1) * self.cfg.grad_accum]
+
+    def _global_count(self, step_idx: list[int]) -> float:
+        if self.mode == "sft":
+            return float(sum(len(self.train_ex[i].completion_ids) for i in step_idx))
+        return float(len(step_idx))
+
+    def train_step(self, step_idx: list[int]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        denom = self._global_count(step_idx) / self.acc.num_processes
+        micro = self._micro(step_idx, self.train_ex)
+        all_stats, tokens = [], 0
+        for k, idx in enumerate(micro):
+            sync = k == len(micro) - 1
+            ctx = nullcontext() if sync else self.acc.no_sync(self.model)
+            with ctx, self.acc.autocast():
+                loss_sum, stats, n_tok, _ = self._forward([self.train_ex[i] for i in idx], idx, "train")
+                # a non-finite loss is caught below, across processes, before the optimizer steps
+                self.acc.backward(loss_sum / denom)
+            all_stats.append(stats)
+            tokens += n_tok
+        stats = torch.cat(all_stats)
+        bad = self.acc.reduce(torch.tensor([float(not torch.isfinite(stats[:, 0]).all())],
+                                           device=self.acc.device), "sum")
+        if bad.item() > 0:
+            self.opt.zero_grad(set_to_none=True)
+            last = list_checkpoints(self.out)
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+            raise UserError(f"non-finite loss at step {self.step + 1}; training stopped, {where}")
+        gnorm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        m = self._reduce(stats)
+        dt = time.perf_counter() - t0
+        tok = self.acc.reduce(torch.tensor([float(tokens)], device=self.acc.device), "sum").item()
+        m.update(grad_norm=float(gnorm), lr=lr, tokens_per_s=tok / dt, examples_per_s=len(step_idx) / dt,
+                 step_time_s=dt)
+        return m
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        lengths = [lengths_of(e) for e in self.eval_ex]
+        order = sorted(range(len(self.eval_ex)), key=lambda j: lengths[j])
+        r, P = self.acc.process_index, self.acc.num_processes
+        mine = order[r::P]
+        stats = []
+        for i in range(0, len(mine), self.cfg.batch_size):
+            idx = mine[i : i + self.cfg.batch_size]
+            with self.acc.autocast():
+                stats.append(self._forward([self.eval_ex[j] for j in idx], idx, "eval")[1])
+        self.model.train()
+        k = 2 if self.mode == "sft" else len(PAIR_METRICS)
+        stats_t = torch.cat(stats) if stats else torch.zeros(0, k, device=self.acc.device)
+        return self._reduce(stats_t)
+
+    def _log(self, m: dict[str, Any]) -> None:
+        self.metrics.append(m)
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+        if self.acc.log_with:
+            self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+
+    def _save(self) -> None:
+        unwrapped = self.acc.unwrap_model(self.model)
+        save_checkpoint(self.out, self.step, unwrapped, self.tokenizer, self.opt, self.sched,
+                        {"config": asdict(self.cfg), "mode": self.mode, "total_steps": self.total_steps},
+                        self.cfg.keep_last, self.acc.is_main_process, self.acc.process_index,
+                        self.acc.wait_for_everyone)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (ck := list_checkpoints(self.out)):
+            state = load_checkpoint(ck[-1], self.acc.unwrap_model(self.model), self.opt, self.sched,
+                                    self.acc.process_index)
+            self.step = state["step"]
+            _truncate_metrics(self.out / "metrics.jsonl", self.step, self.acc.is_main_process)
+        elif self.acc.is_main_process:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.acc.log_with:
+            self.acc.init_trackers("r2q", config={k: v for k, v in asdict(cfg).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+        if self.acc.is_main_process:
+            (self.out / "r2q_config.json").write_text(json.dumps(dict(asdict(cfg), mode=self.mode), indent=1))
+        progress = _progress(cfg.quiet or not self.acc.is_main_process)
+        with progress:
+            task = progress.add_task("sft" if self.mode == "sft" else "dpo", total=self.total_steps,
+                                     completed=self.step, info="")
+            while self.step < self.total_steps:
+                epoch, pos = divmod(self.step, self.steps_per_epoch)
+                step_idx = epoch_steps(self.lengths, self.global_batch, self.parts, cfg.seed, epoch)[pos]
+                m = self.train_step(step_idx)
+                self.step += 1
+                m = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train", **m}
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log(m)
+                progress.update(task, completed=self.step, info=_brief(m))
+                if self.eval_ex and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._log({"step": self.step, "split": "eval", **self.evaluate()})
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self._save()
+        if self.eval_ex and not (cfg.eval_every and self.step % cfg.eval_every == 0):
+            self._log({"step": self.step, "split": "eval", **self.evaluate()})
+        final = self.acc.unwrap_model(self.model)
+        if self.acc.is_main_process:
+            final.save_pretrained(self.out, safe_serialization=True)
+            self.tokenizer.save_pretrained(self.out)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return TrainResult(self.out, self.step, self.metrics, final)
+
+
+def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
+    """Drop lines logged after the checkpoint being resumed, so the file reads as one clean run."""
+    if not is_main or not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _validate(cfg: TrainConfig, mode: str) -> None:
+    if mode == "dpo" and cfg.loss not in LOSS_TYPES:
+        raise UserError(f"unknown --loss {cfg.loss!r}; use one of {', '.join(LOSS_TYPES)}")
+    if cfg.schedule not in ("linear", "cosine", "constant"):
+        raise UserError(f"unknown --schedule {cfg.schedule!r}; use linear, cosine or constant")
+    if cfg.dtype not in ("fp32", "float32", "bf16", "bfloat16"):
+        raise UserError(f"unknown --dtype {cfg.dtype!r}; use fp32 or bf16")
+    if cfg.beta <= 0:
+        raise UserError("--beta must be positive")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be at least 1")
+    if not cfg.out:
+        raise UserError("--out is required")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise UserError("--eval-fraction must be in [0, 1)")
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _brief(m: dict[str, Any]) -> str:
+    keys = ("loss", "rewards/margin", "rewards/accuracy") if "rewards/margin" in m else ("loss", "ppl")
+    return "  ".join(f"{k.split('/')[-1]} {m[k]:.4g}" for k in keys)
+
+
+def _progress(disable: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable)
+
+
+def train(cfg: TrainConfig, mode: Literal["dpo", "sft"] = "dpo", **kw) -> TrainResult:
+    """Run DPO (mode='dpo') or SFT (mode='sft'). kw: model, tokenizer, ref_model, train/eval_examples."""
+    return Trainer(cfg, mode, **kw).run()

@@ -1,0 +1,356 @@
+"""Data loading: every file format gives the same examples, the prompt/completion boundary is exact,
+truncation keeps the right ends, and every bad input is a one-line UserError naming the file and line."""
+
+import copy
+import csv
+import json
+
+import pytest
+
+from r2q.data import (
+    inspect_data,
+    load_preferences,
+    load_sft,
+    preference_examples_from_rows,
+    read_rows,
+    sft_examples_from_rows,
+)
+from r2q.errors import UserError
+
+ROWS = [
+    {"prompt": "the movie was", "chosen": " great fun.", "rejected": " boring."},
+    {"prompt": "12+30=", "chosen": "42", "rejected": "41"},
+    {"prompt": "", "chosen": "a good story.", "rejected": "bad acting."},
+]
+USER = {"role": "user", "content": "the plot"}
+GOOD = {"role": "assistant", "content": "was great."}
+BAD = {"role": "assistant", "content": "was dull."}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def write(path, rows):
+    """rows in the format the extension (or a directory name ending in _ds) names."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def ids(ex):
+    return (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)
+
+
+def render(tokenizer, msgs, gen=False):
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+# ---- file formats
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.csv", "d.parquet", "d_ds"])
+def test_every_format_gives_the_jsonl_examples(tmp_path, tokenizer, name):
+    ref, _ = load_preferences(write(tmp_path / "d.jsonl", ROWS), tokenizer)
+    got, report = load_preferences(write(tmp_path / name, ROWS), tokenizer)
+    assert [ids(e) for e in got] == [ids(e) for e in ref]
+    assert report.n_rows == report.n_kept == len(ROWS)
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.parquet", "d_ds"])
+def test_conversational_rows_survive_every_nested_format(tmp_path, tokenizer, name):
+    rows = [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},
+            {"chosen": [USER, GOOD], "rejected": [USER, BAD]}]
+    ref, _ = load_preferences(write(tmp_path / "d.jsonl", rows), tokenizer)
+    got, _ = load_preferences(write(tmp_path / name, rows), tokenizer)
+    assert [ids(e) for e in got] == [ids(e) for e in ref]
+
+
+def test_row_numbers_name_lines_and_rows(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    assert [n for n, _ in read_rows(path)] == [1, 3]
+    assert [e.row for e in load_preferences(path, tokenizer)[0]] == [1, 3]
+    assert [e.row for e in load_preferences(write(tmp_path / "d.csv", ROWS), tokenizer)[0]] == [2, 3, 4]
+    assert [e.row for e in load_preferences(write(tmp_path / "d.parquet", ROWS), tokenizer)[0]] == [1, 2, 3]
+
+
+def test_json_data_key_and_dataset_dict_train_split(tmp_path, tokenizer):
+    import datasets
+
+    ref, _ = load_preferences(write(tmp_path / "d.jsonl", ROWS), tokenizer)
+    (tmp_path / "w.json").write_text(json.dumps({"data": ROWS}))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
+    for path in (tmp_path / "w.json", tmp_path / "dd"):
+        assert [ids(e) for e in load_preferences(path, tokenizer)[0]] == [ids(e) for e in ref]
+
+
+# ---- standard / conversational / implicit prompt, boundaries
+
+
+def test_boundary_is_exact_and_completions_end_with_one_eos(tokenizer):
+    rows = ROWS + [{"prompt": "1+1=", "chosen": "2<|endoftext|>", "rejected": "3"}]
+    examples, _ = preference_examples_from_rows(rows, tokenizer)
+    eos = tokenizer.eos_token_id
+    for ex, row in zip(examples, rows, strict=True):
+        assert ex.prompt_ids == (tokenizer(row["prompt"]).input_ids or [tokenizer.bos_token_id])
+        for comp, text in ((ex.chosen_ids, row["chosen"]), (ex.rejected_ids, row["rejected"])):
+            text = text.removesuffix("<|endoftext|>")
+            assert comp[-1] == eos and comp[-2] != eos
+            assert comp == tokenizer(text, add_special_tokens=False).input_ids + [eos]
+            if row["prompt"]:
+                assert tokenizer.decode(ex.prompt_ids + comp[:-1]) == row["prompt"] + text
+    assert examples[2].prompt_ids == [tokenizer.bos_token_id]  # empty prompt -> BOS
+
+
+def test_conversational_splits_the_rendered_chat_at_the_generation_prompt(tokenizer):
+    (ex,), report = preference_examples_from_rows([{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}],
+                                                  tokenizer)
+    prompt_text = render(tokenizer, [USER], gen=True)
+    assert ex.prompt_ids == tokenizer(prompt_text).input_ids
+    assert tokenizer.decode(ex.prompt_ids + ex.chosen_ids[:-1]) == render(tokenizer, [USER, GOOD])
+    assert tokenizer.decode(ex.prompt_ids + ex.rejected_ids[:-1]) == render(tokenizer, [USER, BAD])
+    assert report.formats == {"conversational": 1}
+    # the same text in the standard format gives the same tokens
+    standard = {"prompt": prompt_text, "chosen": render(tokenizer, [USER, GOOD])[len(prompt_text):],
+                "rejected": render(tokenizer, [USER, BAD])[len(prompt_text):]}
+    assert ids(preference_examples_from_rows([standard], tokenizer)[0][0]) == ids(ex)
+
+
+def test_implicit_prompt_is_the_longest_shared_message_prefix(tokenizer):
+    turns = [USER, {"role": "assistant", "content": "ok."}, {"role": "user", "content": "and the acting"}]
+    explicit = {"prompt": turns, "chosen": [GOOD], "rejected": [BAD]}
+    implicit = {"chosen": turns + [GOOD], "rejected": turns + [BAD]}
+    (a, b), report = preference_examples_from_rows([explicit, implicit], tokenizer)
+    assert ids(a) == ids(b)
+    assert report.formats == {"conversational": 1, "implicit-prompt": 1}
+
+
+def test_identical_pairs_are_kept_and_counted(tokenizer):
+    rows = [ROWS[0], {"prompt": "p", "chosen": "same.", "rejected": "same."},
+            {"chosen": [USER, GOOD], "rejected": [USER, GOOD]}]
+    examples, report = preference_examples_from_rows(rows, tokenizer)
+    assert len(examples) == 3 and report.n_identical == 2
+    assert examples[2].prompt_ids == tokenizer(render(tokenizer, [USER], gen=True)).input_ids
+
+
+def test_a_tokenizer_that_adds_bos_gets_exactly_one(tokenizer):
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tokenizer.bos_token_id
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                              special_tokens=[(tok.bos_token, bos)])
+    tok.chat_template = "{{ bos_token }}" + tokenizer.chat_template  # a template that writes BOS itself
+    conv = {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
+    (std, conv_ex), _ = preference_examples_from_rows([ROWS[0], conv], tok)
+    plain, _ = preference_examples_from_rows([ROWS[0], conv], tokenizer)
+    assert std.prompt_ids == [bos] + plain[0].prompt_ids and std.chosen_ids == plain[0].chosen_ids
+    assert conv_ex.prompt_ids == [bos] + plain[1].prompt_ids and conv_ex.chosen_ids == plain[1].chosen_ids
+    (text,), _ = sft_examples_from_rows([{"text": "the movie."}], tok)
+    assert text.prompt_ids == [bos] and bos not in text.completion_ids[:-1]
+
+
+# ---- truncation
+
+
+def test_truncation_keeps_the_prompt_end_and_the_completion_start(tokenizer):
+    long_prompt = "the movie was really very good and the plot was not boring at all but the ending"
+    long_comp = " was the best scene of the film and the music was great too."
+    rows = [{"prompt": long_prompt, "chosen": long_comp, "rejected": " bad."}, ROWS[1]]
+    full, _ = preference_examples_from_rows(rows, tokenizer, max_length=10_000, max_prompt_length=5_000)
+    (a, b), report = preference_examples_from_rows(rows, tokenizer, max_length=12, max_prompt_length=8)
+    assert len(full[0].prompt_ids) > 8 and len(full[0].chosen_ids) > 4
+    assert a.prompt_ids == full[0].prompt_ids[-8:]
+    assert a.chosen_ids == full[0].chosen_ids[:4] and a.rejected_ids == full[0].rejected_ids
+    assert ids(b) == ids(full[1])
+    assert (report.n_prompt_truncated, report.n_completion_truncated) == (1, 1)
+    assert "1 prompts truncated" in report.summary()
+
+
+def test_max_prompt_length_must_leave_room(tokenizer):
+    with pytest.raises(UserError, match="max_prompt_length .* must be less than max_length"):
+        preference_examples_from_rows(ROWS, tokenizer, max_length=8, max_prompt_length=8)
+
+
+# ---- bad rows
+
+OK = json.dumps(ROWS[0])
+BAD_LINES = [
+    ('{"prompt": "a", "chosen": "b",', "malformed JSON at column"),
+    ('[1, 2]', "expected a JSON object, got list"),
+    ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
+    ('{"chosen": "b", "rejected": "c"}', "missing field 'prompt'"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}',
+     "field 'chosen' must be a string or a list of messages, got int"),
+    ('{"prompt": "a", "chosen": "b", "rejected": ""}', "field 'rejected' is empty"),
+    ('{"prompt": "a", "chosen": " \\n", "rejected": "c"}', "field 'chosen' is empty or only whitespace"),
+    ('{"prompt": "a", "chosen": null, "rejected": "c"}', "field 'chosen' is null"),
+    ('{"prompt": "a", "chosen": NaN, "rejected": "c"}', "field 'chosen' is NaN"),
+    ('{"prompt": [{"content": "hi"}], "chosen": [{"role": "assistant", "content": "x"}], '
+     '"rejected": [{"role": "assistant", "content": "y"}]}', "field 'prompt' message 1 has no 'role'"),
+    ('{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant"}], '
+     '"rejected": [{"role": "assistant", "content": "y"}]}', "field 'chosen' message 1 has no 'content'"),
+    ('{"prompt": "a", "chosen": [{"role": "assistant", "content": "x"}], '
+     '"rejected": [{"role": "assistant", "content": "y"}]}', "must all be strings or all message lists"),
+    ('{"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}',
+     "share no first message"),
+]
+
+
+@pytest.mark.parametrize(("line", "problem"), BAD_LINES)
+def test_a_bad_row_names_file_line_and_problem(tmp_path, tokenizer, line, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [OK, line, OK])
+    with pytest.raises(UserError) as e:
+        load_preferences(path, tokenizer)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} line 2: ") and problem in msg and "\n" not in msg
+    examples, report = load_preferences(path, tokenizer, skip_bad=True)
+    assert [ex.row for ex in examples] == [1, 3]
+    assert (report.n_rows, report.n_kept, report.n_skipped, report.skipped) == (3, 2, 1, [msg])
+    assert "1 skipped" in report.summary()
+
+
+def test_all_bad_rows_is_an_error_even_when_skipping(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "bad.jsonl", [line for line, _ in BAD_LINES])
+    with pytest.raises(UserError, match=f"all {len(BAD_LINES)} rows are bad; the first: .*line 1: malformed"):
+        load_preferences(path, tokenizer, skip_bad=True)
+
+
+def test_missing_cells_in_csv_and_parquet_name_the_row(tmp_path, tokenizer):
+    path = tmp_path / "bad.csv"
+    path.write_text('prompt,chosen,rejected\na,b,c\n"two\nlines",b\n')
+    with pytest.raises(UserError, match=r"bad\.csv line 3: field 'rejected' is null"):
+        load_preferences(path, tokenizer)
+    # a cell holding the text "NA" is text, not a missing value
+    path.write_text("prompt,chosen,rejected\nNA,null,None\n")
+    assert len(load_preferences(path, tokenizer)[0]) == 1
+    rows = [ROWS[0], {**ROWS[1], "chosen": None}]
+    with pytest.raises(UserError, match=r"bad\.parquet row 2: field 'chosen' is null"):
+        load_preferences(write(tmp_path / "bad.parquet", rows), tokenizer)
+    with pytest.raises(UserError, match=r"bad_ds row 2: field 'chosen' is null"):
+        load_preferences(write(tmp_path / "bad_ds", rows), tokenizer)
+
+
+@pytest.mark.parametrize(("name", "content", "problem"), [
+    ("missing.jsonl", None, "no such file or directory"),
+    ("d.txt", "x", "unknown data format '.txt'"),
+    ("d.jsonl", "\n\n", "the file has no rows"),
+    ("d.json", "[]", "the file has no rows"),
+    ("d.csv", "", "the file has no rows"),
+    ("d.json", '[{"a": 1},\n {"b": }]', "malformed JSON at line 2 column"),
+    ("d.json", '{"prompt": "a"}', "expected a list of objects"),
+    ("d.parquet", "not parquet", "cannot read parquet"),
+    ("notds", "", "not a dataset saved with datasets' save_to_disk"),
+])
+def test_bad_files_name_the_file_and_problem(tmp_path, tokenizer, name, content, problem):
+    path = tmp_path / name
+    if name == "notds":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError) as e:
+        load_preferences(path, tokenizer, skip_bad=True)
+    assert str(e.value).startswith(str(path)) and problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dataset_dict_without_train_split(tmp_path, tokenizer):
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UserError, match="without a 'train' split .*test"):
+        load_preferences(tmp_path / "dd", tokenizer)
+
+
+def test_tokenizer_problems(tokenizer):
+    conv = [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}]
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(UserError, match="conversational .* no chat template"):
+        preference_examples_from_rows(conv, no_template, skip_bad=True)
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    with pytest.raises(UserError, match="row 3: the prompt is empty and the tokenizer has no BOS"):
+        preference_examples_from_rows(ROWS, no_bos, source="mem")
+    odd = copy.deepcopy(tokenizer)  # the generation prompt is not how an assistant turn starts
+    odd.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(UserError, match="rendering of prompt \\+ 'chosen' does not start with"):
+        preference_examples_from_rows(conv, odd)
+
+
+# ---- SFT
+
+
+def test_sft_formats(tokenizer):
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    conv = {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
+    pref, _ = preference_examples_from_rows([ROWS[0], conv], tokenizer)
+    rows = [
+        {"prompt": ROWS[0]["prompt"], "completion": ROWS[0]["chosen"]},
+        ROWS[0],
+        {"messages": [USER, GOOD]},
+        {"prompt": [USER], "completion": [GOOD]},
+        {"chosen": [USER, GOOD], "rejected": [USER, BAD]},
+        {"text": "the movie was great."},
+    ]
+    ex, report = sft_examples_from_rows(rows, tokenizer)
+    for i, ref in ((0, pref[0]), (1, pref[0]), (2, pref[1]), (3, pref[1]), (4, pref[1])):
+        assert (ex[i].prompt_ids, ex[i].completion_ids) == (ref.prompt_ids, ref.chosen_ids)
+    # text: the first token (BOS here) is the prompt, the whole text is learned
+    assert ex[5].prompt_ids == [bos]
+    assert ex[5].completion_ids == tokenizer("the movie was great.").input_ids + [eos]
+    assert report.formats == {"standard": 2, "conversational": 2, "implicit-prompt": 1, "text": 1}
+
+
+@pytest.mark.parametrize(("row", "problem"), [
+    ({"messages": [USER]}, "no assistant message"),
+    ({"messages": [USER, GOOD, USER]}, "messages after the last assistant message"),
+    ({"messages": "hi"}, "must be a list of messages"),
+    ({"text": 5}, "field 'text' must be a string, got int"),
+    ({"prompt": "a", "completion": ""}, "field 'completion' is empty"),
+    ({"completion": "a"}, "missing field 'prompt'"),
+    ({"input": "a"}, "missing fields: need"),
+])
+def test_bad_sft_rows(tmp_path, tokenizer, row, problem):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"text": "fine."}, row])
+    with pytest.raises(UserError) as e:
+        load_sft(path, tokenizer)
+    assert str(e.value).startswith(f"{path} line 2: ") and problem in str(e.value)
+    assert load_sft(path, tokenizer, skip_bad=True)[1].n_skipped == 1
+
+
+# ---- inspect
+
+
+def test_inspect_reports_counts_and_lengths_before_truncation(tmp_path, tokenizer):
+    rows = [json.dumps(r) for r in ROWS] + ['{"prompt": "a", "chosen": 1, "rejected": "b"}']
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    info = inspect_data(path, tokenizer, max_length=6, max_prompt_length=3)
+    full, _ = load_preferences(path, tokenizer, skip_bad=True)
+    assert (info["kind"], info["format"], info["rows"], info["kept"], info["skipped"]) == (
+        "preference", "standard", 4, 3, 1)
+    assert info["skipped_rows"][0].startswith(f"{path} line 4: field 'chosen' must be")
+    assert info["lengths"]["prompt"]["max"] == max(len(e.prompt_ids) for e in full) > 3
+    assert info["lengths"]["chosen"]["p50"] == sorted(len(e.chosen_ids) for e in full)[1]
+    assert info["prompt_truncated"] == sum(len(e.prompt_ids) > 3 for e in full)
+    sft = inspect_data(write_jsonl(tmp_path / "s.jsonl", [{"messages": [USER, GOOD]}]), tokenizer)
+    assert (sft["kind"], sft["format"]) == ("sft", "conversational")
+    assert set(sft["lengths"]) == {"prompt", "completion"}
