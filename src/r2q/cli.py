@@ -49,7 +49,7 @@ def inspect_data(
         f"rows {info['rows']}  kept {info['kept']}  skipped {info['skipped']}  "
         f"prompt truncated {info['prompt_truncated']}  completion truncated {info['completion_truncated']}"
     )
-    for msg in info["skipped_messages"]:
+    for msg in info["skipped_rows"]:
         out.print(f"  skipped: {msg}", markup=False, highlight=False)
 
 
@@ -91,6 +91,91 @@ def _train_command(name: str, mode: str, doc: str) -> None:
 
 _train_command("train", "dpo", "Token-level DPO training of a causal LM on preference pairs.")
 _train_command("sft", "sft", "Supervised fine-tuning on completions (prompt/completion, text, messages or chosen).")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt file (one per line) or a data file with a `prompt` field (strings or messages)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.suffix == ".txt":
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise UserError(f"{path}: no prompts")
+        return lines
+    from .data import read_rows
+
+    prompts = []
+    for n, row in read_rows(path):
+        p = row.get("prompt")
+        if not isinstance(p, str):
+            raise UserError(f"{path} row {n}: field 'prompt' must be a string")
+        prompts.append(p)
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def _generate_command() -> None:
+    import dataclasses
+    import inspect
+
+    from .search import GenerateConfig
+
+    def command(model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str, quiet: bool,
+                trust_remote_code: bool, **kw) -> None:
+        import json
+
+        from .models import check_same_tokenizer, load_model, load_tokenizer
+        from .search import generate
+
+        cfg = GenerateConfig(**kw)
+        texts = _read_prompts(prompts)
+        tok = load_tokenizer(model, trust_remote_code)
+        policy = load_model(model, dtype, trust_remote_code)
+        others = {}
+        for name, path in (("reference", ref), ("base", base)):
+            if path:
+                if (Path(path) / "tokenizer_config.json").exists():
+                    check_same_tokenizer(tok, load_tokenizer(path), f"policy and {name}")
+                others[name] = load_model(path, dtype, trust_remote_code)
+        results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
+                                  progress=not quiet)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            for r in results:
+                f.write(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n")
+        tmp.replace(out_path)
+        out.print(f"{len(results)} generations written to {out_path}; compute: "
+                  + ", ".join(f"{k} {v}" for k, v in total.items()), highlight=False)
+
+    base_params = [
+        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[str, typer.Option(help="Policy model directory")]),
+        inspect.Parameter("prompts", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[Path, typer.Option(help="Prompts: .txt (one per line) or a data file "
+                                                                  "with a 'prompt' field")]),
+        inspect.Parameter("out_path", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[Path, typer.Option("--out", help="Output .jsonl, one line per prompt")]),
+        inspect.Parameter("ref", inspect.Parameter.KEYWORD_ONLY, default="",
+                          annotation=Annotated[str, typer.Option(help="Reference model (implicit rewards, "
+                                                                 "reward-beam, chunk-beam's untuned scorer)")]),
+        inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, default="",
+                          annotation=Annotated[str, typer.Option(help="chunk-beam proposer (default: the reference)")]),
+        inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, default="fp32",
+                          annotation=Annotated[str, typer.Option(help="fp32, bf16 or fp16 weights")]),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+                          annotation=Annotated[bool, typer.Option(help="No progress bar")]),
+        inspect.Parameter("trust_remote_code", inspect.Parameter.KEYWORD_ONLY, default=False,
+                          annotation=Annotated[bool, typer.Option(help="Allow model code from the checkpoint")]),
+    ]
+    assert not {p.name for p in base_params} & {f.name for f in dataclasses.fields(GenerateConfig)}
+    command.__signature__ = inspect.Signature(base_params + list(_options_from(GenerateConfig).parameters.values()))
+    command.__doc__ = "Decode with search over the policy: beam, reward-beam, best-of-n, chunk-beam, mcts, ..."
+    app.command("generate")(command)
+
+
+_generate_command()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,204 @@
+"""Decoding with search over the DPO policy: one entry point, `generate`, for every method.
+
+Methods: greedy, sample, beam (likelihood search, the paper's search over Q*), reward-beam (beam search on
+the implicit reward beta * log pi/pi_ref, optionally + beta * log pi_ref), best-of-n, chunk-beam
+(weak-to-strong), mcts. All are batched over prompts with KV caches; all report their compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..rewards import implicit_rewards, sequence_rewards
+from ..tokens import build_batch, completion_logps
+from .beam import beam_search
+from .bon import RANKINGS, load_external_scorer, sample_scores
+from .chunk_beam import chunk_beam_search
+from .lm import Compute, Lockstep
+from .mcts import mcts
+from .sampling import sample
+
+METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "mcts")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GenerateConfig:
+    """Options of `r2q generate`; the CLI is generated from these fields."""
+
+    method: str = _f("beam", f"Decoding method: {', '.join(METHODS)}")
+    max_new_tokens: int = _f(64, "Max tokens generated per prompt")
+    num_beams: int = _f(4, "Beams (beam, reward-beam) or beam width W (chunk-beam)")
+    num_samples: int = _f(4, "Samples per prompt (best-of-n) or per beam (chunk-beam)")
+    temperature: float = _f(1.0, "Sampling temperature")
+    top_k: int = _f(0, "Sample from the k most likely tokens only (0 = all)")
+    top_p: float = _f(1.0, "Nucleus sampling mass")
+    beta: float = _f(0.1, "beta of the implicit reward beta * log pi/pi_ref")
+    length_penalty: float = _f(0.0, "Beam score = sum / length**penalty (0 = plain sum, the paper's Eq. 13)")
+    early_stopping: str = _f("false", "Beam early stopping as in transformers: false, true or never")
+    ref_term: bool = _f(False, "reward-beam / mcts: add beta * log pi_ref to the reward (= beta * log pi)")
+    ranking: str = _f("reward", f"best-of-n ranking: {', '.join(RANKINGS)}")
+    scorer: str = _f("", "External scorer for best-of-n: a reward-model directory or module:function")
+    delimiter: str = _f("\n", "Step delimiter for reward-min / reward-last")
+    chunk_len: int = _f(8, "chunk-beam: tokens per chunk")
+    simulations: int = _f(64, "mcts: simulations per prompt")
+    c_puct: float = _f(1.0, "mcts: exploration constant")
+    expand_top_k: int = _f(16, "mcts: children per node (most likely tokens)")
+    rollout: bool = _f(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
+    backup: str = _f("max", "mcts: edge value = best return seen (max) or the mean")
+    seed: int = _f(0, "Seed for sampling")
+    batch_size: int = _f(8, "Prompts decoded together")
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    logp: float  # log pi(y|x), summed over tokens
+    reward: float | None  # beta * log pi(y|x)/pi_ref(y|x), when a reference is given
+    score: float  # what the method ranked by
+    num_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return d
+
+
+def _early(v: str | bool) -> bool | str:
+    if isinstance(v, bool):
+        return v
+    v = v.lower()
+    if v not in ("true", "false", "never"):
+        raise UserError(f"--early-stopping must be true, false or never, not {v!r}")
+    return {"true": True, "false": False}.get(v, "never")
+
+
+def validate(cfg: GenerateConfig, ref, base) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if cfg.method in ("reward-beam", "chunk-beam") and ref is None:
+        raise UserError(f"{cfg.method} needs a reference model (--ref)")
+    if cfg.method == "best-of-n" and cfg.ranking not in RANKINGS:
+        raise UserError(f"unknown ranking {cfg.ranking!r}; use one of {', '.join(RANKINGS)}")
+    if cfg.method == "best-of-n" and cfg.ranking == "external" and not cfg.scorer:
+        raise UserError("ranking 'external' needs --scorer")
+    if cfg.max_new_tokens < 1 or cfg.num_beams < 1 or cfg.num_samples < 1:
+        raise UserError("--max-new-tokens, --num-beams and --num-samples must be at least 1")
+    if cfg.backup not in ("max", "mean"):
+        raise UserError("--backup must be max or mean")
+    _early(cfg.early_stopping)
+
+
+@torch.no_grad()
+def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
+                 ref=None, base=None, tokenizer=None, scorer=None,
+                 generator: torch.Generator | None = None) -> tuple[list[tuple[list[int], float]], Compute]:
+    """One batch: (tokens, score) per prompt and the compute spent by the search."""
+    m = cfg.method
+    compute = Compute()
+    with_ref = [policy] + ([ref] if ref is not None else [])
+    if m in ("greedy", "sample"):
+        s = sample(Lockstep([policy], compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, greedy=m == "greedy",
+                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+        out = [(t, float(lp.sum())) for t, lp in zip(s.tokens, s.logps[0])]
+    elif m in ("beam", "reward-beam"):
+        if m == "beam":
+            lock, fn, mono = Lockstep([policy], compute), (lambda l: l[0]), True
+        else:
+            b = cfg.beta
+            fn = (lambda l: b * (l[0] - l[1]) + b * l[1]) if cfg.ref_term else (lambda l: b * (l[0] - l[1]))
+            lock, mono = Lockstep([policy, ref], compute), False
+        hyps = beam_search(lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.max_new_tokens, fn,
+                           cfg.length_penalty, _early(cfg.early_stopping), monotone=mono)
+        out = [h[0] if h else ([], float("-inf")) for h in hyps]
+    elif m == "best-of-n":
+        N = cfg.num_samples
+        s = sample(Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens,
+                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, repeat=N)
+        if cfg.ranking == "external":
+            ptext = [tokenizer.decode(p) for p in prompts for _ in range(N)]
+            ctext = [tokenizer.decode(t, skip_special_tokens=True) for t in s.tokens]
+            scores = torch.tensor(scorer(ptext, ctext), dtype=torch.float)
+        else:
+            scores = sample_scores(s.tokens, s.logps[0], s.logps[1] if ref is not None else None, cfg.beta,
+                                   cfg.ranking, tokenizer, cfg.delimiter)
+        best = scores.view(len(prompts), N).argmax(-1)
+        out = [(s.tokens[b * N + int(k)], float(scores[b * N + int(k)])) for b, k in enumerate(best)]
+    elif m == "chunk-beam":
+        lock = Lockstep([base if base is not None else ref, policy, ref], compute)
+        out = chunk_beam_search(lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.num_samples, cfg.chunk_len,
+                                cfg.max_new_tokens, cfg.beta, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    else:
+        out = mcts(Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, cfg.beta,
+                   cfg.simulations, cfg.c_puct, cfg.expand_top_k, cfg.ref_term or ref is None, cfg.rollout,
+                   cfg.backup)
+    return out, compute.stop()
+
+
+@torch.no_grad()
+def score_sequences(policy, ref, prompts, completions, pad_id: int, beta: float):
+    """log pi(y|x) and beta * log pi/pi_ref of finished outputs, with the training code path."""
+    keep = [i for i, c in enumerate(completions) if len(c)]
+    logp = [0.0] * len(completions)
+    reward: list[float | None] = [None] * len(completions)
+    if keep:
+        b = build_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id)
+        b = b.to(next(policy.parameters()).device)
+        mask = b.completion_mask()
+        lp = completion_logps(policy, b)
+        s = sequence_rewards(lp, mask).tolist()
+        r = sequence_rewards(implicit_rewards(lp, completion_logps(ref, b), mask, beta), mask).tolist() \
+            if ref is not None else None
+        for j, i in enumerate(keep):
+            logp[i] = s[j]
+            if r is not None:
+                reward[i] = r[j]
+    return logp, reward
+
+
+def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref=None, base=None,
+             progress: bool = False) -> tuple[list[Generation], dict[str, float]]:
+    """Decode every prompt with cfg.method; returns one Generation per prompt and the total compute."""
+    validate(cfg, ref, base)
+    for m in (policy, ref, base):
+        if m is not None:
+            m.eval()
+    scorer = load_external_scorer(cfg.scorer) if cfg.method == "best-of-n" and cfg.ranking == "external" else None
+    eos_ids = [tokenizer.eos_token_id]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = [tokenizer(p).input_ids or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+           for p in prompts]
+    if any(not e for e in enc):
+        raise UserError("an empty prompt cannot be decoded from with a tokenizer that has no BOS token")
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    total = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}
+    results: list[Generation] = []
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(cfg.method, total=len(prompts))
+        for i in range(0, len(prompts), cfg.batch_size):
+            chunk = enc[i : i + cfg.batch_size]
+            out, compute = generate_ids(policy, chunk, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, g)
+            for k, v in compute.as_dict().items():
+                total[k] += v
+            toks = [t for t, _ in out]
+            logp, reward = score_sequences(policy, ref, chunk, toks, pad_id, cfg.beta)
+            share = {f"compute_{k}": v / len(chunk) for k, v in compute.as_dict().items()}
+            for j, (t, sc) in enumerate(out):
+                results.append(Generation(prompts[i + j], tokenizer.decode(t, skip_special_tokens=True), t,
+                                          logp[j], reward[j], sc, len(t), share))
+            bar.update(task, advance=len(chunk))
+    return results, total

@@ -1,0 +1,70 @@
+"""Best-of-N: N samples per prompt, reranked by likelihood, implicit reward, or an external scorer."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..rewards import aggregate_steps, step_ends_from_text, step_rewards
+
+RANKINGS = ("likelihood", "reward", "reward-min", "reward-last", "external")
+
+
+def sample_scores(tokens: list[list[int]], pol: list[torch.Tensor], ref: list[torch.Tensor] | None, beta: float,
+                  ranking: str, tokenizer=None, delimiter: str = "\n") -> torch.Tensor:
+    """Score each sample (S,) from its recorded per-token log-probs.
+
+    likelihood: sum_t log pi;  reward: sum_t beta log pi/pi_ref;  reward-min / reward-last: the implicit-PRM
+    step rewards (token rewards summed within steps split at `delimiter`), their minimum or the last one.
+    """
+    if ranking == "likelihood":
+        return torch.stack([p.sum() for p in pol])
+    if ref is None:
+        raise UserError(f"ranking by {ranking} needs a reference model (--ref)")
+    L = max((len(t) for t in tokens), default=0)
+    r = torch.zeros(len(tokens), L)
+    mask = torch.zeros(len(tokens), L, dtype=torch.bool)
+    for i, (p, q) in enumerate(zip(pol, ref)):
+        r[i, : len(p)] = beta * (p - q)
+        mask[i, : len(p)] = True
+    if ranking == "reward":
+        return r.sum(-1)
+    pieces = [[tokenizer.decode([x]) for x in t] for t in tokens]
+    ends = step_ends_from_text(pieces, delimiter)
+    if ends.shape[1] < L:
+        ends = torch.nn.functional.pad(ends, (0, L - ends.shape[1]))
+    sums, smask = step_rewards(r, ends, mask)
+    return aggregate_steps(sums, smask, "min" if ranking == "reward-min" else "last")
+
+
+def load_external_scorer(spec: str, device="cpu") -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """`module:function` (called as f(prompts, completions) -> scores) or a directory holding an HF
+    sequence-classification reward model (score = its single logit, or log p(last label) for several)."""
+    if ":" in spec and not spec.startswith(("/", ".")):
+        mod, _, fn = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"cannot load scorer {spec!r}: {e}") from e
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True).eval().to(device)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a reward model from {spec}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+
+    @torch.no_grad()
+    def score(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True).to(device)
+        logits = model(**enc).logits.float()
+        s = logits[:, 0] if logits.shape[-1] == 1 else torch.log_softmax(logits, -1)[:, -1]
+        return s.tolist()
+
+    return score

@@ -1,0 +1,83 @@
+"""Weak-to-strong chunk beam search (Zhou et al. 2024), the paper's Eq. 14 used as a search signal.
+
+A base model (possibly large, untuned) proposes K continuations of L tokens from each of W beams; a small
+tuned/untuned pair scores every prefix by its implicit reward beta * sum log pi_tuned/pi_untuned; the best W
+prefixes per prompt survive. All three models share one tokenizer (token-level rewards need one vocabulary);
+models with different tokenizers would need re-tokenising every chunk, which r2q does not do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .lm import Lockstep, left_pad
+from .sampling import filter_logits
+
+
+def chunk_beam_search(
+    lock: Lockstep,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    eos_ids: Sequence[int],
+    beam_width: int,
+    samples_per_beam: int,
+    chunk_len: int,
+    max_new_tokens: int,
+    beta: float,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[tuple[list[int], float]]:
+    """Best (tokens, implicit-reward score) per prompt. lock.models = [base, tuned, untuned]."""
+    if len(lock.models) != 3:
+        raise ValueError("chunk beam search needs three models: base, tuned, untuned")
+    B, W, K = len(prompts), beam_width, samples_per_beam
+    dev = lock.device
+    eos = torch.tensor(list(eos_ids), device=dev)
+    ids, mask = left_pad(prompts, pad_id)
+    logps = lock.prefill(ids, mask)
+    # first chunk: W*K samples from the one prompt; later: K from each of the W survivors
+    expand = torch.arange(B, device=dev).repeat_interleave(W * K)
+    lock.select(expand)
+    logps = [lp.index_select(0, expand) for lp in logps]
+    N = B * W * K
+    seqs = torch.full((N, 0), pad_id, dtype=torch.long, device=dev)
+    score = torch.zeros(N, device=dev)
+    alive = torch.ones(N, dtype=torch.bool, device=dev)
+    first_copy = torch.ones(N, dtype=torch.bool, device=dev)  # among K copies of a finished beam, one competes
+    t = 0
+    while t < max_new_tokens:
+        for _ in range(min(chunk_len, max_new_tokens - t)):
+            w = torch.softmax(filter_logits(logps[0], temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+            gain = beta * (logps[1].gather(-1, nxt[:, None]) - logps[2].gather(-1, nxt[:, None])).squeeze(-1)
+            score = score + torch.where(alive, gain, torch.zeros_like(gain))
+            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            step_alive = alive
+            alive = alive & ~torch.isin(nxt, eos)
+            t += 1
+            if not alive.any() or t >= max_new_tokens:
+                break
+            logps = lock.step(nxt, alive=step_alive)
+        if not alive.any() or t >= max_new_tokens:
+            break
+        # keep the W best prefixes per prompt, then K copies of each
+        ranked = torch.where(first_copy, score, torch.full_like(score, float("-inf"))).view(B, W * K)
+        best = torch.topk(ranked, W, dim=-1).indices + torch.arange(B, device=dev)[:, None] * (W * K)
+        idx = best.reshape(-1).repeat_interleave(K)
+        lock.select(idx)
+        logps = [lp.index_select(0, idx) for lp in logps]
+        seqs, score, alive = seqs[idx], score[idx], alive[idx]
+        first_copy = alive | (torch.arange(N, device=dev) % K == 0)
+    ranked = torch.where(first_copy, score, torch.full_like(score, float("-inf"))).view(B, W * K)
+    best = ranked.argmax(-1) + torch.arange(B, device=dev) * (W * K)
+    out = []
+    for i in best.tolist():
+        row = seqs[i].tolist()
+        n = next((j + 1 for j, x in enumerate(row) if x in eos_ids), len(row))
+        out.append((row[:n], float(score[i])))
+    return out

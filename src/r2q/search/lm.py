@@ -1,0 +1,129 @@
+"""Causal LMs stepped in lockstep with their KV caches, and the compute they spend.
+
+A `Lockstep` holds N rows (prompts x beams or samples) and one or more models (policy, reference, base,
+scorers) that all see the same tokens. Every model keeps its own HF Cache; `select(idx)` reorders or
+duplicates the rows of every cache and of the attention mask by the same index, which is what keeps the
+policy and the reference of reward-guided search on the same prefixes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Compute:
+    """What a search spent: model forward calls, token positions processed (all models), wall time."""
+
+    forward_passes: int = 0
+    tokens_processed: int = 0
+    wall_time_s: float = 0.0
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def stop(self) -> Compute:
+        self.wall_time_s = time.perf_counter() - self._t0
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"forward_passes": self.forward_passes, "tokens_processed": self.tokens_processed,
+                "wall_time_s": round(self.wall_time_s, 4)}
+
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) left-padded ids and their attention mask, as generation expects."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError("empty prompt: generation needs at least one prompt token")
+        ids[i, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+class Lockstep:
+    """Several causal LMs over the same N rows, each with its KV cache, advanced one token at a time."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], compute: Compute | None = None):
+        self.models = list(models)
+        self.keys = [_cache_kwarg(m) for m in self.models]
+        self.caches: list = [None] * len(self.models)
+        self.mask: torch.Tensor | None = None
+        self.compute = compute or Compute()
+        self.device = next(self.models[0].parameters()).device
+
+    def _run(self, i: int, ids: torch.Tensor) -> torch.Tensor:
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -ids.shape[1]:]
+        kw = {self.keys[i]: self.caches[i]} if self.caches[i] is not None else {}
+        out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw)
+        self.caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        self.compute.forward_passes += 1
+        self.compute.tokens_processed += int(self.mask[:, -ids.shape[1]:].sum())
+        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Run every model over the (left-padded) prompts; next-token log-probs (N, V) per model."""
+        self.mask = mask.to(self.device)
+        self.caches = [None] * len(self.models)
+        ids = ids.to(self.device)
+        return [self._run(i, ids) for i in range(len(self.models))]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, alive: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Append one token per row (N,) and return next-token log-probs per model. Rows with alive=False
+        (finished) get a masked-out position, so they cost nothing in attention and change nothing."""
+        col = torch.ones(tokens.shape[0], 1, dtype=self.mask.dtype, device=self.device)
+        if alive is not None:
+            col = alive.to(self.device).long()[:, None].to(self.mask.dtype)
+        self.mask = torch.cat([self.mask, col], dim=1)
+        ids = tokens.to(self.device)[:, None]
+        return [self._run(i, ids) for i in range(len(self.models))]
+
+    def attach(self, caches: list, mask: torch.Tensor) -> None:
+        """Continue from existing caches (one per model) over rows whose attention mask is `mask`."""
+        self.caches, self.mask = list(caches), mask.to(self.device)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep rows `idx` (N',), in that order, duplicating where repeated: every cache and the mask."""
+        idx = idx.to(self.device)
+        self.mask = self.mask.index_select(0, idx)
+        for c in self.caches:
+            c.reorder_cache(idx)
+
+
+def row_kv(cache, row: int, start: int = 0, end: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One row's keys and values, positions [start, end), per layer: [(H, L, D), (H, L, D)], ...]."""
+    return [(layer.keys[row, :, start:end].clone(), layer.values[row, :, start:end].clone()) for layer in cache.layers]
+
+
+def stack_kv(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]):
+    """A batched DynamicCache from per-row KV of different lengths, left-padded, and its (N, L) mask."""
+    from transformers import DynamicCache
+
+    lengths = [r[0][0].shape[1] for r in rows]
+    L = max(lengths)
+    cache = DynamicCache()
+    for layer in range(len(rows[0])):
+        ks, vs = [], []
+        for r, n in zip(rows, lengths):
+            k, v = r[layer]
+            pad = (0, 0, L - n, 0)  # left-pad the sequence dimension
+            ks.append(torch.nn.functional.pad(k, pad))
+            vs.append(torch.nn.functional.pad(v, pad))
+        cache.update(torch.stack(ks), torch.stack(vs), layer)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, L - n:] = 1
+    return cache, mask

@@ -1,0 +1,214 @@
+"""Monte Carlo tree search over the token MDP with the DPO policy as prior and the implicit reward as Q.
+
+Each edge (s, a) carries the implicit reward r = beta * (log pi(a|s) - log pi_ref(a|s)), plus
+beta * log pi_ref(a|s) when include_ref_term (then the return of a full sequence is beta * log pi(y|x),
+the paper's Eq. 13). Selection is PUCT, a = argmax_a Qn(s,a) + c * P(a|s) * sqrt(N(s)) / (1 + N(s,a)), with
+P the policy and Qn the edge value min-max normalised over the tree (as MuZero does, so c is scale-free).
+The environment is deterministic, so by default an edge's value is the best return seen through it
+(backup="max"; "mean" averages instead). A leaf is valued by a greedy policy rollout to the end (rollout=True)
+or by the rewards collected so far (rollout=False). The answer is the best complete sequence found.
+
+Tree nodes keep the keys and values of their own token only; expanding a batch of leaves (one per prompt
+per simulation) stacks the cached KV of each leaf's path, so no prefix is ever recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .lm import Lockstep, left_pad, row_kv, stack_kv
+
+
+@dataclass
+class Node:
+    token: int
+    parent: Node | None
+    reward: float  # reward of the edge parent -> self
+    prior: float
+    depth: int
+    kv: list | None = None  # per model: [(k, v) per layer] of this node's token (the prompt for the root)
+    children: dict[int, Node] = field(default_factory=dict)
+    visits: int = 0
+    value: float = float("-inf")  # best (or mean) return from self onward, reward to reach self excluded
+    total: float = 0.0
+    terminal: bool = False
+
+    def path(self) -> list[Node]:
+        n, out = self, []
+        while n is not None:
+            out.append(n)
+            n = n.parent
+        return out[::-1]
+
+    def tokens(self) -> list[int]:
+        return [n.token for n in self.path()[1:]]
+
+    def edge_q(self, backup: str) -> float:
+        v = 0.0 if self.terminal else (self.value if backup == "max" else self.total / max(self.visits, 1))
+        return self.reward + (v if math.isfinite(v) else 0.0)
+
+
+def _path_kv(node: Node, m: int):
+    layers = None
+    for n in node.path():
+        if layers is None:
+            layers = [[(k, v)] for k, v in n.kv[m]]
+        else:
+            for layer, (k, v) in zip(layers, n.kv[m]):
+                layer.append((k, v))
+    return [(torch.cat([k for k, _ in layer], 1), torch.cat([v for _, v in layer], 1)) for layer in layers]
+
+
+def mcts(
+    lock: Lockstep,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+    beta: float,
+    simulations: int = 64,
+    c_puct: float = 1.0,
+    expand_top_k: int = 16,
+    include_ref_term: bool = True,
+    rollout: bool = True,
+    backup: str = "max",
+) -> list[tuple[list[int], float]]:
+    """Best (tokens, return) per prompt. lock.models = [policy, ref] (or [policy] for reference-free)."""
+    if backup not in ("max", "mean"):
+        raise ValueError("backup must be 'max' or 'mean'")
+    B = len(prompts)
+    eos = set(eos_ids)
+    ids, mask = left_pad(prompts, pad_id)
+    logps = lock.prefill(ids, mask)
+    T = ids.shape[1]
+    roots = []
+    for b, p in enumerate(prompts):
+        root = Node(-1, None, 0.0, 1.0, 0)
+        root.kv = [row_kv(c, b, T - len(p)) for c in lock.caches]
+        _expand(root, [lp[b] for lp in logps], beta, expand_top_k, include_ref_term, eos, max_new_tokens)
+        roots.append(root)
+    best: list[tuple[list[int], float]] = [([], float("-inf"))] * B
+
+    def offer(b: int, toks: list[int], ret: float) -> None:
+        if ret > best[b][1]:
+            best[b] = (toks, ret)
+
+    for _ in range(simulations):
+        leaves: list[tuple[int, Node]] = []
+        for b, root in enumerate(roots):
+            node, lo, hi = root, *_bounds(root, backup)
+            while node.children:
+                node.visits += 1
+                sq = math.sqrt(node.visits)
+                open_children = [c for c in node.children.values() if not _exhausted(c)]
+                if not open_children:
+                    break
+                node = max(open_children, key=lambda ch: _puct(ch, lo, hi, sq, c_puct, backup))  # noqa: B023
+            if node.terminal:
+                node.visits += 1
+                _backup(node, 0.0, backup)
+                offer(b, node.tokens(), sum(n.reward for n in node.path()))
+            elif not node.children and not _exhausted(node):
+                leaves.append((b, node))
+        if not leaves:
+            if all(_exhausted(r) for r in roots):
+                break
+            continue
+        # expand every leaf in one batched forward of each model over its own token, on stacked path KV
+        stacked = [stack_kv([_path_kv(n.parent, m) for _, n in leaves]) for m in range(len(lock.models))]
+        caches = [c for c, _ in stacked]
+        m0 = stacked[0][1]
+        lock.attach(caches, m0)
+        toks = torch.tensor([n.token for _, n in leaves])
+        logps = lock.step(toks)
+        for i, (_, node) in enumerate(leaves):
+            node.kv = [row_kv(c, i, c.get_seq_length() - 1) for c in lock.caches]
+            _expand(node, [lp[i] for lp in logps], beta, expand_top_k, include_ref_term, eos, max_new_tokens)
+        values = _rollout(lock, leaves, logps, beta, include_ref_term, eos, max_new_tokens, pad_id) if rollout \
+            else [(0.0, []) for _ in leaves]
+        for (b, node), (v, tail) in zip(leaves, values):
+            node.visits += 1
+            _backup(node, v, backup)
+            if rollout:
+                offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
+    return best
+
+
+def _expand(node: Node, logps: list[torch.Tensor], beta: float, k: int, ref_term: bool, eos: set[int],
+            max_depth: int) -> None:
+    pol = logps[0]
+    top = torch.topk(pol, min(k, pol.shape[-1])).indices.tolist()
+    for a in top:
+        lp = float(pol[a])
+        lr = float(logps[1][a]) if len(logps) > 1 else 0.0
+        r = beta * (lp - lr) + (beta * lr if ref_term else 0.0)
+        ch = Node(a, node, r, math.exp(lp), node.depth + 1)
+        ch.terminal = a in eos or ch.depth >= max_depth
+        node.children[a] = ch
+
+
+def _puct(ch: Node, lo: float, hi: float, sqrt_parent_visits: float, c: float, backup: str) -> float:
+    """Min-max normalised edge value (0 for unvisited edges) + c * P(a|s) * sqrt(N(s)) / (1 + N(s,a))."""
+    q = (ch.edge_q(backup) - lo) / (hi - lo) if hi > lo and (ch.visits or ch.terminal) else 0.0
+    return q + c * ch.prior * sqrt_parent_visits / (1 + ch.visits)
+
+
+def _exhausted(node: Node) -> bool:
+    """A terminal leaf, or a subtree whose every branch is exhausted: nothing left to find below it."""
+    if node.terminal:
+        return False  # a terminal can still be revisited cheaply; the root loop stops on its own
+    return bool(node.children) and all(c.terminal or _exhausted(c) for c in node.children.values()) and \
+        all(c.visits for c in node.children.values())
+
+
+def _bounds(root: Node, backup: str) -> tuple[float, float]:
+    qs, stack = [], [root]
+    while stack:
+        n = stack.pop()
+        for c in n.children.values():
+            if c.visits or c.terminal:
+                qs.append(c.edge_q(backup))
+                stack.append(c)
+    return (min(qs), max(qs)) if qs else (0.0, 0.0)
+
+
+def _backup(node: Node, value: float, backup: str) -> None:
+    """Propagate the return from `node` (its own edge reward excluded) up to the root."""
+    g = value
+    while node is not None:
+        if backup == "max":
+            node.value = max(node.value, g)
+        else:
+            node.total += g
+        g = node.reward + g
+        node = node.parent
+
+
+@torch.no_grad()
+def _rollout(lock: Lockstep, leaves, logps, beta, ref_term, eos, max_depth, pad_id):
+    """Greedy policy continuation of every non-terminal leaf; returns (sum of edge rewards, tokens) each."""
+    n = len(leaves)
+    value = torch.zeros(n)
+    tails: list[list[int]] = [[] for _ in range(n)]
+    alive = torch.tensor([not node.terminal for _, node in leaves])
+    depth = torch.tensor([node.depth for _, node in leaves])
+    while alive.any():
+        pol = logps[0]
+        nxt = pol.argmax(-1).cpu()
+        lp = pol.gather(-1, nxt[:, None].to(pol.device)).squeeze(-1).cpu()
+        lr = logps[1].gather(-1, nxt[:, None].to(pol.device)).squeeze(-1).cpu() if len(logps) > 1 else 0 * lp
+        r = beta * (lp - lr) + (beta * lr if ref_term else 0.0)
+        value += torch.where(alive, r, torch.zeros_like(r))
+        for i in torch.nonzero(alive).flatten().tolist():
+            tails[i].append(int(nxt[i]))
+        depth = depth + 1
+        step_alive = alive
+        alive = alive & ~torch.tensor([int(x) in eos for x in nxt]) & (depth < max_depth)
+        if not alive.any():
+            break
+        logps = lock.step(torch.where(step_alive, nxt, torch.full_like(nxt, pad_id)), alive=step_alive)
+    return list(zip(value.tolist(), tails))

@@ -1,0 +1,240 @@
+"""Search: parity with transformers' beam search, the paper's identities, exact small-problem optima."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from r2q.models import tiny_model
+from r2q.search import GenerateConfig, generate_ids, score_sequences
+from r2q.search.beam import beam_search
+from r2q.search.lm import Lockstep, left_pad
+from r2q.search.sampling import filter_logits, sample
+
+V, PAD, EOS = 40, 0, 1
+
+
+def sharp_model(arch, seed, vocab=V, scale=6.0, eos_bias=1.5):
+    """A random tiny LM made peaky (so beams rarely tie) and fond of EOS (so hypotheses finish)."""
+    m = tiny_model(arch, vocab, seed=seed)
+    head = m.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        if arch == "llama":
+            m.model.norm.weight.fill_(1.0)
+        head.weight[EOS] += eos_bias * head.weight.abs().mean() * torch.sign(head.weight.sum(0))
+    m.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    return m.eval()
+
+
+def prompts_of(n, seed, vocab=V):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(rng.randint(1, 8))] for _ in range(n)]
+
+
+def hf_beams(model, prompts, K, lp, es, max_new):
+    ids, mask = left_pad(prompts, PAD)
+    gc = GenerationConfig(num_beams=K, do_sample=False, length_penalty=lp, early_stopping=es, max_new_tokens=max_new,
+                          num_return_sequences=K, pad_token_id=PAD, eos_token_id=EOS)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    res = []
+    for b in range(len(prompts)):
+        rows = []
+        for k in range(K):
+            row = out[b * K + k, ids.shape[1]:].tolist()
+            rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+        res.append(rows)
+    return res
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_beam_matches_transformers_generate(arch):
+    model = sharp_model(arch, seed=3)
+    prompts = prompts_of(5, seed=1)
+    finished_early = 0
+    for K, lp, es in [(1, 0.0, False), (2, 0.0, False), (4, 0.0, False), (4, 1.0, False), (3, 1.0, True),
+                      (4, -0.5, "never"), (6, 0.0, "never"), (5, 2.0, "never")]:
+        with torch.no_grad():
+            hf = hf_beams(model, prompts, K, lp, es, max_new=10)
+        ours = beam_search(Lockstep([model]), prompts, PAD, [EOS], K, 10, lambda l: l[0], length_penalty=lp,
+                           early_stopping=es, num_return=K)
+        for b in range(len(prompts)):
+            assert [t for t, _ in ours[b]] == hf[b], (K, lp, es, b)
+            finished_early += sum(len(t) < 10 for t, _ in ours[b])
+    assert finished_early > 20  # EOS paths are exercised, not only max-length ones
+
+
+def test_beam_scores_are_sum_of_logps():
+    model = sharp_model("llama", seed=4)
+    prompts = prompts_of(4, seed=2)
+    hyps = beam_search(Lockstep([model]), prompts, PAD, [EOS], 3, 8, lambda l: l[0], num_return=3)
+    flat_p = [prompts[b] for b in range(4) for _ in hyps[b]]
+    flat_t = [t for b in range(4) for t, _ in hyps[b]]
+    logp, _ = score_sequences(model, None, flat_p, flat_t, PAD, 0.1)
+    got = [s for b in range(4) for _, s in hyps[b]]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(logp), atol=1e-4, rtol=1e-5)
+
+
+def test_reward_beam_with_ref_term_is_likelihood_beam():
+    """sum_t [beta log pi/pi_ref + beta log pi_ref] = beta log pi: the paper's Eq. 13 ranks like likelihood."""
+    pol, ref = sharp_model("llama", seed=5), sharp_model("llama", seed=6, scale=3.0)
+    prompts = prompts_of(6, seed=3)
+    for K in (1, 3, 5):
+        cfg = GenerateConfig(method="beam", num_beams=K, max_new_tokens=9)
+        lik, _ = generate_ids(pol, prompts, cfg, [EOS], PAD)
+        cfg = GenerateConfig(method="reward-beam", num_beams=K, max_new_tokens=9, ref_term=True, beta=0.5)
+        rew, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
+        assert [t for t, _ in lik] == [t for t, _ in rew]
+        for (_, a), (_, b) in zip(lik, rew):
+            assert b == pytest.approx(0.5 * a, rel=1e-4)
+        # without the reference term the objective differs and so, here, does the answer
+    cfg = GenerateConfig(method="reward-beam", num_beams=3, max_new_tokens=9, beta=0.5)
+    no_term, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
+    assert [t for t, _ in no_term] != [t for t, _ in lik]
+
+
+def test_reward_beam_keeps_reference_cache_in_lockstep():
+    """The score reward-beam reports equals a fresh two-model rescoring of the returned tokens."""
+    pol, ref = sharp_model("gpt2", seed=7), sharp_model("gpt2", seed=8)
+    prompts = prompts_of(5, seed=4)
+    cfg = GenerateConfig(method="reward-beam", num_beams=4, max_new_tokens=8, beta=0.3)
+    out, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
+    _, reward = score_sequences(pol, ref, prompts, [t for t, _ in out], PAD, 0.3)
+    torch.testing.assert_close(torch.tensor([s for _, s in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_matches_transformers_and_compute_is_counted():
+    model = sharp_model("llama", seed=9)
+    prompts = prompts_of(4, seed=5)
+    ids, mask = left_pad(prompts, PAD)
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=7, pad_token_id=PAD, eos_token_id=EOS))
+    out, compute = generate_ids(model, prompts, GenerateConfig(method="greedy", max_new_tokens=7), [EOS], PAD)
+    for b, (t, _) in enumerate(out):
+        row = hf[b, ids.shape[1]:].tolist()
+        assert t == (row[: row.index(EOS) + 1] if EOS in row else row)
+    steps = max(len(t) for t, _ in out)
+    assert compute.forward_passes == steps
+    assert compute.tokens_processed >= sum(map(len, prompts)) + (steps - 1)
+
+
+def test_filter_logits_against_slow_reference():
+    torch.manual_seed(0)
+    lp = torch.log_softmax(torch.randn(3, 12), -1)
+    for k, p in [(0, 0.5), (4, 1.0), (5, 0.8), (0, 1.0)]:
+        got = filter_logits(lp, 1.0, k, p)
+        for i in range(3):
+            # as transformers: top-k first, then top-p on the renormalised top-k distribution
+            order = sorted(range(12), key=lambda j: -lp[i, j].item())[: k or 12]
+            z = sum(lp[i, j].exp().item() for j in order)
+            kept, mass = [], 0.0
+            for j in order:
+                if mass >= p:
+                    break
+                kept.append(j)
+                mass += lp[i, j].exp().item() / z
+            assert sorted(j for j in range(12) if got[i, j] > float("-inf")) == sorted(kept)
+
+
+def test_sampling_records_exact_logps_and_is_seeded():
+    pol, ref = sharp_model("llama", seed=10, scale=2.0), sharp_model("llama", seed=11, scale=2.0)
+    prompts = prompts_of(4, seed=6)
+    runs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(5)
+        runs.append(sample(Lockstep([pol, ref]), prompts, PAD, [EOS], 8, temperature=0.7, top_k=10,
+                           generator=g, repeat=3))
+    assert runs[0].tokens == runs[1].tokens
+    s = runs[0]
+    flat_p = [p for p in prompts for _ in range(3)]
+    logp, reward = score_sequences(pol, ref, flat_p, s.tokens, PAD, 1.0)
+    torch.testing.assert_close(torch.tensor([x.sum().item() for x in s.logps[0]]), torch.tensor(logp), atol=1e-4,
+                               rtol=1e-5)
+    rec = [(a - b).sum().item() for a, b in zip(s.logps[0], s.logps[1])]
+    torch.testing.assert_close(torch.tensor(rec), torch.tensor(reward), atol=1e-4, rtol=1e-5)
+
+
+def test_best_of_n_picks_the_best_by_its_ranking():
+    pol, ref = sharp_model("llama", seed=12, scale=2.0), sharp_model("llama", seed=13, scale=2.0)
+    prompts = prompts_of(3, seed=7)
+    cfg = GenerateConfig(method="best-of-n", num_samples=6, max_new_tokens=6, ranking="reward", beta=0.2)
+    out, compute = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref, generator=torch.Generator().manual_seed(1))
+    s = sample(Lockstep([pol, ref]), prompts, PAD, [EOS], 6, generator=torch.Generator().manual_seed(1), repeat=6)
+    for b in range(3):
+        cands = [(0.2 * (s.logps[0][b * 6 + i] - s.logps[1][b * 6 + i]).sum().item(), s.tokens[b * 6 + i])
+                 for i in range(6)]
+        assert out[b][0] == max(cands)[1]
+        assert out[b][1] == pytest.approx(max(cands)[0], abs=1e-5)
+    assert compute.forward_passes == 2 * max(map(len, s.tokens))  # policy and reference, one pass per step
+
+
+def test_chunk_beam_with_one_candidate_is_sampling_from_the_base():
+    base, tuned, untuned = (sharp_model("llama", seed=s, scale=2.0) for s in (14, 15, 16))
+    prompts = prompts_of(3, seed=8)
+    cfg = GenerateConfig(method="chunk-beam", num_beams=1, num_samples=1, chunk_len=3, max_new_tokens=8, beta=1.0)
+    out, _ = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=untuned, base=base,
+                          generator=torch.Generator().manual_seed(3))
+    s = sample(Lockstep([base]), prompts, PAD, [EOS], 8, generator=torch.Generator().manual_seed(3))
+    assert [t for t, _ in out] == s.tokens
+    _, reward = score_sequences(tuned, untuned, prompts, s.tokens, PAD, 1.0)
+    torch.testing.assert_close(torch.tensor([x for _, x in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_beam_prefers_higher_implicit_reward():
+    base, tuned, untuned = (sharp_model("llama", seed=s, scale=2.0) for s in (17, 18, 19))
+    prompts = prompts_of(6, seed=9)
+    scores = {}
+    for W, K in [(1, 1), (2, 4)]:
+        cfg = GenerateConfig(method="chunk-beam", num_beams=W, num_samples=K, chunk_len=2, max_new_tokens=8, beta=1.0)
+        out, _ = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=untuned, base=base,
+                              generator=torch.Generator().manual_seed(4))
+        scores[W, K] = sum(s for _, s in out) / len(out)
+    assert scores[2, 4] > scores[1, 1]
+
+
+def enumerate_best(pol, ref, prompt, vocab, max_len, beta, ref_term=True):
+    """Exhaustive argmax over every sequence of the tiny vocabulary (EOS ends one; max_len cuts one) of the
+    summed implicit reward beta log pi/pi_ref, plus beta log pi_ref when ref_term (= beta log pi)."""
+    seqs = []
+    body_tokens = [a for a in range(vocab) if a != EOS]
+    for n in range(1, max_len + 1):
+        for body in itertools.product(body_tokens, repeat=n - 1):
+            seqs.append(list(body) + [EOS])
+            if n == max_len:
+                seqs += [list(body) + [a] for a in body_tokens]
+    logp, reward = score_sequences(pol, ref, [prompt] * len(seqs), seqs, PAD, beta)
+    value = [beta * lp for lp in logp] if ref_term else reward
+    i = max(range(len(seqs)), key=lambda j: value[j])
+    return seqs[i], value[i], seqs
+
+
+@pytest.mark.parametrize("ref_term,rollout", [(True, True), (False, True), (False, False)])
+def test_mcts_finds_the_exhaustive_optimum(ref_term, rollout):
+    vocab, depth, beta = 5, 4, 0.5
+    pol = sharp_model("llama", seed=20, vocab=vocab, scale=1.5, eos_bias=0.0)
+    ref = sharp_model("llama", seed=21, vocab=vocab, scale=1.5, eos_bias=0.0)
+    prompts = [[2, 3], [4], [3, 3, 2]]
+    cfg = GenerateConfig(method="mcts", max_new_tokens=depth, simulations=500, expand_top_k=vocab,
+                         ref_term=ref_term, beta=beta, rollout=rollout, c_puct=1.0)
+    out, compute = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
+    greedy, _ = generate_ids(pol, prompts, GenerateConfig(method="greedy", max_new_tokens=depth), [EOS], PAD)
+    found_beyond_greedy = 0
+    for p, (toks, ret), (g, _) in zip(prompts, out, greedy):
+        best, best_ret, _ = enumerate_best(pol, ref, p, vocab, depth, beta, ref_term)
+        assert toks == best
+        assert ret == pytest.approx(best_ret, abs=1e-4)
+        found_beyond_greedy += g != best
+    assert found_beyond_greedy >= 1  # the optimum is not simply the policy's greedy answer
+    assert compute.forward_passes > 0
+
+
+def test_wide_beam_finds_the_exhaustive_optimum():
+    vocab, depth = 5, 4
+    pol = sharp_model("llama", seed=22, vocab=vocab, scale=1.0, eos_bias=0.0)
+    for p in ([2, 3], [4, 4]):
+        best, _, seqs = enumerate_best(pol, None, p, vocab, depth, 1.0)
+        hyps = beam_search(Lockstep([pol]), [p], PAD, [EOS], len(seqs), depth, lambda l: l[0])
+        assert hyps[0][0][0] == best
