@@ -178,6 +178,66 @@ def _generate_command() -> None:
 _generate_command()
 
 
+@app.command()
+def credit(
+    model: Annotated[str, typer.Option(help="Policy (DPO) model directory")],
+    ref: Annotated[str, typer.Option(help="Reference model; default: the one r2q train recorded; 'none' = "
+                                          "reference-free")] = "",
+    beta: Annotated[float, typer.Option(help="beta; default: the one r2q train recorded, else 0.1")] = 0.0,
+    data: Annotated[str, typer.Option(help="Pairs (prompt/chosen/rejected) or completions to score")] = "",
+    prompt: Annotated[str, typer.Option(help="A prompt (with --response), instead of --data")] = "",
+    response: Annotated[str, typer.Option(help="The response to --prompt")] = "",
+    html: Annotated[str, typer.Option(help="Write a self-contained HTML heatmap here")] = "",
+    json_path: Annotated[str, typer.Option("--json", help="Write the per-token numbers as JSON here")] = "",
+    png: Annotated[str, typer.Option(help="Write a PNG figure here")] = "",
+    delimiter: Annotated[str, typer.Option(help="Step delimiter for per-step sums")] = "\n",
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward")] = 16,
+    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + completion")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left)")] = 512,
+    cache_dir: Annotated[str, typer.Option(help="Reference log-prob cache (as r2q train --cache-dir)")] = "",
+    share_prefix: Annotated[bool, typer.Option(help="Run each pair's prompt once")] = True,
+    show: Annotated[int, typer.Option(help="Items shown in the terminal")] = 5,
+    skip_bad: Annotated[bool, typer.Option(help="Skip malformed rows instead of stopping")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint")] = False,
+) -> None:
+    """Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, PNG and JSON."""
+    from .credit import run_credit
+
+    run_credit(model, ref or None, beta or None, data or None, prompt or None, response or None, html or None,
+               json_path or None, png or None, delimiter=delimiter, batch_size=batch_size, max_length=max_length,
+               max_prompt_length=max_prompt_length, cache_dir=cache_dir or None, quiet=quiet,
+               share_prefix=share_prefix, show=show, skip_bad=skip_bad, trust_remote_code=trust_remote_code)
+
+
+@app.command()
+def theory(
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory")] = Path("r2q-theory"),
+    seed: Annotated[int, typer.Option(help="Seed of the MDP instance and the sampled data")] = 0,
+    quick: Annotated[bool, typer.Option(help="Smaller checks (about half a minute)")] = False,
+    quiet: Annotated[bool, typer.Option(help="No tables while running")] = False,
+) -> None:
+    """Exact checks of the paper's identities on a token-level MDP where Q* is known."""
+    from .theory import run
+
+    summary = run(out_dir, seed=seed, quick=quick, progress=not quiet)
+    if not summary["passed"]:
+        raise UserError(f"some theory checks failed; see {out_dir / 'report.html'}")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (stages cached here)")] = Path("r2q-demo"),
+    profile: Annotated[str, typer.Option(help="quick (minutes on a laptop CPU) or full (better fidelity)")] = "quick",
+    seed: Annotated[int, typer.Option(help="Seed of every stage")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars inside stages")] = False,
+) -> None:
+    """The paper's three findings on the built-in imdb-sentiment task, from scratch, with a report."""
+    from .demo import DemoConfig, run
+
+    run(DemoConfig(out=str(out_dir), profile=profile, seed=seed, quiet=quiet))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     from transformers.utils import logging as hf_logging

@@ -135,6 +135,12 @@ def mcts(
             _backup(node, v, backup)
             if rollout:
                 offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
+    for b, root in enumerate(roots):
+        if not best[b][0]:  # nothing complete found (rollout=False, few simulations): the most visited path
+            node = root
+            while node.children and any(c.visits for c in node.children.values()):
+                node = max(node.children.values(), key=lambda c: c.visits)
+            best[b] = (node.tokens(), sum(n.reward for n in node.path()))
     return best
 
 

@@ -1,0 +1,58 @@
+"""The command line: commands exist, write what they promise, and fail on bad input with one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def r2q(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "r2q.cli", *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+def test_help_lists_every_command():
+    out = r2q("--help").stdout
+    for cmd in ("train", "sft", "generate", "credit", "theory", "demo", "inspect-data", "version"):
+        assert cmd in out, cmd
+
+
+@pytest.mark.parametrize("method", ["beam", "reward-beam", "best-of-n", "mcts"])
+def test_generate_writes_one_line_per_prompt(llama_dir, llama_ref_dir, tmp_path, method):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "12+30="}\n{"prompt": "the movie was"}\n{"prompt": "a"}\n')
+    out = tmp_path / "g.jsonl"
+    r2q("generate", "--model", llama_dir, "--ref", llama_ref_dir, "--prompts", prompts, "--out", out,
+        "--method", method, "--max-new-tokens", 6, "--num-beams", 3, "--num-samples", 3, "--simulations", 6,
+        "--quiet")
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == ["12+30=", "the movie was", "a"]
+    for x in lines:
+        assert x["method"] == method and 1 <= x["num_tokens"] <= 6 and len(x["token_ids"]) == x["num_tokens"]
+        assert x["reward"] is not None and x["compute_forward_passes"] > 0 and x["compute_tokens_processed"] > 0
+
+
+def test_generate_bad_input_is_one_line(llama_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n')
+    r = r2q("generate", "--model", llama_dir, "--prompts", prompts, "--out", tmp_path / "g.jsonl", check=False)
+    assert r.returncode == 2 and "row 2" in r.stderr and "prompt" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    r = r2q("generate", "--model", llama_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g.jsonl",
+            "--method", "reward-beam", check=False)
+    assert r.returncode == 2 and "no such file" in r.stderr
+    (tmp_path / "p.txt").write_text("hello\n")
+    r = r2q("generate", "--model", llama_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g.jsonl",
+            "--method", "reward-beam", check=False)
+    assert r.returncode == 2 and "--ref" in r.stderr
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_inspect_data(llama_dir, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "x"}\n')
+    out = r2q("inspect-data", f, "--model", llama_dir).stdout
+    assert "rows 2" in out and "kept 1" in out and "skipped 1" in out and "line 2" in out
