@@ -1,0 +1,1 @@
+"""Built-in tasks with gold answers, for tests, demos and the theory report."""
