@@ -176,15 +176,28 @@ def _head_only(model: torch.nn.Module) -> bool:
     )
 
 
+def _wrapped(model: torch.nn.Module) -> bool:
+    """DDP, FSDP1 (a wrapper) or FSDP2 (a swapped class): their hooks (gradient all-reduce, unsharding) run only
+    through the model's own forward, so calling base_model and the head directly would bypass them."""
+    if hasattr(model, "module"):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """log pi(a_t | s_t) for every scored token of the batch: (N,) float32.
 
     Runs the transformer body once over the rows, then the LM head and the log-softmax only on the
     N positions that predict a completion token.
     """
+    hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
     mask = batch.attention_mask
     if mask.dim() == 4:
-        impl = getattr(model.config, "_attn_implementation", None) or ""
+        impl = getattr(hf.config, "_attn_implementation", None) or ""
         if "flash" in impl:
             raise ValueError(f"prefix-shared rows need a 4D attention mask, which {impl} cannot take; "
                              "use share_prefix=False (--no-share-prefix)")
@@ -192,7 +205,7 @@ def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     kw = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
-    if _head_only(model):
+    if not _wrapped(model) and _head_only(model):
         hidden = model.base_model(**kw, use_cache=False).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[batch.src_index]
         logits = model.get_output_embeddings()(h)

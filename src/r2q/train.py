@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -187,6 +188,11 @@ class Trainer:
             gradient_accumulation_steps=1, mixed_precision="bf16" if cfg.dtype in ("bf16", "bfloat16") else "no",
             log_with=trackers, project_dir=str(self.out),
         )
+        if int(os.environ.get("WORLD_SIZE", "1")) > self.acc.num_processes:
+            # e.g. torchrun on a machine without GPUs: accelerate ignores WORLD_SIZE, so every process would train
+            # alone on its own full batch and all of them would write --out
+            raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees "
+                            f"{self.acc.num_processes}; on CPU set ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
         set_seed(cfg.seed)
         from .models import load_model, load_tokenizer
 
@@ -277,7 +283,9 @@ class Trainer:
                 continue
             seqs = [(e.prompt_ids, c) for e in examples for c in (e.chosen_ids, e.rejected_ids)]
             path = cache / f"{refcache.cache_key(wh, self.tokenizer, seqs)}.safetensors"
-            if path.exists():
+            hit = path.exists()
+            self.acc.wait_for_everyone()  # every rank looks before rank 0 writes, so all take the same branch
+            if hit:
                 self.ref_logps[split] = refcache.load(path)
                 self.ref_cache_hits += 1
                 continue
@@ -378,12 +386,16 @@ class Trainer:
         lengths = [lengths_of(e) for e in self.eval_ex]
         order = sorted(range(len(self.eval_ex)), key=lambda j: lengths[j])
         r, P = self.acc.process_index, self.acc.num_processes
-        mine = order[r::P]
+        mine, bs = order[r::P], self.cfg.batch_size
+        # every rank runs the same number of forwards: a wrapped model's forward is collective (DDP syncs
+        # buffers, FSDP gathers weights), so a rank that stopped early would leave the others waiting
         stats = []
-        for i in range(0, len(mine), self.cfg.batch_size):
-            idx = mine[i : i + self.cfg.batch_size]
+        for i in range(0, math.ceil(len(order) / P), bs):
+            idx = mine[i : i + bs]
             with self.acc.autocast():
-                stats.append(self._forward([self.eval_ex[j] for j in idx], idx, "eval")[1])
+                s = self._forward([self.eval_ex[j] for j in idx or order[:1]], idx or order[:1], "eval")[1]
+            if idx:  # an idle rank scores a stand-in row and drops it
+                stats.append(s)
         self.model.train()
         k = 2 if self.mode == "sft" else len(PAIR_METRICS)
         stats_t = torch.cat(stats) if stats else torch.zeros(0, k, device=self.acc.device)

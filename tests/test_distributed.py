@@ -1,0 +1,152 @@
+"""Data parallelism: `r2q train` under 2 CPU processes (gloo) gives the same run as 1 process on the same global batch.
+
+The trainer's claim (train.py): a step consumes batch_size * processes * grad_accum examples and each process's loss
+is its share of the global mean, so any split of the same global batch gives the same update. Here a 1-process run
+with batch 4 is the reference, and two 2-process runs must match its weights and its logged metrics: batch 2 per
+process (launched with torchrun), and batch 1 with grad_accum 2 (launched with `accelerate launch`, stopped at a
+checkpoint and resumed). Float sums run in a different order, so equal means within 1e-5; the weights move by ~5e-3
+over the run, and a wrong split (a lost gradient all-reduce, a mis-sized loss, a skipped or repeated micro-batch)
+moves them by far more than that.
+
+On a machine without GPUs both launchers need ACCELERATE_USE_CPU=1: without it, accelerate sees no accelerator,
+ignores WORLD_SIZE and every process trains alone on a full batch (see docs/distributed.md).
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+from test_train import pref_rows, write_jsonl
+
+from r2q.train import TrainConfig, Trainer
+
+TOL = 1e-5
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+           "logps/rejected", "kl/ref_pi_est")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(tmp_path) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", MASTER_ADDR="127.0.0.1",
+                HF_HOME=str(tmp_path / "hf"),  # no user accelerate config (default_config.yaml) leaks in
+                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "r2q.cli"]
+
+
+def accelerate_launch(n: int) -> list[str]:
+    # --multi_gpu picks torch's launcher (n processes); with ACCELERATE_USE_CPU=1 they join a gloo group.
+    # (`--cpu --num_processes n` would start one process: the CPU path spawns several only through mpirun.)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m", "r2q.cli"]
+
+
+def single() -> list[str]:
+    return [sys.executable, "-m", "r2q.cli"]
+
+
+def run(launcher: list[str], args: list[str], tmp_path, timeout: float = 120) -> None:
+    """Run to the end; a hang (one rank waiting in a collective the others never join) fails instead of blocking."""
+    log = tmp_path / f"log-{len(list(tmp_path.glob('log-*')))}.txt"  # a file, not a pipe: a stray worker can't block
+    with open(log, "w") as f:
+        p = subprocess.Popen(launcher + args, env=env_for(tmp_path), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun starts each worker in a session of its own, so kill the launcher's tree by pid
+            root = psutil.Process(p.pid)
+            for q in [*root.children(recursive=True), root]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    q.kill()
+            p.wait()
+            pytest.fail(f"{' '.join(launcher[1:4])} ... hung for {timeout} s:\n{log.read_text()[-3000:]}")
+    out = log.read_text()
+    # the launcher's summary comes last; the worker's error line is what says why
+    errors = "\n".join(dict.fromkeys(ln for ln in out.splitlines() if "Error" in ln and "elastic" not in ln))
+    assert p.returncode == 0, f"{errors[-3000:]}\n...\n{out[-2000:]}"
+
+
+def train_args(model_dir, data, out, **opts) -> list[str]:
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--lr", "2e-3",
+            "--schedule", "constant", "--seed", "5", "--quiet", "--cache-dir", str(out.parent / "cache")]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(ref, got, what: str) -> None:
+    a, b = load_file(ref / "model.safetensors"), load_file(got / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    # a 2-process run that silently ran as two 1-process runs (no ACCELERATE_USE_CPU) lands here: half the batch
+    assert worst < TOL, f"{what}: weights differ from the 1-process run by {worst:.2e}"
+    ma, mb = metrics(ref), metrics(got)
+    assert [(m["split"], m["step"]) for m in mb] == [(m["split"], m["step"]) for m in ma], what
+    for x, y in zip(ma, mb):
+        for k in METRICS + (("grad_norm", "lr") if x["split"] == "train" else ()):
+            assert y[k] == pytest.approx(x[k], rel=TOL, abs=TOL), f"{what}: {x['split']} step {x['step']} {k}"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", pref_rows(48, 0))
+    # 7 rows: the two processes score uneven eval shards (4 and 3) whose sums must reduce to the 1-process mean
+    evald = write_jsonl(tmp_path / "eval.jsonl", pref_rows(7, 1))
+    common = dict(eval_data=evald, eval_every=2)
+    ref = tmp_path / "one"
+    run(single(), train_args(llama_dir, data, ref, batch_size=4, max_steps=4, **common), tmp_path)
+    start = load_file(llama_dir / "model.safetensors")
+    end = load_file(ref / "model.safetensors")
+    assert max((start[k] - end[k]).abs().max().item() for k in start) > 100 * TOL  # the weights did move
+
+    two = tmp_path / "two"
+    run(torchrun(2), train_args(llama_dir, data, two, batch_size=2, max_steps=4, save_every=2, **common), tmp_path)
+    assert_same_run(ref, two, "2 processes x batch 2")
+    # each process saved its RNG state into the checkpoint
+    assert (two / "checkpoints" / "step-0000004" / "rng-1.safetensors").exists()
+
+    # 2 processes x 2 micro-batches of 1 (no_sync on the first), stopped at a checkpoint and resumed
+    accum = tmp_path / "accum"
+    opts = dict(batch_size=1, grad_accum=2, save_every=2, **common)
+    run(accelerate_launch(2), train_args(llama_dir, data, accum, max_steps=2, **opts), tmp_path)
+    assert [m["step"] for m in metrics(accum)] == [1, 2, 2]
+    run(accelerate_launch(2), train_args(llama_dir, data, accum, max_steps=4, **opts) + ["--resume"], tmp_path)
+    assert_same_run(ref, accum, "2 processes x batch 1 x grad_accum 2, resumed at step 2")
+
+
+@pytest.mark.slow
+def test_eval_with_fewer_rows_than_processes(llama_dir, tmp_path):
+    """A process with no eval rows must still join the others' forwards (DDP syncs buffers in the first one), and
+    the eval means count only real rows."""
+    data = write_jsonl(tmp_path / "train.jsonl", pref_rows(16, 0))
+    evald = write_jsonl(tmp_path / "eval.jsonl", pref_rows(1, 1))
+    two = tmp_path / "two"
+    run(torchrun(2), train_args(llama_dir, data, two, batch_size=2, max_steps=1, eval_data=evald), tmp_path,
+        timeout=90)
+    # the reference: the saved policy scored in this (1-process) interpreter against the same reference
+    cfg = TrainConfig(model=str(two), ref=str(llama_dir), data=str(data), eval_data=str(evald),
+                      out=str(tmp_path / "check"), quiet=True)
+    want = Trainer(cfg, "dpo").evaluate()
+    got = metrics(two)[-1]
+    assert got["split"] == "eval"
+    for k in METRICS:
+        assert got[k] == pytest.approx(want[k], rel=TOL, abs=TOL), k
