@@ -144,6 +144,9 @@ def test_transformer_dpo_approaches_pi_star(mdp):
     assert n["token_path_err"] < 1e-5 and n["prob_mass_err"] < 1e-5
     assert n["tv_final"] < 0.25 * n["tv_ref_star"]
     assert n["token_corr"] > 0.9
+    # r2q's beam search, reward-beam with the reference term, and MCTS on the trained transformer all find
+    # the exhaustive argmax of log pi_theta = sum_t r_theta + beta log pi_ref (up to V*(s0))
+    assert n["searches"] == {"beam": True, "reward-beam + beta log pi_ref": True, "mcts": True}
     assert res.passed
 
 

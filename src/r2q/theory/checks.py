@@ -195,17 +195,48 @@ def check_transformer(mdp: TheoryMDP, steps: int = 800, lr: float = 5e-3, seed: 
     final = state_table(tree, model)
     fit = token_fit(nmdp, final, sol.shaped)
     tv0, tv = curve[0][1], curve[-1][1]
-    passed = path_err < 1e-5 and mass_err < 1e-5 and tv < max_tv_ratio * tv0
+    # r2q's decoders on the trained policy: each must find the argmax of log pi_theta, i.e. of
+    # sum_t r_theta + beta log pi_ref (Eq. 13), which the exhaustive search over the tree gives
+    theta_seq = scorer.token_logps(model).detach().sum(-1)
+    searches = [check_search(r2q_search(tree, model, ref, mdp.beta, m), tree, theta_seq, m) for m in SEARCHES]
+    found_star = check_search(exhaustive_search(tree, theta_seq), tree, star_seq, "argmax pi_theta = argmax pi*")
+    passed = path_err < 1e-5 and mass_err < 1e-5 and tv < max_tv_ratio * tv0 and all(x["all_ok"] for x in searches)
     nums = {"tv_ref_star": tv0, "tv_final": tv, "token_corr": fit["corr"], "token_rmse": fit["rmse"],
             "token_path_err": path_err, "prob_mass_err": mass_err, "steps": steps, "lr": lr,
-            "params": sum(p.numel() for p in ref.parameters())}
+            "params": sum(p.numel() for p in ref.parameters()),
+            "searches": {x["name"]: x["all_ok"] for x in searches}, "argmax_theta_is_argmax_star": found_star["all_ok"]}
     rows = [["TV(pi_ref, pi*) at start", tv0], ["TV(pi_theta, pi*) after DPO", tv],
             ["token corr with r + V*(s') - V*(s)", fit["corr"]], ["token RMSE", fit["rmse"]],
             ["|completion_logps - state table| (fp32)", path_err], ["|sum_y pi_ref(y) - 1|", mass_err]]
+    rows += [[f"r2q {x['name']} finds argmax log pi_theta", x["all_ok"]] for x in searches]
+    rows += [["argmax log pi_theta is argmax log pi*", found_star["all_ok"]]]
     return CheckResult(
         "transformer", "A tiny transformer trained by DPO approaches pi*",
         f"TV(pi_theta, pi*) < {max_tv_ratio} TV(pi_ref, pi*); r2q's token path matches the per-state tables",
         passed, nums, ["quantity", "value"], rows, {"curve": curve})
+
+
+SEARCHES = ("beam", "reward-beam + beta log pi_ref", "mcts")
+
+
+def r2q_search(tree: TokenTree, model, ref, beta: float, method: str) -> SearchFn:
+    """A SearchFn running r2q.search on the transformer policy: likelihood beam search as wide as the tree,
+    reward-beam on beta log pi/pi_ref + beta log pi_ref, or MCTS with enough simulations to cover the tree.
+    The horizon's forced EOS is appended (the tree gives it log-prob 0)."""
+    from ..search import GenerateConfig, generate_ids
+    from .mdp import EOS
+    from .neural import prompt_ids
+
+    n = tree.per_prompt
+    cfg = {"beam": GenerateConfig(method="beam", num_beams=n, max_new_tokens=tree.horizon - 1),
+           "reward-beam + beta log pi_ref": GenerateConfig(method="reward-beam", num_beams=n, beta=beta,
+                                                           ref_term=True, max_new_tokens=tree.horizon - 1),
+           "mcts": GenerateConfig(method="mcts", simulations=4 * n, expand_top_k=tree.n_tokens + 1, beta=beta,
+                                  ref_term=True, max_new_tokens=tree.horizon - 1)}[method]
+    prompts = [prompt_ids(tree, p) for p in range(tree.n_prompts)]
+    out, _ = generate_ids(model, prompts, cfg, [EOS], EOS, ref=ref)
+    found = [tuple(t) if t and t[-1] == EOS else tuple(t) + (EOS,) for t, _ in out]
+    return lambda p: found[p]
 
 
 def exhaustive_search(tree: TokenTree, seq_scores: torch.Tensor) -> SearchFn:
