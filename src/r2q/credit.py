@@ -1,0 +1,473 @@
+"""Per-token credit: which tokens a DPO policy rewards, as plain data (the paper's credit-assignment finding).
+
+For a completion a_0..a_{L-1} (EOS included) of a prompt x, with states s_t = (x, a_<t):
+
+    r_t  = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))     token reward (Eq. 10, up to V* shaping)
+    q_t  = sum_{i<=t} r_i                                      cumulative reward: the implicit Q up to shaping
+    R    = q_{L-1} = sum_t r_t                                 sequence reward (what DPO compares)
+    step_k = sum of r_t over the tokens of step k              steps end at tokens containing the delimiter
+
+and for a pair: margin = R_chosen - R_rejected, correct = margin > 0, loss = -log sigmoid(margin).
+
+Scoring goes through the training code paths: `build_pair_batch` / `build_batch` and `completion_logps` for
+the log-probs (pairs prefix-shared, one row per pair), `r2q.rewards` for r, q and steps, `dpo_loss` for the
+loss, and data rows are tokenised by `r2q.data` exactly as `r2q train` does. The reference log-probs come
+from the `r2q train --precompute-ref` cache when it has this data (same key), otherwise from the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import refcache
+from .data import PreferenceExample, SFTExample, _read, preference_examples_from_rows, sft_examples_from_rows
+from .errors import UserError
+from .losses import dpo_loss
+from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
+from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class CompletionCredit:
+    """One scored completion. Every list has one entry per completion token (EOS included): length L.
+
+    rewards[t] = r_t, logps[t] = log pi(a_t|s_t), ref_logps[t] = log pi_ref(a_t|s_t) (None when the
+    reference is left out: r_t = beta * log pi), cumulative[t] = q_t. step_rewards[k] is the reward of the
+    k-th step, which ends at token step_ends[k] (inclusive). ''.join(tokens) is the decoded completion.
+    """
+
+    row: int
+    prompt: str
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    rewards: list[float]
+    logps: list[float]
+    ref_logps: list[float] | None
+    cumulative: list[float]
+    step_rewards: list[float]
+    step_ends: list[int]
+    reward: float
+
+
+@dataclass
+class PairCredit:
+    """A scored preference pair; first_diff is the first token index where the completions differ."""
+
+    row: int
+    prompt: str
+    chosen: CompletionCredit
+    rejected: CompletionCredit
+    margin: float
+    correct: bool
+    loss: float
+    first_diff: int | None
+
+
+@dataclass
+class TokenStat:
+    """A vocabulary token's mean reward over every place it is scored in the data set."""
+
+    token: str
+    token_id: int
+    mean_reward: float
+    count: int
+
+
+@dataclass
+class CreditReport:
+    """Credit for a data set: `pairs` (kind "pairs") or `completions` (kind "completions"), with summary
+    means (pairs: the `r2q train` metric names loss, rewards/chosen, rewards/rejected, rewards/margin,
+    rewards/accuracy) and the tokens with the largest positive and negative mean reward."""
+
+    kind: str
+    beta: float
+    summary: dict[str, float]
+    top_positive: list[TokenStat]
+    top_negative: list[TokenStat]
+    pairs: list[PairCredit] = field(default_factory=list)
+    completions: list[CompletionCredit] = field(default_factory=list)
+    ref_source: str = "model"  # "model", "cache" or "none" (reference-free)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def items(self) -> list[CompletionCredit]:
+        """Every scored completion: chosen, rejected of each pair in order, or the plain completions."""
+        if self.kind == "pairs":
+            return [c for p in self.pairs for c in (p.chosen, p.rejected)]
+        return list(self.completions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("pairs" if self.kind == "completions" else "completions")
+        return d
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def token_pieces(tokenizer, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
+    """The text each token adds, decoded in a sliding window after a few `context` (prompt) tokens, so
+    leading spaces survive and ''.join(pieces) is the decoded text. A token that ends inside a multi-byte
+    character adds "" and the character comes with the token that completes it."""
+    window = list(context)[-4:]
+    prev = _decode(tokenizer, window)
+    pieces: list[str] = []
+    for t, tok in enumerate(ids):
+        window.append(tok)
+        text = _decode(tokenizer, window)
+        if text.endswith("\ufffd") and t + 1 < len(ids) and not prev.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        pieces.append(text[len(prev):] if text.startswith(prev) else _decode(tokenizer, [tok]))
+        if len(window) > 12:
+            window = window[-4:]
+            text = _decode(tokenizer, window)
+        prev = text
+    return pieces
+
+
+def _token_text(tokenizer, tid: int) -> str:
+    """A vocabulary entry as text: decoded, or its raw form when it is only part of a character."""
+    text = _decode(tokenizer, [tid])
+    return str(tokenizer.convert_ids_to_tokens(tid)) if "\ufffd" in text else text
+
+
+def _prompt_text(tokenizer, ids: Sequence[int]) -> str:
+    ids = list(ids)
+    if tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]  # the BOS that tokenisation adds is not the user's text
+    return _decode(tokenizer, ids)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def _sequences(examples: Sequence) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of every scored completion, in the order of the training cache."""
+    if examples and isinstance(examples[0], PreferenceExample):
+        return [(e.prompt_ids, c) for e in examples for c in (e.chosen_ids, e.rejected_ids)]
+    return [(e.prompt_ids, e.completion_ids) for e in examples]
+
+
+def cache_path(ref, tokenizer, examples: Sequence, cache_dir: str | Path | None = None) -> Path:
+    """Where `r2q train --precompute-ref` keeps the reference log-probs of these examples (same key)."""
+    cache = Path(cache_dir) if cache_dir else refcache.default_cache_dir()
+    key = refcache.cache_key(refcache.weights_hash(ref), tokenizer, _sequences(examples))
+    return cache / f"{key}.safetensors"
+
+
+def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | None:
+    path = cache_path(ref, tokenizer, examples, cache_dir)
+    if not path.exists():
+        return None
+    logps = refcache.load(path)
+    if [len(x) for x in logps] != [len(c) for _, c in _sequences(examples)]:
+        return None  # not ours after all (a hash collision or a damaged file): score the reference
+    return logps
+
+
+def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=True)
+
+
+@torch.no_grad()
+def score_examples(
+    policy, ref, tokenizer, examples: Sequence[PreferenceExample] | Sequence[SFTExample], beta: float, *,
+    delimiter: str | None = "\n", batch_size: int = 16, share_prefix: bool = True,
+    ref_logps: Sequence[torch.Tensor] | None = None, use_cache: bool = True, cache_dir: str | Path | None = None,
+    progress: bool = False, top_k: int = 20, min_count: int | None = None,
+) -> CreditReport:
+    """Credit for tokenised examples (all PreferenceExample or all SFTExample).
+
+    ref: a model, or None for the reference-free reward r_t = beta * log pi. ref_logps: per-token reference
+    log-probs in the cache's order ([chosen_0, rejected_0, chosen_1, ...] or one per completion); when not
+    given and use_cache, the training cache in cache_dir (default $R2Q_CACHE) is looked up, then ref is run.
+    Each batch of B pairs is one (B, T) prefix-shared row block giving (2B, L) completion-aligned log-probs.
+    """
+    if beta <= 0:
+        raise UserError("beta must be positive")
+    if not examples:
+        raise UserError("there is nothing to score")
+    pairs = isinstance(examples[0], PreferenceExample)
+    seqs = _sequences(examples)
+    ref_source = "none" if ref is None else "model"
+    if ref is not None and ref_logps is None and use_cache:
+        ref_logps = _cached_ref(ref, tokenizer, examples, cache_dir)
+    if ref_logps is not None:
+        ref_source = "cache"
+        if len(ref_logps) != len(seqs):
+            raise ValueError(f"{len(ref_logps)} reference rows for {len(seqs)} completions")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    per = 2 if pairs else 1
+    pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
+    out: list[dict[str, Any] | None] = [None] * len(seqs)
+    pair_loss: dict[int, float] = {}
+    # length-sorted batches pad little; results go back to their slots
+    order = sorted(range(len(examples)), key=lambda i: len(seqs[per * i][0]) + sum(len(c) for _, c in
+                                                                                   seqs[per * i : per * i + per]))
+    modes = [(m, m.training) for m in (policy, ref) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("credit", total=len(examples))
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                chunk = [examples[i] for i in idx]
+                if pairs:
+                    b = build_pair_batch([e.prompt_ids for e in chunk], [e.chosen_ids for e in chunk],
+                                         [e.rejected_ids for e in chunk], pad_id, share_prefix)
+                    slots = [2 * i for i in idx] + [2 * i + 1 for i in idx]  # batch rows: chosen..., rejected...
+                else:
+                    b = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_id)
+                    slots = list(idx)
+                mask = b.completion_mask()
+                pol = _logps(policy, b)
+                if ref_logps is not None:
+                    ref_lp = _pad([ref_logps[s].float().cpu() for s in slots], b.max_len)
+                else:
+                    ref_lp = None if ref is None else _logps(ref, b)
+                _fill(out, slots, pieces, b, mask, pol, ref_lp, beta, delimiter)
+                if pairs:
+                    R = sequence_rewards(implicit_rewards(pol, ref_lp, mask, beta), mask)
+                    B = len(chunk)
+                    for j, loss in enumerate(dpo_loss(R[:B], R[B:], beta).tolist()):
+                        pair_loss[idx[j]] = loss
+                bar.advance(task, len(chunk))
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    comps = [_completion(tokenizer, examples[s // per], seqs[s], out[s]) for s in range(len(seqs))]
+    top_pos, top_neg = top_tokens(tokenizer, comps, top_k, min_count)
+    report = CreditReport("pairs" if pairs else "completions", beta, {}, top_pos, top_neg, ref_source=ref_source)
+    if pairs:
+        for i, e in enumerate(examples):
+            c, r = comps[2 * i], comps[2 * i + 1]
+            report.pairs.append(PairCredit(e.row, c.prompt, c, r, c.reward - r.reward, c.reward > r.reward,
+                                           pair_loss[i], _first_diff(c.token_ids, r.token_ids)))
+    else:
+        report.completions = comps
+    report.summary = summarize(report)
+    return report
+
+
+def _logps(model, b: TokenBatch) -> torch.Tensor:
+    return completion_logps(model, b.to(model.device)).float().cpu()
+
+
+def _fill(out, slots, pieces, b: TokenBatch, mask, pol, ref_lp, beta, delimiter) -> None:
+    """Per-completion lists of one batch, from the (S, L) tensors of `r2q.rewards`."""
+    r = implicit_rewards(pol, ref_lp, mask, beta)
+    q = cumulative_rewards(r, mask)
+    R = sequence_rewards(r, mask)
+    texts = [pieces[s] for s in slots]
+    if delimiter:
+        ends = step_ends_from_text(texts, delimiter)
+        ends = torch.nn.functional.pad(ends, (0, b.max_len - ends.shape[1]))
+    else:
+        ends = torch.zeros_like(mask)
+    steps, step_mask = step_rewards(r, ends, mask)
+    for row, s in enumerate(slots):
+        n = int(b.lengths[row])
+        k = int(step_mask[row].sum())
+        marks = [t for t in range(n) if ends[row, t]]
+        out[s] = dict(
+            tokens=texts[row], rewards=r[row, :n].tolist(), logps=pol[row, :n].tolist(),
+            ref_logps=None if ref_lp is None else ref_lp[row, :n].tolist(), cumulative=q[row, :n].tolist(),
+            step_rewards=steps[row, :k].tolist(), step_ends=(marks + [n - 1])[:k], reward=float(R[row]),
+        )
+
+
+def _completion(tokenizer, ex, seq, d) -> CompletionCredit:
+    prompt_ids, ids = seq
+    return CompletionCredit(row=ex.row, prompt=_prompt_text(tokenizer, prompt_ids), text="".join(d["tokens"]),
+                            token_ids=list(ids), **d)
+
+
+def _first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:
+    for t, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return t
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def summarize(report: CreditReport) -> dict[str, float]:
+    """Means over the data set. Pairs use the `r2q train` metric names, so the numbers compare directly."""
+    items = report.items()
+    n_tok = sum(len(c.rewards) for c in items)
+    s: dict[str, float] = {"rewards/token_mean": sum(sum(c.rewards) for c in items) / max(n_tok, 1)}
+    if report.kind == "pairs":
+        P = report.pairs
+        n = len(P)
+        s.update({"loss": sum(p.loss for p in P) / n, "rewards/chosen": sum(p.chosen.reward for p in P) / n,
+                  "rewards/rejected": sum(p.rejected.reward for p in P) / n,
+                  "rewards/margin": sum(p.margin for p in P) / n, "rewards/accuracy": sum(p.correct for p in P) / n,
+                  "pairs": n})
+    else:
+        s.update({"rewards/mean": sum(c.reward for c in items) / len(items), "completions": len(items)})
+    return s
+
+
+def top_tokens(tokenizer, items: Sequence[CompletionCredit], k: int = 20,
+               min_count: int | None = None) -> tuple[list[TokenStat], list[TokenStat]]:
+    """The k tokens with the largest positive and the k with the largest negative mean reward.
+
+    mean(v) = sum of r_t over scored positions with a_t = v / their count, over tokens seen at least
+    min_count times (default: 3 for data sets of 20 or more completions, else 1).
+    """
+    if min_count is None:
+        min_count = 3 if len(items) >= 20 else 1
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for c in items:
+        for tid, r in zip(c.token_ids, c.rewards):
+            sums[tid] = sums.get(tid, 0.0) + r
+            counts[tid] = counts.get(tid, 0) + 1
+    stats = [TokenStat(_token_text(tokenizer, t), t, sums[t] / counts[t], counts[t]) for t in sums
+             if counts[t] >= min_count]
+    pos = sorted((s for s in stats if s.mean_reward > 0), key=lambda s: -s.mean_reward)[:k]
+    neg = sorted((s for s in stats if s.mean_reward < 0), key=lambda s: s.mean_reward)[:k]
+    return pos, neg
+
+
+# ---------------------------------------------------------------------------------------------- front doors
+
+
+def score_pairs(policy, ref, tokenizer, rows: Sequence[Mapping], beta: float, *, max_length: int = 1024,
+                max_prompt_length: int = 512, skip_bad: bool = False, **kw) -> CreditReport:
+    """Credit for preference rows in any format `r2q train` reads ({"prompt", "chosen", "rejected"}, messages).
+    kw: as `score_examples` (delimiter, batch_size, share_prefix, use_cache, cache_dir, progress, ...)."""
+    examples, _ = preference_examples_from_rows(rows, tokenizer, max_length, max_prompt_length, skip_bad)
+    return score_examples(policy, ref, tokenizer, examples, beta, **kw)
+
+
+def score_texts(policy, ref, tokenizer, prompts: Sequence[str], completions: Sequence[str], beta: float, *,
+                delimiter: str | None = "\n", max_length: int = 1024, max_prompt_length: int = 512,
+                **kw) -> CreditReport:
+    """Credit for plain (prompt, completion) strings, tokenised as in training (completion + EOS)."""
+    if len(prompts) != len(completions):
+        raise UserError(f"{len(prompts)} prompts but {len(completions)} completions")
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    examples, _ = sft_examples_from_rows(rows, tokenizer, max_length, max_prompt_length)
+    return score_examples(policy, ref, tokenizer, examples, beta, delimiter=delimiter, **kw)
+
+
+def credit_from_file(policy, ref, tokenizer, path: str | Path, beta: float, *, max_length: int = 1024,
+                     max_prompt_length: int = 512, skip_bad: bool = False, **kw) -> CreditReport:
+    """Credit for a data file: preference pairs if its first row has 'chosen' and 'rejected', else
+    completions (prompt/completion, text or messages rows). kw: as `score_examples`."""
+    source, unit, items = _read(path)  # rows that fail to parse stay in, for skip_bad to count
+    first = next((r for _, r in items if isinstance(r, Mapping)), {})
+    pairs = "chosen" in first and "rejected" in first
+    load: Callable = preference_examples_from_rows if pairs else sft_examples_from_rows
+    examples, data_report = load(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit)
+    report = score_examples(policy, ref, tokenizer, examples, beta, **kw)
+    report.meta["data"] = data_report.summary()
+    return report
+
+
+def _train_config(model: str) -> dict[str, Any]:
+    p = Path(model) / "r2q_config.json"
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_credit(
+    model: str, ref: str | None = None, beta: float | None = None, data: str | None = None,
+    prompt: str | None = None, response: str | None = None, html: str | None = None,
+    json_path: str | None = None, png: str | None = None, delimiter: str = "\n", batch_size: int = 16,
+    max_length: int = 1024, max_prompt_length: int = 512, cache_dir: str | None = None, quiet: bool = False,
+    share_prefix: bool = True, *, show: int = 5, top_k: int = 20, min_count: int | None = None,
+    dtype: str = "fp32", skip_bad: bool = False, trust_remote_code: bool = False, console=None,
+) -> dict[str, Any]:
+    """`r2q credit`: load, score, print the terminal view, write the requested files; returns the JSON dict.
+
+    ref / beta default to what `r2q train` recorded in the model's r2q_config.json (ref 'init' -> the model
+    training started from), else beta 0.1; ref 'none' scores reference-free. show: items printed (0: only the
+    summary). quiet: no progress bar.
+    """
+    from rich.console import Console
+
+    from .models import check_same_tokenizer, load_model, load_tokenizer
+    from .views.terminal import render_terminal
+
+    if (data is None) == (prompt is None and response is None):
+        raise UserError("give either --data FILE or --prompt TEXT with --response TEXT")
+    if data is None and (prompt is None or response is None):
+        raise UserError("--prompt and --response go together")
+    trained = _train_config(model)
+    if beta is None:
+        beta = float(trained.get("beta", 0.1))
+    if ref is None:
+        ref = trained.get("ref")
+        if ref == "init":
+            ref = trained.get("model")
+        if not ref:
+            raise UserError("--ref is required (the model has no r2q_config.json naming its reference)")
+    if beta <= 0:
+        raise UserError("--beta must be positive")
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    policy = load_model(model, dtype, trust_remote_code)
+    ref_model = None
+    if ref != "none":
+        if Path(ref, "tokenizer_config.json").exists() or Path(ref, "tokenizer.json").exists():
+            check_same_tokenizer(tokenizer, load_tokenizer(ref, trust_remote_code), "policy and reference")
+        ref_model = load_model(ref, dtype, trust_remote_code)
+    if torch.cuda.is_available():
+        policy.to("cuda")
+        if ref_model is not None:
+            ref_model.to("cuda")
+    kw = dict(delimiter=delimiter, batch_size=batch_size, share_prefix=share_prefix, cache_dir=cache_dir,
+              progress=not quiet, top_k=top_k, min_count=min_count, max_length=max_length,
+              max_prompt_length=max_prompt_length)
+    if data is not None:
+        report = credit_from_file(policy, ref_model, tokenizer, data, beta, skip_bad=skip_bad, **kw)
+    else:
+        report = score_texts(policy, ref_model, tokenizer, [prompt], [response], beta, **kw)
+    report.meta.update(model=str(model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
+    console = console or Console()
+    render_terminal(report, console, max_items=show)
+    written = []
+    if json_path:
+        written.append(report.to_json(json_path))
+    if html:
+        from .views.html import write_html
+
+        written.append(write_html(report, html))
+    if png:
+        from .views.plots import plot_credit
+
+        written.append(plot_credit(report, png))
+    for p in written:
+        console.print(f"wrote {p}", highlight=False, markup=False)
+    return report.to_dict()
