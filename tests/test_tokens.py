@@ -62,6 +62,9 @@ def test_prefix_sharing_processes_fewer_tokens():
     plain = build_pair_batch(prompts, chosen, rejected, pad_id=0)
     shared = build_pair_batch(prompts, chosen, rejected, pad_id=0, share_prefix=True)
     assert plain.num_tokens == 50 and shared.num_tokens == 30
+    # with padding (pairs of different lengths), only real tokens count
+    shared = build_pair_batch([[1] * 20, [1] * 3], [[2] * 5, [2]], [[3] * 5, [3] * 2], pad_id=0, share_prefix=True)
+    assert shared.num_tokens == 30 + 6
 
 
 def test_empty_prompt_is_rejected():

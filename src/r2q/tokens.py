@@ -148,8 +148,9 @@ def build_pair_batch(
     causal = idx[None, :, None] >= idx[None, None, :]  # (1, Tq, Tk)
     q, k = segment[:, :, None], segment[:, None, :]
     allowed = (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
-    # padding queries attend to themselves only, so no row of the mask is empty (no NaN in softmax)
-    allowed = (causal & allowed) | (torch.eye(T, dtype=torch.bool)[None] & (q < 0))
+    # padding queries attend to the first (prompt) token only: no row of the mask is empty (no NaN in
+    # softmax) and the diagonal counts real tokens exactly
+    allowed = (causal & allowed) | ((idx[None, None, :] == 0) & (q < 0))
     return TokenBatch(
         input_ids, allowed[:, None], position_ids, *_long(src, tgt, seq, tok),
         torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.long),

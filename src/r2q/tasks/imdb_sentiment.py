@@ -99,11 +99,12 @@ class GoldReward:
 
 def bradley_terry_pairs(prompts: list[str], a: list[str], b: list[str], ra: np.ndarray, rb: np.ndarray,
                         seed: int = 0) -> list[dict]:
-    """Preference rows: y_a is chosen with probability sigmoid(r_a - r_b) (seeded); ties are dropped."""
+    """Preference rows: y_a is chosen with probability sigmoid(r_a - r_b) (seeded); identical or empty
+    completions are dropped."""
     rng = random.Random(seed)
     rows = []
     for p, x, y, r1, r2 in zip(prompts, a, b, ra.tolist(), rb.tolist()):
-        if x == y:
+        if x == y or not x.strip() or not y.strip():  # a tie, or an empty sample (EOS right away)
             continue
         first = rng.random() < 1.0 / (1.0 + math.exp(-(r1 - r2)))
         c, r = (x, y) if first else (y, x)
