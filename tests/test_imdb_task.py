@@ -9,8 +9,8 @@ from r2q.tasks.imdb_sentiment import (
     load_gold,
     load_reviews,
     save_gold,
-    split_reviews,
     spearman,
+    split_reviews,
 )
 
 
