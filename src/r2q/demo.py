@@ -43,10 +43,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
 }
 # for the pipeline test: every stage, at a size that runs in about a minute
-PROFILES["tiny"] = dict(PROFILES["quick"], n_gold=2000, n_lm_reviews=2000, vocab=1024, hidden=64, layers=2,
-                        lm_len=64, sft_steps=150, sft_batch=16, new_tokens=16, n_pairs=384, n_eval_pairs=64,
-                        chosen_sft_steps=10, dpo_batch=16, dpo_lr=1e-3, eval_every=8, save_every=8, n_search=16,
-                        beams=(2, 4), bon_n=2, mcts_sims=8, n_ref_samples=32)
+PROFILES["tiny"] = dict(PROFILES["quick"], n_gold=3000, n_lm_reviews=3000, vocab=1024, hidden=64, layers=2,
+                        lm_len=48, sft_steps=250, sft_batch=32, new_tokens=16, n_pairs=768, n_eval_pairs=64,
+                        chosen_sft_steps=10, dpo_epochs=2, dpo_batch=16, dpo_lr=3e-3, eval_every=16, save_every=16,
+                        n_search=48, beams=(2, 4), bon_n=2, mcts_sims=4, n_ref_samples=48)
 
 
 @dataclass
@@ -409,12 +409,16 @@ def write_report(out: Path, summary: dict) -> Path:
                        "tokens / prompt"],
                       [[r["method"], r["gold_reward"], r["win_rate_vs_sft"], r["mean_length"], r["kl_log_ratio"],
                         r["forward_passes"], r["tokens_per_prompt"]] for r in se["rows"]]))
-    body.append(img(_fig_search(se), "win rate, gold reward and length against the number of beams"))
+    fig = _fig_search(se)
+    (out / "search.png").write_bytes(fig)
+    body.append(img(fig, "win rate, gold reward and length against the number of beams"))
     body.append("<h2>3. Implicit rewards during training</h2><p>(a) SFT on the chosen completions, then DPO with "
                 "that model as reference; (b) DPO straight from the SFT policy, which sampled the pairs, as "
                 "reference. Dashed: the paper's identity E_{y~pi_ref}[beta log pi/pi_ref] = -beta KL(pi_ref||pi) "
                 f"<= 0, estimated from {p['n_ref_samples']} reference samples at each checkpoint.</p>")
-    body.append(img(_fig_dynamics(dy, p["beta"]), "implicit rewards and log-probs during training"))
+    fig = _fig_dynamics(dy, p["beta"])
+    (out / "dynamics.png").write_bytes(fig)
+    body.append(img(fig, "implicit rewards and log-probs during training"))
     path = out / "report.html"
     path.write_text(page("r2q demo: From r to Q* on imdb-sentiment", "".join(body)))
     return path
