@@ -14,7 +14,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +22,11 @@ import torch
 
 from . import refcache
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import option as _f
 from .errors import UserError
 from .losses import LOSS_TYPES, dpo_loss
 from .rewards import implicit_rewards, sequence_rewards
 from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -336,7 +333,7 @@ class Trainer:
         n = max(totals[-1].item(), 1.0)
         return {k: v / n for k, v in zip(PAIR_METRICS, totals[:-1].tolist())}
 
-    def _micro(self, step_idx: list[int], examples) -> list[list[int]]:
+    def _micro(self, step_idx: list[int]) -> list[list[int]]:
         mine = micro_batches(step_idx, self.lengths, self.parts)
         r = self.acc.process_index
         return mine[r * self.cfg.grad_accum : (r + 1) * self.cfg.grad_accum]
@@ -349,7 +346,7 @@ class Trainer:
     def train_step(self, step_idx: list[int]) -> dict[str, float]:
         t0 = time.perf_counter()
         denom = self._global_count(step_idx) / self.acc.num_processes
-        micro = self._micro(step_idx, self.train_ex)
+        micro = self._micro(step_idx)
         all_stats, tokens = [], 0
         for k, idx in enumerate(micro):
             sync = k == len(micro) - 1

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..config import option as _f
 from ..errors import UserError
 from ..rewards import implicit_rewards, sequence_rewards
 from ..tokens import build_batch, completion_logps
@@ -24,10 +25,6 @@ from .mcts import mcts
 from .sampling import sample
 
 METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "mcts")
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
