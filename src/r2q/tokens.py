@@ -219,6 +219,20 @@ def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     return gather_logps(logits, batch.targets)
 
 
+class TokenScorer(torch.nn.Module):
+    """A causal LM whose forward is `flat_token_logps`. Wrapping this (not the LM) in DDP or FSDP keeps the
+    head-only scoring inside the wrapper's forward, where its gradient hooks run."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, src_index, targets) -> torch.Tensor:
+        flat = TokenBatch(input_ids, attention_mask, position_ids, src_index, targets, src_index, src_index,
+                          src_index[:0])
+        return flat_token_logps(self.model, flat)
+
+
 def completion_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Per-token log pi(a_t|s_t) of each completion, completion-aligned: (S, L) float32, 0 where masked."""
     return batch.scatter(flat_token_logps(model, batch))

@@ -26,7 +26,7 @@ from .config import option as _f
 from .errors import UserError
 from .losses import LOSS_TYPES, dpo_loss
 from .rewards import implicit_rewards, sequence_rewards
-from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps
+from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps
 
 
 @dataclass
@@ -222,10 +222,10 @@ class Trainer:
             else:
                 self.ref = ref_model.to(self.acc.device)
 
-        self.model = model
-        self.model.train()
-        if getattr(self.model.config, "use_cache", None):
-            self.model.config.use_cache = False
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False
+        # DDP/FSDP wrap the scorer, so head-only scoring runs inside the wrapped forward
+        self.model = TokenScorer(model).train()
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -302,14 +302,14 @@ class Trainer:
         if self.mode == "sft":
             b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], self.pad_id)
             b = b.to(self.acc.device)
-            lp = completion_logps(self.model, b)
+            lp = self._logps(b)
             mask = b.completion_mask()
             nll = -(lp.masked_fill(~mask, 0.0)).sum()
             n_tok = mask.sum()
             stats = torch.stack([nll.detach(), n_tok.float()])[None]
             return nll, stats, b.num_tokens, n_tok
         b = pair_batch(examples, self.pad_id, self.cfg.share_prefix).to(self.acc.device)
-        pol = completion_logps(self.model, b)
+        pol = self._logps(b)
         mask = b.completion_mask()
         if self.cfg.ref == "none":
             ref = None
@@ -322,6 +322,13 @@ class Trainer:
             ref = padded(rows, pol.shape[1]).to(pol.device)
         losses, stats = pair_stats(pol, ref, mask, self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing)
         return losses.sum(), stats, b.num_tokens, torch.tensor(len(examples))
+
+    def lm(self):
+        """The HF model being trained, out of any wrapper."""
+        return self.acc.unwrap_model(self.model).model
+
+    def _logps(self, b: TokenBatch) -> torch.Tensor:
+        return b.scatter(self.model(b.input_ids, b.attention_mask, b.position_ids, b.src_index, b.targets))
 
     def _reduce(self, stats: torch.Tensor) -> dict[str, float]:
         """Means over every example of the step across all processes (sums reduced, then divided)."""
@@ -407,7 +414,7 @@ class Trainer:
             self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
 
     def _save(self) -> None:
-        unwrapped = self.acc.unwrap_model(self.model)
+        unwrapped = self.lm()
         save_checkpoint(self.out, self.step, unwrapped, self.tokenizer, self.opt, self.sched,
                         {"config": asdict(self.cfg), "mode": self.mode, "total_steps": self.total_steps},
                         self.cfg.keep_last, self.acc.is_main_process, self.acc.process_index,
@@ -417,7 +424,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume and (ck := list_checkpoints(self.out)):
-            state = load_checkpoint(ck[-1], self.acc.unwrap_model(self.model), self.opt, self.sched,
+            state = load_checkpoint(ck[-1], self.lm(), self.opt, self.sched,
                                     self.acc.process_index)
             self.step = state["step"]
             _truncate_metrics(self.out / "metrics.jsonl", self.step, self.acc.is_main_process)
@@ -450,7 +457,7 @@ class Trainer:
                     self._save()
         if self.eval_ex and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             self._log({"step": self.step, "split": "eval", **self.evaluate()})
-        final = self.acc.unwrap_model(self.model)
+        final = self.lm()
         if self.acc.is_main_process:
             final.save_pretrained(self.out, safe_serialization=True)
             self.tokenizer.save_pretrained(self.out)
