@@ -5,9 +5,7 @@ The report is one self-contained HTML file (figures embedded as base64 PNG, ever
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import time
@@ -16,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..views.report import img, png_bytes
 from .checks import (
     CheckResult,
     check_argmax,
@@ -119,12 +118,6 @@ def _jsonable(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def _figure(ncols: int = 1):
     from matplotlib.figure import Figure
 
@@ -147,7 +140,7 @@ def fig_optimum(res: CheckResult) -> bytes:
     b.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     b.set(xlabel="pi*(y)", ylabel="pi(y)", title="sequence probabilities")
     b.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_sampled(res: CheckResult) -> bytes:
@@ -161,7 +154,7 @@ def fig_sampled(res: CheckResult) -> bytes:
     b.loglog(s["ns"], s["tv"], "s-", label="TV(pi, pi*)")
     b.set(xlabel="preference pairs N", title="error")
     b.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_transformer(res: CheckResult) -> bytes:
@@ -169,7 +162,7 @@ def fig_transformer(res: CheckResult) -> bytes:
     fig, a = _figure()
     a.semilogy(steps, tv)
     a.set(xlabel="DPO step", ylabel="TV(pi_theta, pi*)", title="tiny transformer, infinite preference data")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_argmax(res: CheckResult) -> bytes:
@@ -180,7 +173,7 @@ def fig_argmax(res: CheckResult) -> bytes:
     a.scatter([s["true_score"][i]], [s["log_star"][i]], s=80, facecolors="none", edgecolors="r", label="argmax")
     a.set(xlabel="R(y) + beta log pi_ref(y)", ylabel="beta log pi*(y)", title="prompt 0: a line of slope 1")
     a.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_falling(res: CheckResult) -> bytes:
@@ -194,7 +187,7 @@ def fig_falling(res: CheckResult) -> bytes:
         a.axhline(0, color="gray", lw=0.6)
         a.set(xlabel="DPO step", ylabel="implicit reward", title=name)
         a.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 FIGURES = {"optimum": fig_optimum, "sampled": fig_sampled, "transformer": fig_transformer, "argmax": fig_argmax,
@@ -290,8 +283,7 @@ def render_html(results: list[CheckResult], figures: dict[str, bytes], summary: 
             parts.append(f"<p>{html.escape(NOTES[r.key])}</p>")
         parts.append(_arithmetic_examples(r) if r.key == "arithmetic" else _table(r.columns, r.rows))
         if r.key in figures:
-            b64 = base64.b64encode(figures[r.key]).decode("ascii")
-            parts.append(f"<img alt='{html.escape(r.key)}' src='data:image/png;base64,{b64}'>")
+            parts.append(img(figures[r.key], r.key))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
