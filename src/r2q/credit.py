@@ -30,7 +30,7 @@ from .data import PreferenceExample, SFTExample, _read, preference_examples_from
 from .errors import UserError
 from .losses import dpo_loss
 from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
-from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps
+from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps, pad_rows
 
 # ---------------------------------------------------------------------------------------------- results
 
@@ -160,18 +160,9 @@ def _prompt_text(tokenizer, ids: Sequence[int]) -> str:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _sequences(examples: Sequence) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of every scored completion, in the order of the training cache."""
-    if examples and isinstance(examples[0], PreferenceExample):
-        return [(e.prompt_ids, c) for e in examples for c in (e.chosen_ids, e.rejected_ids)]
-    return [(e.prompt_ids, e.completion_ids) for e in examples]
-
-
 def cache_path(ref, tokenizer, examples: Sequence, cache_dir: str | Path | None = None) -> Path:
     """Where `r2q train --precompute-ref` keeps the reference log-probs of these examples (same key)."""
-    cache = Path(cache_dir) if cache_dir else refcache.default_cache_dir()
-    key = refcache.cache_key(refcache.weights_hash(ref), tokenizer, _sequences(examples))
-    return cache / f"{key}.safetensors"
+    return refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples)
 
 
 def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | None:
@@ -179,16 +170,9 @@ def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | Non
     if not path.exists():
         return None
     logps = refcache.load(path)
-    if [len(x) for x in logps] != [len(c) for _, c in _sequences(examples)]:
+    if [len(x) for x in logps] != [len(c) for _, c in refcache.completion_sequences(examples)]:
         return None  # not ours after all (a hash collision or a damaged file): score the reference
     return logps
-
-
-def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), length)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
 
 
 def _progress(enabled: bool):
@@ -217,7 +201,7 @@ def score_examples(
     if not examples:
         raise UserError("there is nothing to score")
     pairs = isinstance(examples[0], PreferenceExample)
-    seqs = _sequences(examples)
+    seqs = refcache.completion_sequences(examples)
     ref_source = "none" if ref is None else "model"
     if ref is not None and ref_logps is None and use_cache:
         ref_logps = _cached_ref(ref, tokenizer, examples, cache_dir)
@@ -252,7 +236,7 @@ def score_examples(
                 mask = b.completion_mask()
                 pol = _logps(policy, b)
                 if ref_logps is not None:
-                    ref_lp = _pad([ref_logps[s].float().cpu() for s in slots], b.max_len)
+                    ref_lp = pad_rows([ref_logps[s].float().cpu() for s in slots], b.max_len)
                 else:
                     ref_lp = None if ref is None else _logps(ref, b)
                 _fill(out, slots, pieces, b, mask, pol, ref_lp, beta, delimiter)

@@ -47,6 +47,20 @@ def cache_key(ref_weights: str, tokenizer, sequences) -> str:
     return h.hexdigest()[:32]
 
 
+def completion_sequences(examples: Sequence) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of every scored completion, in cache order: chosen then rejected of each
+    pair, or each completion of SFT-style examples."""
+    if examples and hasattr(examples[0], "chosen_ids"):
+        return [(e.prompt_ids, c) for e in examples for c in (e.chosen_ids, e.rejected_ids)]
+    return [(e.prompt_ids, e.completion_ids) for e in examples]
+
+
+def cache_path(cache_dir: str | os.PathLike | None, ref_weights: str, tokenizer, examples: Sequence) -> Path:
+    """The cache file of these examples' reference log-probs (ref_weights = `weights_hash(ref)`)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / f"{cache_key(ref_weights, tokenizer, completion_sequences(examples))}.safetensors"
+
+
 def save(path: Path, logps: Sequence[torch.Tensor]) -> None:
     """Atomic write of a list of 1-D per-token log-prob tensors."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,14 @@ def build_pair_batch(
     )
 
 
+def pad_rows(rows: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Completion-aligned (S, length) float tensor from per-completion 1-D values, zero-padded."""
+    out = torch.zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def _long(*lists: list[int]) -> list[torch.Tensor]:
     return [torch.tensor(x, dtype=torch.long) for x in lists]
 

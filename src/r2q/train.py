@@ -26,7 +26,7 @@ from .config import option as _f
 from .errors import UserError
 from .losses import LOSS_TYPES, dpo_loss
 from .rewards import implicit_rewards, sequence_rewards
-from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps
+from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps, pad_rows
 
 
 @dataclass
@@ -117,13 +117,6 @@ def micro_batches(step: list[int], lengths: list[int], parts: int) -> list[list[
 def pair_batch(examples, pad_id: int, share_prefix: bool) -> TokenBatch:
     return build_pair_batch([e.prompt_ids for e in examples], [e.chosen_ids for e in examples],
                             [e.rejected_ids for e in examples], pad_id, share_prefix)
-
-
-def padded(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), length)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
 
 
 @torch.no_grad()
@@ -273,13 +266,11 @@ class Trainer:
 
     def _precompute(self, ref_model) -> None:
         """Score every completion with the reference once (cached on disk), then drop the model."""
-        cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else refcache.default_cache_dir()
         wh = refcache.weights_hash(ref_model)
         for split, examples in (("train", self.train_ex), ("eval", self.eval_ex)):
             if not examples:
                 continue
-            seqs = [(e.prompt_ids, c) for e in examples for c in (e.chosen_ids, e.rejected_ids)]
-            path = cache / f"{refcache.cache_key(wh, self.tokenizer, seqs)}.safetensors"
+            path = refcache.cache_path(self.cfg.cache_dir, wh, self.tokenizer, examples)
             hit = path.exists()
             self.acc.wait_for_everyone()  # every rank looks before rank 0 writes, so all take the same branch
             if hit:
@@ -319,7 +310,7 @@ class Trainer:
         else:
             cached = self.ref_logps[split]
             rows = [cached[2 * i] for i in idx] + [cached[2 * i + 1] for i in idx]
-            ref = padded(rows, pol.shape[1]).to(pol.device)
+            ref = pad_rows(rows, pol.shape[1]).to(pol.device)
         losses, stats = pair_stats(pol, ref, mask, self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing)
         return losses.sum(), stats, b.num_tokens, torch.tensor(len(examples))
 
