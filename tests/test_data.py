@@ -212,6 +212,8 @@ BAD_LINES = [
      '"rejected": [{"role": "assistant", "content": "y"}]}', "must all be strings or all message lists"),
     ('{"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}',
      "share no first message"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "rejected_eos": "false"}',
+     "field 'rejected_eos' must be true or false, got str"),
 ]
 
 
@@ -328,6 +330,8 @@ def test_sft_formats(tokenizer):
     ({"prompt": "a", "completion": ""}, "field 'completion' is empty"),
     ({"completion": "a"}, "missing field 'prompt'"),
     ({"input": "a"}, "missing fields: need"),
+    ({"text": "a", "text_eos": 0}, "field 'text_eos' must be true or false, got int"),
+    ({"prompt": "a", "completion": "b", "completion_eos": "no"}, "field 'completion_eos' must be true or false"),
 ])
 def test_bad_sft_rows(tmp_path, tokenizer, row, problem):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"text": "fine."}, row])
@@ -335,6 +339,56 @@ def test_bad_sft_rows(tmp_path, tokenizer, row, problem):
         load_sft(path, tokenizer)
     assert str(e.value).startswith(f"{path} line 2: ") and problem in str(e.value)
     assert load_sft(path, tokenizer, skip_bad=True)[1].n_skipped == 1
+
+
+# ---- EOS flags: a completion cut at a length cap did not end, so it gets no EOS
+
+
+def test_eos_flags_drop_eos_only_where_false(tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = [{**ROWS[0], "chosen_eos": False}, {**ROWS[0], "chosen_eos": True, "rejected_eos": None},
+            {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD], "rejected_eos": False},
+            {"prompt": "1+1=", "chosen": "2<|endoftext|>", "rejected": "3", "chosen_eos": False}]
+    (cut, kept, conv, own_eos), _ = preference_examples_from_rows(rows, tokenizer)
+    (ref, ref_conv), _ = preference_examples_from_rows(
+        [ROWS[0], {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}], tokenizer)
+    assert cut.chosen_ids == tokenizer(ROWS[0]["chosen"], add_special_tokens=False).input_ids
+    assert cut.chosen_ids + [eos] == ref.chosen_ids and cut.rejected_ids == ref.rejected_ids
+    assert ids(kept) == ids(ref)  # true and null mean the default
+    assert conv.chosen_ids == ref_conv.chosen_ids and conv.rejected_ids + [eos] == ref_conv.rejected_ids
+    assert own_eos.chosen_ids == tokenizer("2", add_special_tokens=False).input_ids + [eos]  # the text's own EOS
+
+
+def test_sft_eos_flags(tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = [{"text": "the movie was great."}, {"prompt": "the plot", "completion": " was dull."},
+            {"messages": [USER, GOOD]}, {"chosen": [USER, GOOD], "rejected": [USER, BAD]}]
+    flags = ["text_eos", "completion_eos", "messages_eos", "chosen_eos"]
+    full, _ = sft_examples_from_rows(rows, tokenizer)
+    cut, _ = sft_examples_from_rows([{**r, f: False} for r, f in zip(rows, flags, strict=True)], tokenizer)
+    for a, b in zip(full, cut, strict=True):
+        assert a.prompt_ids == b.prompt_ids and a.completion_ids == b.completion_ids + [eos]
+        assert b.completion_ids[-1] != eos
+    # a flag of another field does not apply
+    other, _ = sft_examples_from_rows([{**rows[0], "completion_eos": False}, {**rows[3], "rejected_eos": False}],
+                                      tokenizer)
+    assert [e.completion_ids for e in other] == [full[0].completion_ids, full[3].completion_ids]
+
+
+def test_csv_eos_flags_are_read_as_booleans(tmp_path, tokenizer):
+    eos = tokenizer.eos_token_id
+    rows = [{**r, "chosen_eos": flag} for r, flag in zip(ROWS, ["false", "TRUE", ""], strict=True)]
+    (a, b, c), _ = load_preferences(write(tmp_path / "d.csv", rows), tokenizer)
+    ref, _ = load_preferences(write(tmp_path / "d.jsonl", ROWS), tokenizer)
+    assert a.chosen_ids + [eos] == ref[0].chosen_ids and a.rejected_ids == ref[0].rejected_ids
+    assert [ids(b), ids(c)] == [ids(e) for e in ref[1:]]
+    sft, _ = load_sft(write(tmp_path / "s.csv", [{"text": "the movie.", "text_eos": "0"}]), tokenizer)
+    assert sft[0].completion_ids[-1] != eos
+    path = write(tmp_path / "bad.csv", [rows[0], {**rows[1], "chosen_eos": "yes"}])
+    with pytest.raises(UserError) as e:
+        load_preferences(path, tokenizer)
+    assert str(e.value) == f"{path} line 3: field 'chosen_eos' must be true, false, 1 or 0, got 'yes'"
+    assert [ex.row for ex in load_preferences(path, tokenizer, skip_bad=True)[0]] == [2]
 
 
 # ---- inspect

@@ -14,6 +14,14 @@ Prompt and completion are tokenised separately, so the boundary between them is 
 ``prompt_ids = tok(prompt, add_special_tokens=True)`` and
 ``completion_ids = tok(completion, add_special_tokens=False) + [EOS]``. Every problem with the input is a
 one-line `UserError` naming the file and the line (JSONL, CSV) or row (JSON, parquet, datasets) at fault.
+
+A completion that was cut (say at a sampling length cap) did not end, so learning EOS after it would be wrong.
+An optional boolean ``<field>_eos`` per completion field says whether it ended: ``chosen_eos``,
+``rejected_eos`` (preference rows), ``completion_eos``, ``text_eos``, ``messages_eos`` (SFT rows; a
+preference row used as SFT data reads ``chosen_eos``). Absent or null: true, EOS is appended (unless the
+text already ends with it). False: nothing is appended, and an EOS the text itself ends with is kept.
+Anything else is a bad row. CSV has no booleans, so there the cells ``true``, ``false``, ``1`` and ``0`` (any
+case) are read as booleans and an empty cell as absent.
 """
 
 from __future__ import annotations
@@ -32,12 +40,15 @@ from jinja2 import TemplateError
 from .errors import UserError
 
 MAX_SKIPPED_MESSAGES = 20
+EOS_FLAGS = ("chosen_eos", "rejected_eos", "completion_eos", "text_eos", "messages_eos")
+_CSV_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 FORMATS_HELP = ".jsonl, .json, .parquet, .csv or a directory saved with datasets' save_to_disk"
 
 
 @dataclass
 class PreferenceExample:
-    """One tokenised preference pair; `chosen_ids` / `rejected_ids` end with EOS unless truncated."""
+    """One tokenised preference pair; `chosen_ids` / `rejected_ids` end with EOS unless truncated or flagged
+    as not ended (``chosen_eos`` / ``rejected_eos`` false)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
@@ -47,7 +58,8 @@ class PreferenceExample:
 
 @dataclass
 class SFTExample:
-    """One tokenised prompt + completion; `completion_ids` ends with EOS unless truncated."""
+    """One tokenised prompt + completion; `completion_ids` ends with EOS unless truncated or flagged as not
+    ended (the row's ``<field>_eos`` false)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -162,13 +174,29 @@ def _read_csv(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
             try:
                 for row in reader:
                     row.pop(None, None)  # cells beyond the header
-                    items.append((start, row))
+                    items.append((start, _csv_flags(row)))
                     start = reader.line_num + 1
             except csv.Error as e:
                 raise UserError(f"{source} line {reader.line_num}: malformed CSV: {e}") from e
         return items
     finally:
         csv.field_size_limit(old_limit)
+
+
+def _csv_flags(row: dict) -> dict | _RowError:
+    """The row with its `<field>_eos` cells as bools (true/false/1/0, any case) and empty ones as None."""
+    for key in EOS_FLAGS:
+        cell = row.get(key)
+        if cell is None:  # no such column, or a short row
+            continue
+        text = cell.strip().lower()
+        if not text:
+            row[key] = None
+        elif text in _CSV_BOOLS:
+            row[key] = _CSV_BOOLS[text]
+        else:
+            return _RowError(f"field {key!r} must be true, false, 1 or 0, got {cell!r}")
+    return row
 
 
 def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
@@ -222,6 +250,17 @@ def _get(row: Mapping, name: str, why: str = "") -> Any:
     value = row[name]
     if _is_missing(value):
         raise _RowError(f"field {name!r} is {'NaN' if value is not None else 'null'} (a missing value)")
+    return value
+
+
+def _eos_flag(row: Mapping, name: str) -> bool:
+    """Whether completion field `name` ended, from the row's optional `<name>_eos` bool (absent or null: true)."""
+    key = f"{name}_eos"
+    value = row.get(key)
+    if _is_missing(value):
+        return True
+    if not isinstance(value, bool):
+        raise _RowError(f"field {key!r} must be true or false, got {_tname(value)}")
     return value
 
 
@@ -289,8 +328,9 @@ def _parse_preference(row: Mapping) -> tuple[str, str | list[dict], list[str | l
     return "conversational", prompt, [chosen, rejected]  # type: ignore[list-item]
 
 
-def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | list[dict]]]:
-    """(format, prompt, [completion]); for "text" rows the prompt is None (the text is split on tokens)."""
+def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | list[dict]], str]:
+    """(format, prompt, [completion], the completion's field name); for "text" rows the prompt is None (the
+    text is split on tokens)."""
     if "messages" in row:
         msgs = _messages(_get(row, "messages"), "messages")
         if msgs is None:
@@ -301,13 +341,13 @@ def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | l
         if last != len(msgs) - 1:
             raise _RowError("field 'messages' has messages after the last assistant message")
         _check_completion(msgs[last:], "messages")
-        return "conversational", msgs[:last], [msgs[last:]]
+        return "conversational", msgs[:last], [msgs[last:]], "messages"
     if "text" in row:
         text = _get(row, "text")
         if not isinstance(text, str):
             raise _RowError(f"field 'text' must be a string, got {_tname(text)}")
         _check_completion(text, "text")
-        return "text", None, [text]
+        return "text", None, [text], "text"
     if "completion" in row:
         comp_raw, prompt_raw = _get(row, "completion"), _get(row, "prompt")
         comp, prompt = _messages(comp_raw, "completion"), _messages(prompt_raw, "prompt")
@@ -315,11 +355,11 @@ def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | l
             raise _RowError("fields 'prompt' and 'completion' must both be strings or both lists of messages")
         _check_completion(comp_raw if comp is None else comp, "completion")
         if prompt is None:
-            return "standard", prompt_raw, [comp_raw]
-        return "conversational", prompt, [comp]  # type: ignore[list-item]
+            return "standard", prompt_raw, [comp_raw], "completion"
+        return "conversational", prompt, [comp], "completion"  # type: ignore[list-item]
     if "chosen" in row:
         fmt, prompt, (chosen, _) = _parse_preference(row)
-        return fmt, prompt, [chosen]
+        return fmt, prompt, [chosen], "chosen"
     raise _RowError("missing fields: need 'prompt' and 'completion', 'messages', 'text', "
                     "or 'prompt', 'chosen' and 'rejected'")
 
@@ -355,22 +395,28 @@ def _encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _encode_completion(tokenizer, text: str) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    eos = tokenizer.eos_token_id
-    return ids if ids and ids[-1] == eos else ids + [eos]
+def _with_eos(ids: list[int], eos_id: int, ended: bool) -> list[int]:
+    """ids + [EOS] if the text ended and does not end with EOS already; a text that did not end is left as is."""
+    return ids + [eos_id] if ended and (not ids or ids[-1] != eos_id) else ids
 
 
-def _encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """A plain text as (first token, the rest + EOS): BOS when the tokenizer has one, else the first token."""
+def _encode_completion(tokenizer, text: str, name: str, ended: bool = True) -> list[int]:
+    ids = _with_eos(list(tokenizer(text, add_special_tokens=False).input_ids), tokenizer.eos_token_id, ended)
+    if not ids:
+        raise _RowError(f"field {name!r} has no tokens")
+    return ids
+
+
+def _encode_text(tokenizer, text: str, ended: bool = True) -> tuple[list[int], list[int]]:
+    """A plain text as (first token, the rest [+ EOS if it ended]): BOS when the tokenizer has one, else the
+    first token."""
     ids = list(tokenizer(text, add_special_tokens=True).input_ids)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     if len(ids) < 2:
         raise _RowError("field 'text' is a single token; there is nothing to learn after the first")
-    eos = tokenizer.eos_token_id
-    return ids[:1], ids[1:] if ids[-1] == eos else ids[1:] + [eos]
+    return ids[:1], _with_eos(ids[1:], tokenizer.eos_token_id, ended)
 
 
 def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[list[int]]]:
@@ -381,17 +427,20 @@ def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[li
         fmt, prompt, comps = _parse_preference(row)
         names: Sequence[str] = ("chosen", "rejected")
     else:
-        fmt, prompt, comps = _parse_sft(row)
-        names = ("completion",)
+        fmt, prompt, comps, name = _parse_sft(row)
+        names = (name,)
+    ended = [_eos_flag(row, n) for n in names]
     if prompt is None:
-        p, c = _encode_text(tokenizer, comps[0])  # type: ignore[arg-type]
+        p, c = _encode_text(tokenizer, comps[0], ended[0])  # type: ignore[arg-type]
         return fmt, p, [c]
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("the data is conversational (lists of messages) but the tokenizer has no "
                             "chat template")
         prompt, *comps = _render(tokenizer, prompt, comps, names)  # type: ignore[arg-type]
-    return fmt, _encode_prompt(tokenizer, prompt), [_encode_completion(tokenizer, c) for c in comps]  # type: ignore
+    completions = [_encode_completion(tokenizer, c, n, e)  # type: ignore[arg-type]
+                   for c, n, e in zip(comps, names, ended, strict=True)]
+    return fmt, _encode_prompt(tokenizer, prompt), completions  # type: ignore[arg-type]
 
 
 def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source: str, unit: str,
