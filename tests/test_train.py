@@ -1,6 +1,7 @@
 """The trainer: learning, the reference choices, the reference cache, resume after a kill, NaN stop, bad data."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -65,6 +66,25 @@ def test_dpo_raises_heldout_margin_and_accuracy(llama_dir, pref_files, tmp_path)
     assert lines[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at the start
     assert (tmp_path / "run" / "model.safetensors").exists()
     assert load_model(tmp_path / "run") is not None
+
+
+def test_eval_on_start_logs_step_0_where_policy_is_reference(llama_dir, pref_files, tmp_path):
+    train_f, eval_f = pref_files
+    c = cfg(llama_dir, train_f, tmp_path / "a", eval_data=str(eval_f), max_steps=2, save_every=2,
+            eval_on_start=True)
+    res = train(c)
+    (start,) = [m for m in res.metrics if m["split"] == "eval" and m["step"] == 0]
+    assert res.metrics[0] is start  # logged before the first step
+    # ref=init: at step 0 the policy is the reference, so every implicit reward is 0 and the loss is log 2
+    assert start["rewards/margin"] == 0.0 and start["rewards/chosen"] == 0.0
+    assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # resuming the finished run evaluates at its end only; the step-0 row stays in the file once
+    c.resume = True
+    assert [m["step"] for m in train(c).metrics] == [2]
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["split"] == "eval"].count(0) == 1
+    res = train(cfg(llama_dir, train_f, tmp_path / "b", eval_data=str(eval_f), max_steps=2))
+    assert [m["step"] for m in res.metrics if m["split"] == "eval"] == [2]
 
 
 def test_ref_init_for_in_memory_model_and_ref_none(llama_dir, pref_files, tmp_path, tokenizer):

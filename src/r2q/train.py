@@ -59,6 +59,7 @@ class TrainConfig:
     eval_data: str = _f("", "Held-out data file (default: a split of --data, see --eval-fraction)")
     eval_fraction: float = _f(0.0, "Fraction of --data held out for evaluation when --eval-data is unset")
     eval_every: int = _f(0, "Evaluate every N steps (0 = only at the end)")
+    eval_on_start: bool = _f(False, "Also evaluate once before the first step, logged as step 0 (not on resume)")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model)")
     keep_last: int = _f(2, "Checkpoints to keep")
     resume: bool = _f(False, "Continue from the newest complete checkpoint in --out")
@@ -430,6 +431,8 @@ class Trainer:
         with progress:
             task = progress.add_task("sft" if self.mode == "sft" else "dpo", total=self.total_steps,
                                      completed=self.step, info="")
+            if self.eval_ex and cfg.eval_on_start and self.step == 0:  # not on resume: the run has started
+                self._log({"step": 0, "split": "eval", **self.evaluate()})
             order: tuple[int, list[list[int]]] = (-1, [])
             while self.step < self.total_steps:
                 epoch, pos = divmod(self.step, self.steps_per_epoch)
