@@ -3,11 +3,14 @@
 import numpy as np
 import pytest
 
+from r2q.errors import UserError
 from r2q.tasks.imdb_sentiment import (
     GoldReward,
     bradley_terry_pairs,
+    extreme_pairs,
     load_gold,
     load_reviews,
+    rt_pairs,
     save_gold,
     spearman,
     split_reviews,
@@ -63,3 +66,40 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_extreme_pairs_take_best_and_worst_of_k_and_keep_eos_flags():
+    texts = ["a", "b", "c", "d", "x", "x"]
+    scores = np.array([0.0, 3.0, -2.0, 1.0, 5.0, 5.0])
+    ended = [True, False, True, False, True, True]
+    rows = extreme_pairs(["p", "q"], texts, ended, scores, 3, seed=0)
+    # prompt p: samples a, b, c -> best b (gold 3, cut at the cap), worst c (gold -2, ended)
+    assert len(rows) == 2
+    r = rows[0]
+    assert {r["chosen"], r["rejected"]} == {"b", "c"}
+    eos = {r["chosen"]: r["chosen_eos"], r["rejected"]: r["rejected_eos"]}
+    assert eos == {"b": False, "c": True}
+    assert {r["gold_chosen"], r["gold_rejected"]} == {3.0, -2.0}
+    # prompt q: samples d, x, x -> best x, worst d
+    assert {rows[1]["chosen"], rows[1]["rejected"]} == {"x", "d"}
+
+
+def test_rt_pairs_pair_a_positive_with_a_negative_snippet():
+    snippets = [(f"good {i}", 1) for i in range(50)] + [(f"bad {i}", 0) for i in range(50)]
+    pairs = rt_pairs(snippets, 40, seed=1)
+    assert len(pairs) == 40
+    assert all({x["a"].split()[0], x["b"].split()[0]} == {"good", "bad"} for x in pairs)
+    assert 5 < sum(x["a"].startswith("good") for x in pairs) < 35  # order is random
+    with pytest.raises(UserError, match="Rotten Tomatoes"):
+        rt_pairs(snippets, 51)
+
+
+def test_lm_rows_put_eos_only_where_a_review_ends(tokenizer):
+    from r2q.demo.pipeline import lm_rows
+
+    short, long = "a short review.", " ".join(["word"] * 200) + " the end."
+    rows = lm_rows(tokenizer, [short, long], lm_len=32)
+    assert rows[0] == {"text": short, "text_eos": True}
+    assert rows[1] == {"text": long, "text_eos": False}  # its start: cut at 32 tokens, so no EOS
+    assert rows[2]["text_eos"] is True and rows[2]["text"].endswith("the end.")  # its end, with EOS
+    assert len(rows) == 3

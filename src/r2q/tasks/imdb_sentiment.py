@@ -102,15 +102,8 @@ def bradley_terry_pairs(prompts: list[str], a: list[str], b: list[str], ra: np.n
     """Preference rows: y_a is chosen with probability sigmoid(r_a - r_b) (seeded); identical or empty
     completions are dropped."""
     rng = random.Random(seed)
-    rows = []
-    for p, x, y, r1, r2 in zip(prompts, a, b, ra.tolist(), rb.tolist()):
-        if x == y or not x.strip() or not y.strip():  # a tie, or an empty sample (EOS right away)
-            continue
-        first = rng.random() < 1.0 / (1.0 + math.exp(-(r1 - r2)))
-        c, r = (x, y) if first else (y, x)
-        rows.append({"prompt": p, "chosen": c, "rejected": r, "gold_chosen": r1 if first else r2,
-                     "gold_rejected": r2 if first else r1})
-    return rows
+    return [_bt_row(p, x, y, r1, r2, rng) for p, x, y, r1, r2 in zip(prompts, a, b, ra.tolist(), rb.tolist())
+            if x != y and x.strip() and y.strip()]  # drop ties and empty samples (EOS right away)
 
 
 def spearman(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> float:
@@ -150,3 +143,49 @@ def load_gold(path) -> GoldReward:
     names = sorted(d["vocabulary"], key=d["vocabulary"].get)
     g.weights = dict(zip(names, (np.asarray(d["coef"]) * g.vec.idf_).tolist()))
     return g
+
+
+def _bt_row(prompt: str, x: str, y: str, rx: float, ry: float, rng: random.Random, x_eos: bool = True,
+            y_eos: bool = True) -> dict:
+    """x is chosen with probability sigmoid(r_x - r_y); `*_eos` say whether a completion really ended."""
+    first = rng.random() < 1.0 / (1.0 + math.exp(-(rx - ry)))
+    c, r = ((x, rx, x_eos), (y, ry, y_eos)) if first else ((y, ry, y_eos), (x, rx, x_eos))
+    return {"prompt": prompt, "chosen": c[0], "rejected": r[0], "chosen_eos": c[2], "rejected_eos": r[2],
+            "gold_chosen": c[1], "gold_rejected": r[1]}
+
+
+def extreme_pairs(prompts: list[str], texts: list[str], ended: list[bool], scores: np.ndarray, k: int,
+                  seed: int = 0) -> list[dict]:
+    """One pair per prompt from its k samples (texts[i*k : i*k+k]): the best and the worst by gold, labelled by
+    Bradley-Terry on gold. Two short samples often differ little in sentiment; the extremes of k carry more
+    signal. Prompts whose extremes are identical or empty are dropped."""
+    rng = random.Random(seed)
+    rows = []
+    for i, p in enumerate(prompts):
+        g = scores[i * k : i * k + k]
+        hi, lo = i * k + int(np.argmax(g)), i * k + int(np.argmin(g))
+        x, y = texts[hi], texts[lo]
+        if x == y or not x.strip() or not y.strip():
+            continue
+        rows.append(_bt_row(p, x, y, float(scores[hi]), float(scores[lo]), rng, ended[hi], ended[lo]))
+    return rows
+
+
+def rt_pairs(snippets: list[tuple[str, int]], n: int, seed: int = 0) -> list[dict]:
+    """n pairs of Rotten Tomatoes snippets, one labelled positive and one negative by the data set, in random
+    order: human text in a style the IMDb-trained models never saw (off their distribution)."""
+    rng = random.Random(seed)
+    pos = [t for t, y in snippets if y == 1 and t.strip()]
+    neg = [t for t, y in snippets if y == 0 and t.strip()]
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    if min(len(pos), len(neg)) < n:
+        raise UserError(f"asked for {n} Rotten Tomatoes pairs; the data has {min(len(pos), len(neg))}")
+    return [{"a": a, "b": b} if rng.random() < 0.5 else {"a": b, "b": a} for a, b in zip(pos[:n], neg[:n])]
+
+
+def rt_preference_rows(pairs: list[dict], gold, prompt: str = "", seed: int = 0) -> list[dict]:
+    """Preference rows of snippet pairs under one shared prompt, labelled by Bradley-Terry on gold."""
+    rng = random.Random(seed)
+    ra, rb = gold([x["a"] for x in pairs]), gold([x["b"] for x in pairs])
+    return [_bt_row(prompt, x["a"], x["b"], float(a), float(b), rng) for x, a, b in zip(pairs, ra, rb)]
