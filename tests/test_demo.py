@@ -44,9 +44,10 @@ def test_summary_has_every_finding_with_measured_points(demo_run):
         assert 0.0 <= r["eos_share"] <= 1.0 and r["judge_nll"][0] > 0
     for name in ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt"):
         dyn = saved["dynamics"][name]
-        # step 0 is measured before the first update, where the policy is the reference: exactly 0
-        assert dyn["eval"][0]["step"] == 0 and dyn["eval"][0]["rewards/margin"] == 0.0
-        assert dyn["kl_curve"][0]["step"] == 0 and dyn["kl_curve"][0]["expected_reward_under_ref"] == 0.0
+        # step 0 is measured before the first update, where the policy is the reference: 0 up to float noise
+        # (the reference's log-probs come from the precomputed cache, batched differently)
+        assert dyn["eval"][0]["step"] == 0 and abs(dyn["eval"][0]["rewards/margin"]) < 1e-5
+        assert dyn["kl_curve"][0]["step"] == 0 and abs(dyn["kl_curve"][0]["expected_reward_under_ref"]) < 1e-5
         assert len(dyn["kl_curve"]) > 2 and dyn["eval"][-1]["step"] > 0
 
 

@@ -34,7 +34,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(
         n_gold=8000, n_lm_reviews=12000, vocab=4096, hidden=128, layers=4, heads=4, lm_len=64, sft_steps=700,
         sft_batch=32, sft_lr=3e-3, judge_layers=2, judge_steps=300, prompt_tokens=8, pair_samples=4,
-        pair_tokens=48, n_pairs=2048, n_eval_pairs=256, n_rt_pairs=1024, n_rt_eval=256, rt_tokens=64,
+        pair_tokens=48, n_pairs=2048, n_eval_pairs=256, n_rt_pairs=1024, n_rt_eval=256,
+        rt_candidates=4200, rt_epochs=2, rt_tokens=64,
         chosen_sft_steps=60,
         dpo_epochs=1, dpo_batch=16, dpo_lr=1e-3, dpo_warmup=10, betas=(0.1,), eval_every=16, n_search=128,
         search_tokens=64, beams=(2, 4, 8, 16), length_penalties=(0.0, 1.0), bon_n=4, mcts_sims=8,
@@ -43,7 +44,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(
         n_gold=8000, n_lm_reviews=16500, vocab=8192, hidden=192, layers=6, heads=6, lm_len=128, sft_steps=2500,
         sft_batch=32, sft_lr=2e-3, judge_layers=3, judge_steps=800, prompt_tokens=8, pair_samples=4,
-        pair_tokens=64, n_pairs=6000, n_eval_pairs=512, n_rt_pairs=3000, n_rt_eval=512, rt_tokens=64,
+        pair_tokens=64, n_pairs=6000, n_eval_pairs=512, n_rt_pairs=3000, n_rt_eval=512,
+        rt_candidates=4200, rt_epochs=2, rt_tokens=64,
         chosen_sft_steps=150,
         dpo_epochs=1, dpo_batch=32, dpo_lr=5e-4, dpo_warmup=20, betas=(0.1, 0.05, 0.5), eval_every=16,
         n_search=256, search_tokens=64, beams=(2, 3, 4, 5, 6, 8, 12, 16), length_penalties=(0.0, 1.0), bon_n=8,
@@ -53,7 +55,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 # for the pipeline test: every stage, at a size that runs in about a minute
 PROFILES["tiny"] = dict(PROFILES["quick"], n_gold=2000, n_lm_reviews=3000, vocab=1024, hidden=64, layers=2,
                         lm_len=48, sft_steps=200, judge_layers=1, judge_steps=60, pair_samples=2, pair_tokens=16,
-                        n_pairs=384, n_eval_pairs=64, n_rt_pairs=192, n_rt_eval=64, chosen_sft_steps=10,
+                        n_pairs=384, n_eval_pairs=64, n_rt_pairs=192, n_rt_eval=64,
+                        rt_candidates=600, chosen_sft_steps=10,
                         dpo_lr=3e-3, eval_every=8, n_search=24, search_tokens=20, beams=(2, 4), bon_n=2,
                         mcts_sims=4, n_ref_samples=24, edit_words=8, n_boot=100)
 
@@ -155,7 +158,7 @@ def stage_data(d: Path, p: dict, seed: int) -> dict[str, Any]:
         search.append({"prompt": bos + tok.decode(ids[:k]), "human": tok.decode(ids[k : k + p["search_tokens"]]),
                        "human_eos": len(ids) <= k + p["search_tokens"]})
     write_jsonl(d / "search_prompts.jsonl", search)
-    rt = rt_pairs(load_reviews("rotten_tomatoes"), p["n_rt_pairs"] + p["n_rt_eval"], seed)
+    rt = rt_pairs(load_reviews("rotten_tomatoes"), p["rt_candidates"], seed)
     write_jsonl(d / "rt_snippets.jsonl", rt)
     return {"lm_reviews": len(lm), "gold_reviews": len(splits.gold), "pair_prompts": len(pair_prompts),
             "search_prompts": len(search), "rt_snippet_pairs": len(rt), "vocab": len(tok)}
@@ -224,6 +227,9 @@ def stage_pairs(d: Path, data: Path, sft: Path, gold_path: Path, p: dict, seed: 
                 for r, flip in zip(rows[n_eval:], np.random.default_rng(seed + 1).random(len(rows)) < 0.5)]
     write_jsonl(d / "train-shuffled.jsonl", shuffled)
     rt = rt_preference_rows(read_jsonl(data / "rt_snippets.jsonl"), gold, prompt=tok.bos_token, seed=seed)
+    # as on-distribution, pairs whose gold rewards are far apart carry the signal: keep the widest gaps
+    rt = sorted(rt, key=lambda r: -abs(r["gold_chosen"] - r["gold_rejected"]))[: p["n_rt_pairs"] + p["n_rt_eval"]]
+    rt = [rt[i] for i in np.random.default_rng(seed + 2).permutation(len(rt))]
     write_jsonl(d / "rt-eval.jsonl", rt[: p["n_rt_eval"]])
     write_jsonl(d / "rt-train.jsonl", rt[p["n_rt_eval"]:])
     agree = float(np.mean([r["gold_chosen"] > r["gold_rejected"] for r in rows]))
@@ -238,7 +244,7 @@ def max_len(p: dict, tokens: int) -> int:
 
 
 def stage_dpo(d: Path, start: Path, train_file: Path, eval_file: Path, p: dict, beta: float, seed: int,
-              quiet: bool, sft_on_chosen: bool, tokens: int) -> dict:
+              quiet: bool, sft_on_chosen: bool, tokens: int, epochs: float) -> dict:
     from ..train import TrainConfig, train
 
     model = start
@@ -250,7 +256,7 @@ def stage_dpo(d: Path, start: Path, train_file: Path, eval_file: Path, p: dict, 
         train(c, mode="sft")
         model = d / "sft-chosen"
     c = TrainConfig(model=str(model), data=str(train_file), eval_data=str(eval_file), out=str(d / "model"),
-                    ref="init", beta=beta, lr=p["dpo_lr"], warmup_steps=p["dpo_warmup"], epochs=p["dpo_epochs"],
+                    ref="init", beta=beta, lr=p["dpo_lr"], warmup_steps=p["dpo_warmup"], epochs=epochs,
                     eval_every=p["eval_every"], eval_on_start=True, save_every=p["eval_every"], keep_last=1000,
                     precompute_ref=True, cache_dir=str(d / "ref-cache"), **common)
     res = train(c, mode="dpo")
@@ -273,8 +279,8 @@ def dpo_plan(p: dict) -> dict[str, dict[str, Any]]:
             "dpo-a-rt": (True, rt, b0), "dpo-b-rt": (False, rt, b0)}
     for b in p["betas"][1:]:
         plan[f"dpo-b-beta{b:g}"] = (False, on, b)
-    return {k: {"sft_on_chosen": a, "files": f, "beta": b, "tokens": p["rt_tokens"] if f == rt else p["pair_tokens"]}
-            for k, (a, f, b) in plan.items()}
+    return {k: {"sft_on_chosen": a, "files": f, "beta": b, "tokens": p["rt_tokens"] if f == rt else p["pair_tokens"],
+                "epochs": p["rt_epochs"] if f == rt else p["dpo_epochs"]} for k, (a, f, b) in plan.items()}
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
@@ -308,7 +314,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     for name, r in dpo_plan(p).items():
         tr, ev = (pairs / f for f in r["files"])
         runs[name] = st.run(name, ("pairs",), lambda d, r=r, tr=tr, ev=ev: stage_dpo(
-            d, sft, tr, ev, p, r["beta"], s, q, r["sft_on_chosen"], r["tokens"]))
+            d, sft, tr, ev, p, r["beta"], s, q, r["sft_on_chosen"], r["tokens"], r["epochs"]))
     stages.update(runs)
     deps = tuple(runs)
     credit = st.run("credit", deps, lambda d: findings.credit(d, runs, sft, gold, data, p, q))
