@@ -50,24 +50,27 @@ def wins(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> np
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant side."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
 def grouped_spearman_ci(x: Sequence[float], y: Sequence[float], group: Sequence[int], n_boot: int = 1000,
                         seed: int = 0) -> Interval:
     """Spearman correlation of (x, y) points that come in groups (the tokens of one pair), with an interval
     from resampling whole groups."""
-    from scipy.stats import rankdata
-
     x, y, group = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(group)
     _, g = np.unique(group, return_inverse=True)
     members = [np.flatnonzero(g == k) for k in range(g.max() + 1)] if len(g) else []
 
     def rho(units: np.ndarray) -> float:
         idx = np.concatenate([members[u] for u in units]) if len(units) else np.zeros(0, int)
-        if len(idx) < 3:
-            return float("nan")
-        rx, ry = rankdata(x[idx]), rankdata(y[idx])
-        if rx.std() == 0 or ry.std() == 0:
-            return float("nan")
-        return float(np.corrcoef(rx, ry)[0, 1])
+        return spearman(x[idx], y[idx])
 
     return bootstrap(rho, len(members), n_boot, seed=seed)
 

@@ -14,6 +14,7 @@ from ..stats import distinct_n, grouped_spearman_ci, mean_ci, paired_diff_ci, wi
 from .pipeline import max_len, read_jsonl, write_jsonl
 
 NULLS = ("untrained", "shuffled", "sft-chosen")
+RUN_OF = {"dpo-a": "dpo-a", "dpo-b": "dpo-b", "shuffled": "dpo-shuffled"}  # credit models that are DPO runs
 
 
 def _models(runs: dict, sft: Path) -> dict[str, tuple[str, Path, Path | None]]:
@@ -54,11 +55,14 @@ def credit(d: Path, runs: dict, sft: Path, gold_path: Path, data: Path, p: dict,
     rows = read_jsonl(Path(runs["dpo-b"]["eval_file"]))
     kw = dict(max_length=max_len(p, p["pair_tokens"]), max_prompt_length=2 * p["prompt_tokens"], delimiter=None,
               use_cache=False)
-    edits = make_edits(_edit_sources(tok, rows, data, p, kw), sentiment_swaps(tok, gold, p["edit_words"]))
+    edits = make_edits(_edit_sources(tok, rows, data, kw), sentiment_swaps(tok, gold, p["edit_words"]))
     out: dict[str, Any] = {"models": {}, "edits": len(edits)}
+    scored = {}  # run name -> its held-out report, where a credit model is a DPO run on these pairs
     for key, (label, pol_path, ref_path) in _models(runs, sft).items():
         policy, ref = load(pol_path), load(ref_path)
         rep = score_pairs(policy, ref, tok, rows, beta, progress=not quiet, **kw)
+        if (run := RUN_OF.get(key)) is not None:
+            scored[run] = rep
         xs, ys, grp = [], [], []
         for i, item in enumerate(rep.items()):
             for r, g in zip(item.rewards, gold.token_weights(item.tokens)):
@@ -77,20 +81,22 @@ def credit(d: Path, runs: dict, sft: Path, gold_path: Path, data: Path, p: dict,
             best = sorted(rep.pairs, key=lambda x: -abs(x.margin))[:3]
             plot_credit(type(rep)(rep.kind, rep.beta, rep.summary, rep.top_positive, rep.top_negative, pairs=best),
                         d / "credit.png", max_items=2)
-    out["heldout"] = heldout(runs, tok, load, p, kw, quiet)
+    out["heldout"] = heldout(runs, tok, load, p, kw, quiet, scored)
     return out
 
 
-def heldout(runs: dict, tok, load, p: dict, kw: dict, quiet: bool) -> dict[str, Any]:
-    """Final held-out DPO loss, pair accuracy and rewards of every run, per pair, with intervals."""
+def heldout(runs: dict, tok, load, p: dict, kw: dict, quiet: bool, scored: dict) -> dict[str, Any]:
+    """Final held-out DPO loss, pair accuracy and rewards of every run, per pair, with intervals. `scored`: the
+    reports of runs already scored on their held-out pairs with these settings."""
     from ..credit import score_pairs
 
     out = {}
     for name, r in runs.items():
-        rows = read_jsonl(Path(r["eval_file"]))
-        k = dict(kw, max_length=max_len(p, p["rt_tokens"] if "-rt" in name else p["pair_tokens"]))
-        rep = score_pairs(load(Path(r["model"])), load(Path(r["reference"])), tok, rows, r["beta"],
-                          progress=not quiet, **k)
+        rep = scored.get(name)
+        if rep is None:
+            k = dict(kw, max_length=max_len(p, p["rt_tokens"] if "-rt" in name else p["pair_tokens"]))
+            rep = score_pairs(load(Path(r["model"])), load(Path(r["reference"])), tok,
+                              read_jsonl(Path(r["eval_file"])), r["beta"], progress=not quiet, **k)
         P = rep.pairs
         out[name] = {"loss": mean_ci([x.loss for x in P], p["n_boot"]),
                      "accuracy": mean_ci([float(x.correct) for x in P], p["n_boot"]),
@@ -113,15 +119,16 @@ def sentiment_swaps(tok, gold, k: int) -> list[tuple[int, int, str, str]]:
     return [(pi, ni, pw, nw) for (_, pi, pw), (_, ni, nw) in zip(pos, neg)]
 
 
-def _edit_sources(tok, rows: list[dict], data: Path, p: dict, kw: dict) -> list[tuple[list[int], list[int]]]:
+def _edit_sources(tok, rows: list[dict], data: Path, kw: dict) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of held-out text: both sides of the held-out pairs (SFT samples) and the
     human continuations of the search prompts."""
     from ..data import preference_examples_from_rows
+    from ..search import encode_prompts
 
     ex, _ = preference_examples_from_rows(rows, tok, kw["max_length"], kw["max_prompt_length"])
     out = [(e.prompt_ids, c) for e in ex for c in (e.chosen_ids, e.rejected_ids)]
-    for r in read_jsonl(data / "search_prompts.jsonl"):
-        out.append((tok(r["prompt"]).input_ids or [tok.bos_token_id], tok(r["human"]).input_ids))
+    human = read_jsonl(data / "search_prompts.jsonl")
+    out += zip(encode_prompts(tok, [r["prompt"] for r in human]), (tok(r["human"]).input_ids for r in human))
     return [(a, b) for a, b in out if a and b]
 
 
@@ -175,16 +182,16 @@ def edit_test(policy, ref, tok, edits: list[dict], beta: float, n_boot: int) -> 
 # ------------------------------------------------------------------------------------------------ finding 2
 
 
-def _per_prompt(gens, toks, enc, pad_id, gold, judge, policy, ref, beta) -> dict[str, np.ndarray]:
+def _per_prompt(texts: list[str], toks: list[list[int]], logp: list[float], reward: list[float], enc, pad_id,
+                gold, judge, beta) -> dict[str, np.ndarray]:
+    """Per-prompt measures of one method's outputs; log pi and the implicit reward come from the caller."""
     from ..search import score_sequences
 
-    texts = [g if isinstance(g, str) else g.text for g in gens]
     n = np.array([len(t) for t in toks], dtype=float)
     lp_j, _ = score_sequences(judge, None, enc, toks, pad_id, beta)
-    lp, rw = score_sequences(policy, ref, enc, toks, pad_id, beta)
     return {"gold": gold(texts), "length": n, "eos": np.array([bool(t) and t[-1] == pad_id for t in toks], float),
             "distinct2": np.array([distinct_n(t, 2) for t in toks]), "judge_nll": -np.array(lp_j) / np.maximum(n, 1),
-            "logp": np.array(lp), "log_ratio": np.array([x / beta for x in rw])}
+            "logp": np.array(logp), "log_ratio": np.array([x / beta for x in reward])}
 
 
 def _cell(label: str, m: dict[str, np.ndarray], base: dict[str, np.ndarray] | None, n_boot: int, extra: dict) -> dict:
@@ -215,25 +222,27 @@ def search_plan(p: dict, main: bool) -> list[tuple[str, dict]]:
 def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_path: Path, p: dict, seed: int,
            quiet: bool) -> dict[str, Any]:
     from ..models import load_tokenizer
-    from ..search import GenerateConfig, generate
+    from ..search import GenerateConfig, encode_prompts, generate, score_sequences
     from ..tasks.imdb_sentiment import load_gold
 
     tok, gold, load = load_tokenizer(sft), load_gold(gold_path), _Loader()
     judge, pad = load(judge_path), tok.eos_token_id
     rows = read_jsonl(data / "search_prompts.jsonl")[: p["n_search"]]
     prompts = [r["prompt"] for r in rows]
-    enc = [tok(x).input_ids or [tok.bos_token_id] for x in prompts]
+    enc = encode_prompts(tok, prompts)
     out: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": p["search_tokens"], "by_beta": {}}
     for name in ["dpo-b"] + [k for k in runs if k.startswith("dpo-b-beta")]:
         run, beta = runs[name], runs[name]["beta"]
         policy, ref = load(Path(run["model"])), load(Path(run["reference"]))
         base = dict(max_new_tokens=p["search_tokens"], beta=beta, seed=seed, batch_size=16)
         human_toks = [tok(r["human"]).input_ids + ([pad] if r["human_eos"] else []) for r in rows]
-        human = _per_prompt([r["human"] for r in rows], human_toks, enc, pad, gold, judge, policy, ref, beta)
+        human = _per_prompt([r["human"] for r in rows], human_toks,
+                            *score_sequences(policy, ref, enc, human_toks, pad, beta), enc, pad, gold, judge, beta)
         cells, sample = [], None
         for label, kw in search_plan(p, name == "dpo-b"):
             gens, compute = generate(policy, tok, prompts, GenerateConfig(**base, **kw), ref=ref, progress=not quiet)
-            m = _per_prompt(gens, [g.token_ids for g in gens], enc, pad, gold, judge, policy, ref, beta)
+            m = _per_prompt([g.text for g in gens], [g.token_ids for g in gens], [g.logp for g in gens],
+                            [g.reward for g in gens], enc, pad, gold, judge, beta)
             sample = m if label.startswith("sample") else sample
             cells.append(_cell(label, m, sample, p["n_boot"], {
                 "tokens_per_prompt": compute["tokens_processed"] / len(prompts), "example": gens[0].text}))
@@ -251,7 +260,7 @@ def dynamics(d: Path, runs: dict, pairs: Path, p: dict, seed: int, quiet: bool) 
     update) and E_{y~pi_ref}[beta log pi/pi_ref] at every checkpoint, from samples of the reference."""
     from ..checkpoint import list_checkpoints
     from ..models import load_tokenizer
-    from ..search import GenerateConfig, generate, score_sequences
+    from ..search import GenerateConfig, encode_prompts, generate, score_sequences
 
     load = _Loader()
     out: dict[str, Any] = {}
@@ -262,9 +271,8 @@ def dynamics(d: Path, runs: dict, pairs: Path, p: dict, seed: int, quiet: bool) 
         ref = load(Path(run["reference"]))
         cfg = GenerateConfig(method="sample", max_new_tokens=p["pair_tokens"], seed=seed, batch_size=64)
         samples, _ = generate(ref, tok, prompts, cfg)
-        enc = [tok(x).input_ids or [tok.bos_token_id] for x in prompts]
-        toks = [g.token_ids for g in samples]
-        ref_lp = np.array(score_sequences(ref, None, enc, toks, tok.eos_token_id, beta)[0])
+        enc, toks = encode_prompts(tok, prompts), [g.token_ids for g in samples]
+        ref_lp = np.array([g.logp for g in samples])  # log pi_ref(y|x), as the sampler scored it
         # step 0: the starting policy is the reference's weights, scored like every checkpoint (not assumed)
         points = [(0, Path(run["reference"]))] + [(int(c.name.split("-")[1]), c) for c in
                                                    list_checkpoints(Path(run["model"]))]

@@ -34,31 +34,24 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(
         n_gold=8000, n_lm_reviews=12000, vocab=4096, hidden=128, layers=4, heads=4, lm_len=64, sft_steps=700,
         sft_batch=32, sft_lr=3e-3, judge_layers=2, judge_steps=300, prompt_tokens=8, pair_samples=4,
-        pair_tokens=48, n_pairs=2048, n_eval_pairs=256, n_rt_pairs=1024, n_rt_eval=256,
-        rt_candidates=4200, rt_epochs=2, rt_tokens=64,
-        chosen_sft_steps=60,
-        dpo_epochs=1, dpo_batch=16, dpo_lr=1e-3, dpo_warmup=10, betas=(0.1,), eval_every=16, n_search=128,
-        search_tokens=64, beams=(2, 4, 8, 16), length_penalties=(0.0, 1.0), bon_n=4, mcts_sims=8,
-        n_ref_samples=256, edit_words=12, n_boot=1000,
-    ),
-    "full": dict(
-        n_gold=8000, n_lm_reviews=16500, vocab=8192, hidden=192, layers=6, heads=6, lm_len=128, sft_steps=2500,
-        sft_batch=32, sft_lr=2e-3, judge_layers=3, judge_steps=800, prompt_tokens=8, pair_samples=4,
-        pair_tokens=64, n_pairs=6000, n_eval_pairs=512, n_rt_pairs=3000, n_rt_eval=512,
-        rt_candidates=4200, rt_epochs=2, rt_tokens=64,
-        chosen_sft_steps=150,
-        dpo_epochs=1, dpo_batch=32, dpo_lr=5e-4, dpo_warmup=20, betas=(0.1, 0.05, 0.5), eval_every=16,
-        n_search=256, search_tokens=64, beams=(2, 3, 4, 5, 6, 8, 12, 16), length_penalties=(0.0, 1.0), bon_n=8,
-        mcts_sims=16, n_ref_samples=512, edit_words=16, n_boot=1000,
+        pair_tokens=48, n_pairs=2048, n_eval_pairs=256, n_rt_pairs=1024, n_rt_eval=256, rt_candidates=4200,
+        rt_epochs=2, rt_tokens=64, chosen_sft_steps=60, dpo_epochs=1, dpo_batch=16, dpo_lr=1e-3, dpo_warmup=10,
+        betas=(0.1,), eval_every=16, n_search=128, search_tokens=64, beams=(2, 4, 8, 16), length_penalties=(0.0, 1.0),
+        bon_n=4, mcts_sims=8, n_ref_samples=256, edit_words=12, n_boot=1000,
     ),
 }
+# larger models and more data, three betas and every width the paper plots (not yet measured)
+PROFILES["full"] = dict(PROFILES["quick"], n_lm_reviews=16500, vocab=8192, hidden=192, layers=6, heads=6, lm_len=128,
+                        sft_steps=2500, sft_lr=2e-3, judge_layers=3, judge_steps=800, pair_tokens=64, n_pairs=6000,
+                        n_eval_pairs=512, n_rt_pairs=3000, n_rt_eval=512, chosen_sft_steps=150, dpo_batch=32,
+                        dpo_lr=5e-4, dpo_warmup=20, betas=(0.1, 0.05, 0.5), n_search=256,
+                        beams=(2, 3, 4, 5, 6, 8, 12, 16), bon_n=8, mcts_sims=16, n_ref_samples=512, edit_words=16)
 # for the pipeline test: every stage, at a size that runs in about a minute
 PROFILES["tiny"] = dict(PROFILES["quick"], n_gold=2000, n_lm_reviews=3000, vocab=1024, hidden=64, layers=2,
                         lm_len=48, sft_steps=200, judge_layers=1, judge_steps=60, pair_samples=2, pair_tokens=16,
-                        n_pairs=384, n_eval_pairs=64, n_rt_pairs=192, n_rt_eval=64,
-                        rt_candidates=600, chosen_sft_steps=10,
-                        dpo_lr=3e-3, eval_every=8, n_search=24, search_tokens=20, beams=(2, 4), bon_n=2,
-                        mcts_sims=4, n_ref_samples=24, edit_words=8, n_boot=100)
+                        n_pairs=384, n_eval_pairs=64, n_rt_pairs=192, n_rt_eval=64, rt_candidates=600,
+                        chosen_sft_steps=10, dpo_lr=3e-3, eval_every=8, n_search=24, search_tokens=20, beams=(2, 4),
+                        bon_n=2, mcts_sims=4, n_ref_samples=24, edit_words=8, n_boot=100)
 
 
 @dataclass

@@ -15,15 +15,6 @@ def _ci(x) -> str:
     return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _beam_rows(rows: list[dict], lp: float) -> tuple[list[int], list[dict]]:
     """The '1 beam' (sampling) row and the beam rows of one length penalty, by width."""
     out = [(1, next(r for r in rows if r["method"].startswith("sample")))]
@@ -34,8 +25,10 @@ def _beam_rows(rows: list[dict], lp: float) -> tuple[list[int], list[dict]]:
 
 
 def fig_search(search: dict, lps: tuple[float, ...]) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
+
+    fig = Figure(figsize=(13, 3.6))
+    ax = fig.subplots(1, 3)
     for beta, block in search["by_beta"].items():
         for lp in lps:
             ks, rows = _beam_rows(block["rows"], lp)
@@ -49,6 +42,8 @@ def fig_search(search: dict, lps: tuple[float, ...]) -> bytes:
             ax[2].plot(ks, [r["length"] for r in rows], "o-", label=lab)
     for a, yl in zip(ax, ("win rate vs T=1 samples (95% CI)", "gold reward (95% CI)", "mean length (tokens)")):
         a.set(xscale="log", xlabel="beams (1 = temperature-1 sampling)", ylabel=yl)
+        a.set_xticks(ks, [str(k) for k in ks])  # widths, not powers of ten
+        a.minorticks_off()
         a.legend(fontsize=7)
     ax[0].axhline(0.5, color="#999", lw=0.8)
     fig.tight_layout()
@@ -56,8 +51,10 @@ def fig_search(search: dict, lps: tuple[float, ...]) -> bytes:
 
 
 def fig_dynamics(dyn: dict) -> bytes:
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(dyn), figsize=(4.6 * len(dyn), 3.8), squeeze=False)
+    from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
+
+    fig = Figure(figsize=(4.6 * len(dyn), 3.8))
+    axes = fig.subplots(1, len(dyn), squeeze=False)
     for ax, (name, run) in zip(axes[0], dyn.items()):
         ev = run["eval"]
         steps = [m["step"] for m in ev]
@@ -75,8 +72,10 @@ def fig_dynamics(dyn: dict) -> bytes:
 
 
 def fig_training(dyn: dict) -> bytes:
-    plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
+    from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
+
+    fig = Figure(figsize=(12, 3.6))
+    ax = fig.subplots(1, 2)
     for name, run in dyn.items():
         tr, ev = run["train"], run["eval"]
         line = ax[0].plot([m["step"] for m in tr], [m["loss"] for m in tr], lw=0.6, alpha=0.5)[0]

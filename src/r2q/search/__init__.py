@@ -164,6 +164,15 @@ def score_sequences(policy, ref, prompts, completions, pad_id: int, beta: float)
     return logp, reward
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt token ids as decoding starts from them; an empty prompt is BOS alone."""
+    enc = [tokenizer(p).input_ids or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+           for p in prompts]
+    if any(not e for e in enc):
+        raise UserError("an empty prompt cannot be decoded from with a tokenizer that has no BOS token")
+    return enc
+
+
 def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref=None, base=None,
              progress: bool = False) -> tuple[list[Generation], dict[str, float]]:
     """Decode every prompt with cfg.method; returns one Generation per prompt and the total compute."""
@@ -174,10 +183,7 @@ def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref
     scorer = load_external_scorer(cfg.scorer) if cfg.method == "best-of-n" and cfg.ranking == "external" else None
     eos_ids = [tokenizer.eos_token_id]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [tokenizer(p).input_ids or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
-           for p in prompts]
-    if any(not e for e in enc):
-        raise UserError("an empty prompt cannot be decoded from with a tokenizer that has no BOS token")
+    enc = encode_prompts(tokenizer, prompts)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     total = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}

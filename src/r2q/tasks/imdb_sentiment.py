@@ -19,6 +19,7 @@ from importlib import resources
 import numpy as np
 
 from ..errors import UserError
+from ..stats import spearman  # noqa: F401  (re-exported: the task's tests and users import it here)
 
 _TAG = re.compile(r"<[^>]+>")
 WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern
@@ -98,22 +99,15 @@ class GoldReward:
 
 
 def bradley_terry_pairs(prompts: list[str], a: list[str], b: list[str], ra: np.ndarray, rb: np.ndarray,
-                        seed: int = 0) -> list[dict]:
+                        seed: int = 0, a_eos: list[bool] | None = None,
+                        b_eos: list[bool] | None = None) -> list[dict]:
     """Preference rows: y_a is chosen with probability sigmoid(r_a - r_b) (seeded); identical or empty
-    completions are dropped."""
+    completions are dropped. `*_eos` say whether each completion really ended (default: all did)."""
     rng = random.Random(seed)
-    return [_bt_row(p, x, y, r1, r2, rng) for p, x, y, r1, r2 in zip(prompts, a, b, ra.tolist(), rb.tolist())
+    a_eos, b_eos = a_eos or [True] * len(a), b_eos or [True] * len(b)
+    return [_bt_row(p, x, y, r1, r2, rng, ex, ey)
+            for p, x, y, r1, r2, ex, ey in zip(prompts, a, b, ra.tolist(), rb.tolist(), a_eos, b_eos)
             if x != y and x.strip() and y.strip()]  # drop ties and empty samples (EOS right away)
-
-
-def spearman(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
 
 
 def save_gold(gold: GoldReward, path) -> None:
@@ -159,16 +153,10 @@ def extreme_pairs(prompts: list[str], texts: list[str], ended: list[bool], score
     """One pair per prompt from its k samples (texts[i*k : i*k+k]): the best and the worst by gold, labelled by
     Bradley-Terry on gold. Two short samples often differ little in sentiment; the extremes of k carry more
     signal. Prompts whose extremes are identical or empty are dropped."""
-    rng = random.Random(seed)
-    rows = []
-    for i, p in enumerate(prompts):
-        g = scores[i * k : i * k + k]
-        hi, lo = i * k + int(np.argmax(g)), i * k + int(np.argmin(g))
-        x, y = texts[hi], texts[lo]
-        if x == y or not x.strip() or not y.strip():
-            continue
-        rows.append(_bt_row(p, x, y, float(scores[hi]), float(scores[lo]), rng, ended[hi], ended[lo]))
-    return rows
+    best = [i * k + int(np.argmax(scores[i * k : i * k + k])) for i in range(len(prompts))]
+    worst = [i * k + int(np.argmin(scores[i * k : i * k + k])) for i in range(len(prompts))]
+    return bradley_terry_pairs(prompts, [texts[i] for i in best], [texts[i] for i in worst], scores[best],
+                               scores[worst], seed, [ended[i] for i in best], [ended[i] for i in worst])
 
 
 def rt_pairs(snippets: list[tuple[str, int]], n: int, seed: int = 0) -> list[dict]:
@@ -186,6 +174,5 @@ def rt_pairs(snippets: list[tuple[str, int]], n: int, seed: int = 0) -> list[dic
 
 def rt_preference_rows(pairs: list[dict], gold, prompt: str = "", seed: int = 0) -> list[dict]:
     """Preference rows of snippet pairs under one shared prompt, labelled by Bradley-Terry on gold."""
-    rng = random.Random(seed)
-    ra, rb = gold([x["a"] for x in pairs]), gold([x["b"] for x in pairs])
-    return [_bt_row(prompt, x["a"], x["b"], float(a), float(b), rng) for x, a, b in zip(pairs, ra, rb)]
+    a, b = [x["a"] for x in pairs], [x["b"] for x in pairs]
+    return bradley_terry_pairs([prompt] * len(pairs), a, b, gold(a), gold(b), seed)
