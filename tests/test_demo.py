@@ -85,12 +85,15 @@ def test_report_is_self_contained_and_renders(demo_run, tmp_path):
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,2400",
+    # tall enough for the whole page: the claims and setup tables come before the first figure
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,8000",
                     f"--screenshot={shot}", (out / "report.html").as_uri()], capture_output=True, timeout=120)
     import matplotlib.image as mpimg
     import numpy as np
 
     px = mpimg.imread(shot)[..., :3]
+    inked = np.flatnonzero((px < 0.99).any(axis=(1, 2)))
+    px = px[: inked[-1] + 1] if len(inked) else px  # the page, not the blank canvas below its end
     coloured = (px.max(-1) - px.min(-1)) > 0.25  # saturated pixels: plot lines, heatmap bars
     assert coloured.mean() > 0.005, "the screenshot shows no figures"
     assert (px.mean(-1) < 0.5).mean() > 0.005, "the screenshot shows no text"

@@ -328,13 +328,15 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
                               "change lands on the edited word", "hit share", e["hit_share"],
                               e["hit_share"][0] >= 0.8, nulls=nulls))
     rows = {r["method"]: r for r in se["by_beta"][f"{p['betas'][0]:g}"]["rows"]}
-    k_small = 4 if 4 in p["beams"] else p["beams"][0]
     wide = max(p["beams"])
+    k_small = 4 if 4 in p["beams"] and wide > 4 else min(p["beams"])  # 4: near the paper's best width, 5
     for lp in p["length_penalties"]:
         small, big = rows[f"beam {k_small} lp {lp:g}"], rows[f"beam {wide} lp {lp:g}"]
         out.append(_claim("2 search", f"beam {k_small} (length penalty {lp:g}) beats temperature-1 sampling on gold",
                           "gold(beam) - gold(sample), paired over prompts", small["gold_vs_sample"],
                           small["gold_vs_sample"][1] > 0, win_rate=small["win_rate_vs_sample"]))
+        if wide == k_small:  # one width: nothing wider to compare with
+            continue
         g = [np.array(x["per_prompt"]["gold"]) for x in (big, small)]
         diff = paired_diff_ci(g[0], g[1], p["n_boot"])
         out.append(_claim("2 search", f"beam {wide} scores lower gold than beam {k_small} (length penalty {lp:g}):"

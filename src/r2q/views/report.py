@@ -31,15 +31,20 @@ def cell(x: Any) -> str:
     return esc(x)
 
 
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def table(columns: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td{' class=num' if _is_num(v) else ''}>{cell(v)}</td>" for v in r) + "</tr>"
+                   for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 CSS = """body{font-family:system-ui,-apple-system,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;
-padding:.25em .6em;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}
 img{max-width:100%}.note{color:#555;font-size:.92em}code{background:#f5f5f5;padding:0 .2em}"""
 
 
