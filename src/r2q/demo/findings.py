@@ -28,17 +28,22 @@ def _models(runs: dict, sft: Path) -> dict[str, tuple[str, Path, Path | None]]:
 
 
 class _Loader:
+    """Models by path, loaded once; `keep=False` loads without keeping (checkpoints scored once)."""
+
     def __init__(self):
         self.cache: dict[str, Any] = {}
 
-    def __call__(self, path: Path | None):
+    def __call__(self, path: Path | None, keep: bool = True):
         from ..models import load_model
 
         if path is None:
             return None
-        if str(path) not in self.cache:
-            self.cache[str(path)] = load_model(path).eval()
-        return self.cache[str(path)]
+        if str(path) in self.cache:
+            return self.cache[str(path)]
+        model = load_model(path).eval()
+        if keep:
+            self.cache[str(path)] = model
+        return model
 
 
 # ------------------------------------------------------------------------------------------------ finding 1
@@ -230,12 +235,12 @@ def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_pa
     rows = read_jsonl(data / "search_prompts.jsonl")[: p["n_search"]]
     prompts = [r["prompt"] for r in rows]
     enc = encode_prompts(tok, prompts)
+    human_toks = [tok(r["human"]).input_ids + ([pad] if r["human_eos"] else []) for r in rows]
     out: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": p["search_tokens"], "by_beta": {}}
     for name in ["dpo-b"] + [k for k in runs if k.startswith("dpo-b-beta")]:
         run, beta = runs[name], runs[name]["beta"]
         policy, ref = load(Path(run["model"])), load(Path(run["reference"]))
         base = dict(max_new_tokens=p["search_tokens"], beta=beta, seed=seed, batch_size=16)
-        human_toks = [tok(r["human"]).input_ids + ([pad] if r["human_eos"] else []) for r in rows]
         human = _per_prompt([r["human"] for r in rows], human_toks,
                             *score_sequences(policy, ref, enc, human_toks, pad, beta), enc, pad, gold, judge, beta)
         cells, sample = [], None
@@ -255,7 +260,7 @@ def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_pa
 # ------------------------------------------------------------------------------------------------ finding 3
 
 
-def dynamics(d: Path, runs: dict, pairs: Path, p: dict, seed: int, quiet: bool) -> dict[str, Any]:
+def dynamics(d: Path, runs: dict, p: dict, seed: int, quiet: bool) -> dict[str, Any]:
     """Held-out implicit rewards along training (from the trainer's metrics, step 0 measured before the first
     update) and E_{y~pi_ref}[beta log pi/pi_ref] at every checkpoint, from samples of the reference."""
     from ..checkpoint import list_checkpoints
@@ -270,7 +275,7 @@ def dynamics(d: Path, runs: dict, pairs: Path, p: dict, seed: int, quiet: bool) 
         prompts = [r["prompt"] for r in read_jsonl(Path(run["eval_file"]))][: p["n_ref_samples"]]
         ref = load(Path(run["reference"]))
         cfg = GenerateConfig(method="sample", max_new_tokens=p["pair_tokens"], seed=seed, batch_size=64)
-        samples, _ = generate(ref, tok, prompts, cfg)
+        samples, _ = generate(ref, tok, prompts, cfg, progress=not quiet)
         enc, toks = encode_prompts(tok, prompts), [g.token_ids for g in samples]
         ref_lp = np.array([g.logp for g in samples])  # log pi_ref(y|x), as the sampler scored it
         # step 0: the starting policy is the reference's weights, scored like every checkpoint (not assumed)
@@ -278,7 +283,7 @@ def dynamics(d: Path, runs: dict, pairs: Path, p: dict, seed: int, quiet: bool) 
                                                    list_checkpoints(Path(run["model"]))]
         curve = []
         for step, path in points:
-            pol = load(path) if step == 0 else _fresh(path)
+            pol = load(path, keep=step == 0)
             r = beta * (np.array(score_sequences(pol, None, enc, toks, tok.eos_token_id, beta)[0]) - ref_lp)
             curve.append({"step": step, "expected_reward_under_ref": float(r.mean()),
                           "stderr": float(r.std() / math.sqrt(len(r)))})
@@ -287,12 +292,6 @@ def dynamics(d: Path, runs: dict, pairs: Path, p: dict, seed: int, quiet: bool) 
                      "train": [m for m in metrics if m["split"] == "train"],
                      "eval": [m for m in metrics if m["split"] == "eval"]}
     return out
-
-
-def _fresh(path: Path):
-    from ..models import load_model
-
-    return load_model(path).eval()
 
 
 # ------------------------------------------------------------------------------------------------ claims

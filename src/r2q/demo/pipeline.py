@@ -312,7 +312,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     deps = tuple(runs)
     credit = st.run("credit", deps, lambda d: findings.credit(d, runs, sft, gold, data, p, q))
     search = st.run("search", deps + ("judge",), lambda d: findings.search(d, runs, data, sft, judge, gold, p, s, q))
-    dynamics = st.run("dynamics", deps, lambda d: findings.dynamics(d, runs, pairs, p, s, q))
+    dynamics = st.run("dynamics", deps, lambda d: findings.dynamics(d, runs, p, s, q))
     summary = {"profile": cfg.profile, "seed": cfg.seed, "settings": p,
                "seconds_this_run": time.perf_counter() - t0, "seconds_compute": sum(st.timings.values()),
                "timings": st.timings, "reused_stages": st.reused, "stages": stages, "credit": credit,
