@@ -1,9 +1,11 @@
 """Data loading: every file format gives the same examples, the prompt/completion boundary is exact,
 truncation keeps the right ends, and every bad input is a one-line UserError naming the file and line."""
 
+import codecs
 import copy
 import csv
 import json
+import random
 
 import pytest
 
@@ -214,6 +216,8 @@ BAD_LINES = [
      "share no first message"),
     ('{"prompt": "a", "chosen": "b", "rejected": "c", "rejected_eos": "false"}',
      "field 'rejected_eos' must be true or false, got str"),
+    ('{"prompt": "a", "chosen": "b\\ud83d", "rejected": "c"}', "field 'chosen' holds '\\ud83d', half of a surrogate"),
+    ("[" * 100_000, "cannot read JSON: nested too deeply"),
 ]
 
 
@@ -279,6 +283,131 @@ def test_dataset_dict_without_train_split(tmp_path, tokenizer):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UserError, match="without a 'train' split .*test"):
         load_preferences(tmp_path / "dd", tokenizer)
+
+
+# ---- damaged files: one line naming the file (and the line), never a traceback
+
+RANDOM = random.Random(0).randbytes(4000)  # not UTF-8 from its first byte
+
+
+def bad_byte(data):
+    """data with a byte that is not UTF-8 in ROWS[1] ("12+30=")."""
+    return data.replace(b"12+30=", b"12\xff30=")
+
+
+DAMAGED = [
+    pytest.param("d.jsonl", lambda b: b[:-20], "line 3: malformed JSON at column", id="jsonl-cut"),
+    pytest.param("d.jsonl", bad_byte, "line 2: not UTF-8 text", id="jsonl-not-utf8"),
+    pytest.param("d.jsonl", lambda b: RANDOM, "line 1: not UTF-8 text", id="jsonl-random"),
+    pytest.param("d.jsonl", lambda b: b"", "the file has no rows", id="jsonl-empty"),
+    pytest.param("d.jsonl", lambda b: b" \n\t\r\n", "the file has no rows", id="jsonl-blank"),
+    pytest.param("d.json", lambda b: b[:len(b) // 2], "malformed JSON at line 1 column", id="json-cut"),
+    pytest.param("d.json", bad_byte, "line 1: not UTF-8 text", id="json-not-utf8"),
+    pytest.param("d.json", lambda b: RANDOM, "line 1: not UTF-8 text", id="json-random"),
+    pytest.param("d.json", lambda b: b"", "the file has no rows", id="json-empty"),
+    pytest.param("d.json", lambda b: b" \n ", "the file has no rows", id="json-blank"),
+    pytest.param("d.csv", lambda b: b + b'"cut in a, quoted field\n',
+                 "line 5: malformed CSV: a quoted field is not closed", id="csv-cut-in-quotes"),
+    pytest.param("d.csv", lambda b: b + b'"a"b,c\n', "line 5: malformed CSV", id="csv-text-after-quotes"),
+    pytest.param("d.csv", bad_byte, "line 3: not UTF-8 text", id="csv-not-utf8"),
+    pytest.param("d.csv", lambda b: RANDOM, "line 1: not UTF-8 text", id="csv-random"),
+    pytest.param("d.csv", lambda b: b"", "the file has no rows", id="csv-empty"),
+    pytest.param("d.parquet", lambda b: b[:len(b) // 2], "cannot read parquet", id="parquet-cut"),
+    pytest.param("d.parquet", lambda b: RANDOM, "cannot read parquet", id="parquet-random"),
+    pytest.param("d.parquet", lambda b: b"", "cannot read parquet", id="parquet-empty"),
+    pytest.param("d.parquet", lambda b: b.replace(b"great fun", b"great\xfffun"), "cannot read parquet",
+                 id="parquet-not-utf8"),
+    pytest.param("d_ds", lambda b: b[:len(b) // 2], "not a dataset saved with", id="dataset-cut"),
+    pytest.param("d_ds", lambda b: RANDOM, "not a dataset saved with", id="dataset-random"),
+    pytest.param("d_ds", lambda b: b.replace(b"great fun", b"great\xfffun"), "a damaged dataset: ",
+                 id="dataset-not-utf8"),
+]
+
+
+def damaged(path, damage):
+    """path written with ROWS in its format, then damage(its bytes) written over it (over the data file of a
+    saved dataset)."""
+    write(path, ROWS)
+    target = next(path.glob("*.arrow")) if path.is_dir() else path
+    data = target.read_bytes()
+    target.write_bytes(damage(data))
+    assert target.read_bytes() != data
+    return path
+
+
+@pytest.mark.parametrize(("name", "damage", "problem"), DAMAGED)
+def test_a_damaged_file_is_a_one_line_user_error(tmp_path, tokenizer, name, damage, problem):
+    path = damaged(tmp_path / name, damage)
+    for load in (read_rows, lambda p: load_preferences(p, tokenizer), lambda p: load_sft(p, tokenizer),
+                 lambda p: inspect_data(p, tokenizer, skip_bad=False)):
+        with pytest.raises(UserError) as e:  # any other exception fails the test
+            load(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}") and problem in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("state.json", b"{}"), ("state.json", b"[1]"), ("state.json", RANDOM), ("dataset_info.json", b"[1]"),
+    ("dataset_info.json", b"{"),
+])
+def test_damaged_dataset_metadata_is_a_one_line_user_error(tmp_path, name, content):
+    path = write(tmp_path / "d_ds", ROWS)
+    (path / name).write_bytes(content)
+    with pytest.raises(UserError) as e:
+        read_rows(path)
+    assert str(e.value).startswith(f"{path}: a directory, but not a dataset saved with") and "\n" not in str(e.value)
+
+
+def test_skip_bad_skips_a_line_that_is_not_utf8(tmp_path, tokenizer):
+    bad = OK.encode().replace(b"movie", b"mov\xe9e")
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join([OK.encode(), bad, OK.encode()]) + b"\n")
+    at = bad.index(b"\xe9")
+    msg = (f"{path} line 2: not UTF-8 text: invalid continuation byte b'\\xe9' at byte offset {at} of the line "
+           f"({len(OK) + 1 + at} of the file)")
+    with pytest.raises(UserError) as e:
+        load_preferences(path, tokenizer)
+    assert str(e.value) == msg
+    examples, report = load_preferences(path, tokenizer, skip_bad=True)
+    assert [ex.row for ex in examples] == [1, 3]
+    assert (report.n_rows, report.n_kept, report.n_skipped, report.skipped) == (3, 2, 1, [msg])
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".csv", ".json"])
+def test_a_bad_byte_far_into_a_file_names_its_line_and_offset(tmp_path, ext):
+    path = write(tmp_path / f"big{ext}", ROWS * 3000)
+    data = path.read_bytes()
+    at = data.index(b"12+30=", 170_000) + 2  # past a text reader's buffer, where offsets used to go wrong
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    line = data.count(b"\n", 0, at) + 1
+    line_start = data.rfind(b"\n", 0, at) + 1
+    where = f"{at - line_start} of the line ({at} of the file)" if ext == ".jsonl" else f"{at} of the file"
+    with pytest.raises(UserError) as e:
+        read_rows(path)
+    assert str(e.value) == f"{path} line {line}: not UTF-8 text: invalid start byte b'\\xff' at byte offset {where}"
+    assert ext == ".json" or line > 1000
+
+
+def test_malformed_json_column_is_the_column_in_the_line(tmp_path, tokenizer):
+    # the column json.loads gives for the line alone: not counted past the newline (a cut line used to be
+    # "column 1"), nor shifted by a BOM or CRLF
+    bad = ['{"prompt": "a", "chosen":', '{"prompt": "a"} {"chosen": "b"}', '  {"prompt" "a"}', "[1, 2,"]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + "\r\n".join(bad).encode() + b"\n" + OK.encode())
+    _, report = load_preferences(path, tokenizer, skip_bad=True)
+    for n, line in enumerate(bad, start=1):
+        with pytest.raises(json.JSONDecodeError) as e:
+            json.loads(line)
+        assert report.skipped[n - 1] == f"{path} line {n}: malformed JSON at column {e.value.colno}: {e.value.msg}"
+    assert e.value.colno == len(bad[-1]) + 1
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv"])
+def test_a_utf8_bom_is_accepted(tmp_path, name):
+    path = write(tmp_path / name, ROWS)
+    rows = read_rows(path)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    assert read_rows(path) == rows
 
 
 def test_tokenizer_problems(tokenizer):

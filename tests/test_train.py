@@ -1,5 +1,6 @@
 """The trainer: learning, the reference choices, the reference cache, resume after a kill, NaN stop, bad data."""
 
+import dataclasses
 import json
 import math
 import os
@@ -110,7 +111,7 @@ def test_reference_cache_is_reused(llama_dir, llama_ref_dir, pref_files, tmp_pat
     first = tr.Trainer(c, "dpo")
     assert len(calls) == 1 and first.ref is None and first.ref_cache_hits == 0
     m1 = first.run().metrics
-    second = tr.Trainer(c, "dpo")
+    second = tr.Trainer(dataclasses.replace(c, overwrite=True), "dpo")
     assert len(calls) == 1 and second.ref_cache_hits == 1  # no reference forward the second time
     # the cached and the live reference give the same numbers
     live = train(cfg(llama_dir, train_f, tmp_path / "b", max_steps=2, ref=str(llama_ref_dir)))

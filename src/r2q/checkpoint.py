@@ -2,12 +2,15 @@
 
 A checkpoint directory holds the HF model (`save_pretrained`, safetensors), the tokenizer, and the trainer
 state: `optimizer.safetensors` (optimizer tensors) with `trainer_state.json` (step, scheduler, param groups,
-config) and `rng-<rank>.safetensors` (torch RNG state per process). It is written to a temp dir and renamed
-into place, so a directory named `step-*` is always complete.
+config) and `rng-<rank>.safetensors` (torch RNG state per process). It is written to a temp dir, then
+`manifest.json` (every file's size and sha256) is written last, then the dir is renamed into place: a
+`step-*` dir with a manifest was complete when written, and `verify` tells whether it still is.
+Loading is strict: every tensor the model expects must be in the checkpoint, with its shape.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -44,12 +48,47 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under root/checkpoints, oldest first."""
+    """Checkpoint dirs under root/checkpoints (complete when written or not: see `verify`), oldest first."""
     d = Path(root) / "checkpoints"
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE).exists()]
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (d / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify(d: Path) -> str | None:
+    """None if every file the manifest lists is there with its size and hash, else what is wrong."""
+    try:
+        files = json.loads((d / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest.json (an unfinished write, or a checkpoint of r2q < 0.2)"
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is damaged"
+    for name, want in files.items():
+        p = d / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(p) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    if not any(n.startswith("model") and n.endswith(".safetensors") for n in files):
+        return "no model*.safetensors weights"
+    return None
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any],
@@ -77,6 +116,8 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
         (tmp / STATE).write_text(json.dumps(full, indent=1, default=str))
     wait()
     if is_main:
+        write_manifest(tmp)  # last: it vouches for every file the other ranks and this one wrote
+    if is_main:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -86,18 +127,35 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
-    """Restore model weights, optimizer, scheduler and this process's RNG; returns the trainer state."""
-    from safetensors.torch import load_model
+def load_weights(model, d: Path) -> None:
+    """Load model*.safetensors of d into model, strictly: every tensor the model has (tied copies aside) must be
+    there with its shape, and nothing else. Checked before anything is copied; raises ValueError saying what
+    is wrong."""
+    files = sorted(Path(d).glob("model*.safetensors"))
+    if not files:
+        raise ValueError("no model*.safetensors weights")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    own = model.state_dict()
+    saved_ptrs = {own[k].data_ptr() for k in sd if k in own}
+    missing = [k for k in own if k not in sd and own[k].data_ptr() not in saved_ptrs]  # tied weights: saved once
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"the weights do not fit the model: {len(missing)} tensors missing {missing[:2]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:2]}")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    model.load_state_dict(sd, strict=False)
 
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
+    """Restore model weights, optimizer, scheduler and this process's RNG; returns the trainer state.
+    Call `verify` first; raises ValueError (or a safetensors error) if the files do not fit the model."""
     path = Path(path)
     state = json.loads((path / STATE).read_text())
-    files = sorted(path.glob("model*.safetensors"))
-    if len(files) == 1:
-        load_model(model, str(files[0]), strict=False)
-    else:  # sharded
-        for f in files:
-            model.load_state_dict(load_file(str(f)), strict=False)
+    load_weights(model, path)
     load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng-{rank}.safetensors"

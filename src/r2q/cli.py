@@ -62,7 +62,8 @@ def _options_from(cls):
     for f in dataclasses.fields(cls):
         name = f.type if isinstance(f.type, str) else f.type.__name__
         typ = {"int": int, "float": float, "str": str, "bool": bool}[name]
-        opt = typer.Option(help=f.metadata.get("help", ""))
+        shown = f.default if not isinstance(f.default, str) else f.default.encode("unicode_escape").decode()
+        opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown if f.default != "" else False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                                         annotation=Annotated[typ, opt]))
     return inspect.Signature(params)
@@ -74,13 +75,13 @@ def _train_command(name: str, mode: str, doc: str) -> None:
     def command(**kw) -> None:
         from .train import train
 
-        cfg = TrainConfig(**kw)
         for req in ("model", "data", "out"):
-            if not getattr(cfg, req):
+            if not kw.get(req):
                 raise UserError(f"--{req} is required")
+        cfg = TrainConfig(**kw)
         res = train(cfg, mode=mode)
         final = {k: v for k, v in (res.metrics[-1] if res.metrics else {}).items() if isinstance(v, float)}
-        out.print(f"{name}: {res.steps} steps, model saved to {res.out}")
+        out.print(f"{name}: {res.steps} steps, model saved to {res.out}", markup=False, highlight=False)
         if final:
             out.print("  ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:8]), highlight=False)
 
@@ -95,10 +96,16 @@ _train_command("sft", "sft", "Supervised fine-tuning on completions (prompt/comp
 
 def _read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt file (one per line) or a data file with a `prompt` field (strings or messages)."""
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".txt":
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise UserError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise UserError(f"{path}: no prompts")
         return lines
@@ -125,29 +132,28 @@ def _generate_command() -> None:
                 trust_remote_code: bool, **kw) -> None:
         import json
 
-        from .models import check_same_tokenizer, load_model, load_tokenizer
-        from .search import generate
+        from .models import check_vocab, load_model, load_reference, load_tokenizer
+        from .paths import check_out_file, write_atomic
+        from .search import generate, validate
 
         cfg = GenerateConfig(**kw)
+        if cfg.method in ("reward-beam", "chunk-beam") and not ref:
+            raise UserError(f"{cfg.method} needs a reference model (--ref)")
+        if base and cfg.method != "chunk-beam":
+            raise UserError("--base is chunk-beam's proposer; other methods do not use it")
+        check_out_file(out_path, "--out")
         texts = _read_prompts(prompts)
         tok = load_tokenizer(model, trust_remote_code)
         policy = load_model(model, dtype, trust_remote_code)
-        others = {}
-        for name, path in (("reference", ref), ("base", base)):
-            if path:
-                if (Path(path) / "tokenizer_config.json").exists():
-                    check_same_tokenizer(tok, load_tokenizer(path), f"policy and {name}")
-                others[name] = load_model(path, dtype, trust_remote_code)
+        check_vocab(tok, policy)
+        others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name)
+                  for name, path in (("reference", ref), ("base", base)) if path}
+        validate(cfg, others.get("reference"), others.get("base"))
         results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
                                   progress=not quiet)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            for r in results:
-                f.write(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n")
-        tmp.replace(out_path)
+        write_atomic(out_path, "".join(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n" for r in results))
         out.print(f"{len(results)} generations written to {out_path}; compute: "
-                  + ", ".join(f"{k} {v}" for k, v in total.items()), highlight=False)
+                  + ", ".join(f"{k} {v}" for k, v in total.items()), highlight=False, markup=False)
 
     base_params = [
         inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY,
@@ -178,36 +184,104 @@ def _generate_command() -> None:
 _generate_command()
 
 
-@app.command()
-def credit(
-    model: Annotated[str, typer.Option(help="Policy (DPO) model directory")],
-    ref: Annotated[str, typer.Option(help="Reference model; default: the one r2q train recorded; 'none' = "
-                                          "reference-free")] = "",
-    beta: Annotated[float, typer.Option(help="beta; default: the one r2q train recorded, else 0.1")] = 0.0,
-    data: Annotated[str, typer.Option(help="Pairs (prompt/chosen/rejected) or completions to score")] = "",
-    prompt: Annotated[str, typer.Option(help="A prompt (with --response), instead of --data")] = "",
-    response: Annotated[str, typer.Option(help="The response to --prompt")] = "",
-    html: Annotated[str, typer.Option(help="Write a self-contained HTML heatmap here")] = "",
-    json_path: Annotated[str, typer.Option("--json", help="Write the per-token numbers as JSON here")] = "",
-    png: Annotated[str, typer.Option(help="Write a PNG figure here")] = "",
-    delimiter: Annotated[str, typer.Option(help="Step delimiter for per-step sums")] = "\n",
-    batch_size: Annotated[int, typer.Option(help="Pairs per forward")] = 16,
-    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + completion")] = 1024,
-    max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left)")] = 512,
-    cache_dir: Annotated[str, typer.Option(help="Reference log-prob cache (as r2q train --cache-dir)")] = "",
-    share_prefix: Annotated[bool, typer.Option(help="Run each pair's prompt once")] = True,
-    show: Annotated[int, typer.Option(help="Items shown in the terminal")] = 5,
-    skip_bad: Annotated[bool, typer.Option(help="Skip malformed rows instead of stopping")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the checkpoint")] = False,
-) -> None:
-    """Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, PNG and JSON."""
-    from .credit import run_credit
+def _credit_command() -> None:
+    from .credit import CreditConfig
 
-    run_credit(model, ref or None, beta or None, data or None, prompt or None, response or None, html or None,
-               json_path or None, png or None, delimiter=delimiter, batch_size=batch_size, max_length=max_length,
-               max_prompt_length=max_prompt_length, cache_dir=cache_dir or None, quiet=quiet,
-               share_prefix=share_prefix, show=show, skip_bad=skip_bad, trust_remote_code=trust_remote_code)
+    def command(**kw) -> None:
+        run_credit(CreditConfig(**kw))
+
+    command.__signature__ = _options_from(CreditConfig)
+    command.__doc__ = "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, PNG and JSON."
+    app.command("credit")(command)
+
+
+def _recorded_reference(model: str) -> tuple[str, float | None]:
+    """The reference and beta that `r2q train` recorded in MODEL/r2q_config.json ('' and None if none)."""
+    import json
+
+    p = Path(model) / "r2q_config.json"
+    if not p.is_file():
+        return "", None
+    try:
+        rec = json.loads(p.read_text())
+        ref, beta = rec.get("ref", ""), rec.get("beta")
+        if ref == "init":  # the model training started from
+            ref = rec.get("model", "")
+    except (ValueError, AttributeError):
+        raise UserError(f"{p}: damaged (not a JSON object); pass --ref and --beta") from None
+    if ref and ref != "none" and not Path(ref).is_absolute() and (Path(ref).exists() or "/" in ref):
+        # written by an older r2q, relative to wherever train ran: it may name another model from here
+        raise UserError(f"{p} records the reference as the relative path {ref!r}, which depends on the directory "
+                        "train ran in; pass --ref")
+    return ref, (float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None)
+
+
+def run_credit(cfg, console: Console | None = None) -> dict:
+    """`r2q credit`: check, load, score, print the terminal view, write the requested files; returns the JSON
+    dict. --ref / --beta default to what `r2q train` recorded with the model, else beta 0.1."""
+    from .credit import credit_from_file, score_texts
+    from .models import check_vocab, load_model, load_reference, load_tokenizer
+    from .paths import check_out_file
+    from .views.terminal import render_terminal
+
+    console = console or Console()
+    if not cfg.model:
+        raise UserError("--model is required")
+    if bool(cfg.data) == bool(cfg.prompt or cfg.response):
+        raise UserError("give either --data FILE or --prompt TEXT with --response TEXT")
+    if not cfg.data and not (cfg.prompt and cfg.response):
+        raise UserError("--prompt and --response go together")
+    for flag_name, path in (("--html", cfg.html), ("--json", cfg.json), ("--png", cfg.png)):
+        if path:
+            check_out_file(path, flag_name)
+    rec_ref, rec_beta = _recorded_reference(cfg.model)
+    ref = cfg.ref or rec_ref
+    if not ref:
+        raise UserError("--ref is required (the model has no r2q_config.json naming its reference)")
+    beta = cfg.beta or rec_beta or 0.1
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
+    check_vocab(tokenizer, policy)
+    ref_model = None if ref == "none" else load_reference(ref, tokenizer, policy, cfg.dtype, cfg.trust_remote_code)
+    device = "cuda" if torch_cuda() else "cpu"
+    for m in (policy, ref_model):
+        if m is not None:
+            m.to(device)
+    kw = dict(delimiter=cfg.delimiter, batch_size=cfg.batch_size, share_prefix=cfg.share_prefix,
+              cache_dir=cfg.cache_dir or None, progress=not cfg.quiet, top_k=cfg.top_k,
+              min_count=cfg.min_count or None, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    if cfg.data:
+        report = credit_from_file(policy, ref_model, tokenizer, cfg.data, beta, skip_bad=cfg.skip_bad, **kw)
+        d = report.data
+        if d.n_skipped or d.n_prompt_truncated or d.n_completion_truncated or d.n_identical:
+            sys.stderr.write(f"r2q: {d.summary()}\n")
+    else:
+        report = score_texts(policy, ref_model, tokenizer, [cfg.prompt], [cfg.response], beta, **kw)
+    report.meta.update(model=str(cfg.model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
+    render_terminal(report, console, max_items=cfg.show)
+    written = []
+    if cfg.json:
+        written.append(report.to_json(cfg.json))
+    if cfg.html:
+        from .views.html import write_html
+
+        written.append(write_html(report, cfg.html))
+    if cfg.png:
+        from .views.plots import plot_credit
+
+        written.append(plot_credit(report, cfg.png))
+    for p in written:
+        console.print(f"wrote {p}", highlight=False, markup=False)
+    return report.to_dict()
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_credit_command()
 
 
 @app.command()
@@ -245,10 +319,23 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        app(args=argv, prog_name="r2q")
+        rc = app(args=argv, prog_name="r2q", standalone_mode=False)
     except UserError as e:
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
         sys.exit(2)
+    except typer.Abort:  # Ctrl-C
+        sys.stderr.write("error: aborted\n")
+        sys.exit(130)
+    except typer.TyperException as e:  # click's parse errors (bad value, unknown option), worded on one line
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        if not msg.strip():  # `r2q` alone: the help was printed
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see r2q {ctx.info_name} --help)" if ctx is not None and ctx.parent is not None else ""
+        sys.stderr.write(f"error: {' '.join(msg.split())}{hint}\n")
+        sys.exit(2)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

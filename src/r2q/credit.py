@@ -18,6 +18,7 @@ from the `r2q train --precompute-ref` cache when it has this data (same key), ot
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,11 +27,56 @@ from typing import Any
 import torch
 
 from . import refcache
-from .data import PreferenceExample, SFTExample, _read, preference_examples_from_rows, sft_examples_from_rows
+from .config import check_options
+from .config import option as _f
+from .data import (
+    DataReport,
+    PreferenceExample,
+    SFTExample,
+    _read,
+    preference_examples_from_rows,
+    sft_examples_from_rows,
+)
 from .errors import UserError
 from .losses import dpo_loss
+from .paths import write_atomic
 from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
 from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps, pad_rows
+
+
+@dataclass
+class CreditConfig:
+    """Options of `r2q credit`; the CLI is generated from these fields."""
+
+    model: str = _f("", "Policy (DPO) model directory")
+    ref: str = _f("", "Reference model; default: the one r2q train recorded; 'none' = reference-free")
+    beta: float = _f(0.0, "beta of the rewards; 0 = the one r2q train recorded, else 0.1", ge=0)
+    data: str = _f("", "Pairs (prompt/chosen/rejected) or completions to score")
+    prompt: str = _f("", "A prompt (with --response), instead of --data")
+    response: str = _f("", "The response to --prompt")
+    html: str = _f("", "Write a self-contained HTML heatmap here")
+    json: str = _f("", "Write the per-token numbers as JSON here")
+    png: str = _f("", "Write a PNG figure here")
+    delimiter: str = _f("\n", "Step delimiter for per-step sums (default: a newline)")
+    batch_size: int = _f(16, "Pairs per forward", ge=1)
+    max_length: int = _f(1024, "Max tokens of prompt + completion", ge=2)
+    max_prompt_length: int = _f(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
+    cache_dir: str = _f("", "Reference log-prob cache (as r2q train --cache-dir)")
+    share_prefix: bool = _f(True, "Run each pair's prompt once")
+    show: int = _f(5, "Items shown in the terminal (0: the summary only)", ge=0)
+    top_k: int = _f(20, "Most rewarded and most penalised tokens listed", ge=1)
+    min_count: int = _f(0, "Tokens listed must occur this often (0: automatic)", ge=0)
+    dtype: str = _f("fp32", "fp32, bf16 or fp16 weights", choices=("fp32", "bf16", "fp16"))
+    skip_bad: bool = _f(False, "Skip malformed rows instead of stopping")
+    quiet: bool = _f(False, "No progress bar")
+    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint")
+
+    def __post_init__(self):
+        check_options(self)
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(f"--max-prompt-length ({self.max_prompt_length}) must be less than --max-length "
+                            f"({self.max_length}), to leave room for the completion")
+
 
 # ---------------------------------------------------------------------------------------------- results
 
@@ -97,6 +143,7 @@ class CreditReport:
     completions: list[CompletionCredit] = field(default_factory=list)
     ref_source: str = "model"  # "model", "cache" or "none" (reference-free)
     meta: dict[str, Any] = field(default_factory=dict)
+    data: DataReport | None = None  # what loading the data file did: rows skipped, cut, identical pairs
 
     def items(self) -> list[CompletionCredit]:
         """Every scored completion: chosen, rejected of each pair in order, or the plain completions."""
@@ -110,10 +157,7 @@ class CreditReport:
         return d
 
     def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -166,13 +210,15 @@ def cache_path(ref, tokenizer, examples: Sequence, cache_dir: str | Path | None 
 
 
 def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | None:
-    path = cache_path(ref, tokenizer, examples, cache_dir)
-    if not path.exists():
-        return None
-    logps = refcache.load(path)
-    if [len(x) for x in logps] != [len(c) for _, c in refcache.completion_sequences(examples)]:
+    seqs = refcache.completion_sequences(examples)
+    logps = refcache.try_load(cache_path(ref, tokenizer, examples, cache_dir), len(seqs), _note)
+    if logps is None or [len(x) for x in logps] != [len(c) for _, c in seqs]:
         return None  # not ours after all (a hash collision or a damaged file): score the reference
     return logps
+
+
+def _note(msg: str) -> None:
+    print(f"r2q: {msg}", file=sys.stderr, flush=True)
 
 
 def _progress(enabled: bool):
@@ -375,83 +421,5 @@ def credit_from_file(policy, ref, tokenizer, path: str | Path, beta: float, *, m
     examples, data_report = load(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit)
     report = score_examples(policy, ref, tokenizer, examples, beta, **kw)
     report.meta["data"] = data_report.summary()
+    report.data = data_report
     return report
-
-
-def _train_config(model: str) -> dict[str, Any]:
-    p = Path(model) / "r2q_config.json"
-    try:
-        return json.loads(p.read_text()) if p.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def run_credit(
-    model: str, ref: str | None = None, beta: float | None = None, data: str | None = None,
-    prompt: str | None = None, response: str | None = None, html: str | None = None,
-    json_path: str | None = None, png: str | None = None, delimiter: str = "\n", batch_size: int = 16,
-    max_length: int = 1024, max_prompt_length: int = 512, cache_dir: str | None = None, quiet: bool = False,
-    share_prefix: bool = True, *, show: int = 5, top_k: int = 20, min_count: int | None = None,
-    dtype: str = "fp32", skip_bad: bool = False, trust_remote_code: bool = False, console=None,
-) -> dict[str, Any]:
-    """`r2q credit`: load, score, print the terminal view, write the requested files; returns the JSON dict.
-
-    ref / beta default to what `r2q train` recorded in the model's r2q_config.json (ref 'init' -> the model
-    training started from), else beta 0.1; ref 'none' scores reference-free. show: items printed (0: only the
-    summary). quiet: no progress bar.
-    """
-    from rich.console import Console
-
-    from .models import check_same_tokenizer, load_model, load_tokenizer
-    from .views.terminal import render_terminal
-
-    if (data is None) == (prompt is None and response is None):
-        raise UserError("give either --data FILE or --prompt TEXT with --response TEXT")
-    if data is None and (prompt is None or response is None):
-        raise UserError("--prompt and --response go together")
-    trained = _train_config(model)
-    if beta is None:
-        beta = float(trained.get("beta", 0.1))
-    if ref is None:
-        ref = trained.get("ref")
-        if ref == "init":
-            ref = trained.get("model")
-        if not ref:
-            raise UserError("--ref is required (the model has no r2q_config.json naming its reference)")
-    if beta <= 0:
-        raise UserError("--beta must be positive")
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    policy = load_model(model, dtype, trust_remote_code)
-    ref_model = None
-    if ref != "none":
-        if Path(ref, "tokenizer_config.json").exists() or Path(ref, "tokenizer.json").exists():
-            check_same_tokenizer(tokenizer, load_tokenizer(ref, trust_remote_code), "policy and reference")
-        ref_model = load_model(ref, dtype, trust_remote_code)
-    if torch.cuda.is_available():
-        policy.to("cuda")
-        if ref_model is not None:
-            ref_model.to("cuda")
-    kw = dict(delimiter=delimiter, batch_size=batch_size, share_prefix=share_prefix, cache_dir=cache_dir,
-              progress=not quiet, top_k=top_k, min_count=min_count, max_length=max_length,
-              max_prompt_length=max_prompt_length)
-    if data is not None:
-        report = credit_from_file(policy, ref_model, tokenizer, data, beta, skip_bad=skip_bad, **kw)
-    else:
-        report = score_texts(policy, ref_model, tokenizer, [prompt], [response], beta, **kw)
-    report.meta.update(model=str(model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
-    console = console or Console()
-    render_terminal(report, console, max_items=show)
-    written = []
-    if json_path:
-        written.append(report.to_json(json_path))
-    if html:
-        from .views.html import write_html
-
-        written.append(write_html(report, html))
-    if png:
-        from .views.plots import plot_credit
-
-        written.append(plot_credit(report, png))
-    for p in written:
-        console.print(f"wrote {p}", highlight=False, markup=False)
-    return report.to_dict()

@@ -27,6 +27,7 @@ case) are read as booleans and an empty cell as absent.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -122,38 +123,84 @@ def _read(path: str | os.PathLike) -> tuple[str, str, list[tuple[int, dict | _Ro
         if ext not in readers:
             raise UserError(f"{source}: unknown data format {ext or '(no extension)'!r}; use {FORMATS_HELP}")
         unit, reader = readers[ext]
-        try:
-            items = reader(p, source)
-        except UnicodeDecodeError as e:
-            raise UserError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        items = reader(p, source)
     if not items:
         raise UserError(f"{source}: the file has no rows")
     return source, unit, items
 
 
+def _bytes(p: Path, source: str) -> bytes:
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{source}: cannot read the file: {e.strerror or e}") from e
+
+
+def _not_utf8(e: UnicodeDecodeError, offset: int, line_offset: int | None = None) -> str:
+    """Where the bad bytes are: `offset` (0-based) in the file, and in the line if `line_offset` is given."""
+    where = f"{offset} of the file" if line_offset is None else f"{line_offset} of the line ({offset} of the file)"
+    return f"not UTF-8 text: {e.reason} {e.object[e.start:e.end]!r} at byte offset {where}"
+
+
+def _text(p: Path, source: str) -> str:
+    """The file as UTF-8 text without a leading BOM; a byte that is not UTF-8 is a UserError naming its line."""
+    data = _bytes(p, source)
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{source} line {line}: {_not_utf8(e, e.start)}") from None
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads; nesting too deep is a ValueError too, as malformed JSON (JSONDecodeError) and a huge
+    integer are."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _read_jsonl(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     items: list[tuple[int, dict | _RowError]] = []
-    with open(p, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                items.append((n, _RowError(f"malformed JSON at column {e.colno}: {e.msg}")))
-                continue
-            items.append((n, obj if isinstance(obj, dict) else _not_object(obj)))
+    offset = 0  # where the line starts in the file, in bytes
+    for n, raw in enumerate(_bytes(p, source).split(b"\n"), start=1):
+        row = _jsonl_row(raw.removesuffix(b"\r"), offset, first=n == 1)
+        offset += len(raw) + 1
+        if row is not None:
+            items.append((n, row))
     return items
 
 
+def _jsonl_row(line: bytes, offset: int, first: bool) -> dict | _RowError | None:
+    """One JSONL line, without its newline, starting at byte `offset` of the file; None if it is blank."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _RowError(_not_utf8(e, offset + e.start, e.start))
+    if first:
+        text = text.removeprefix("\ufeff")
+    if not text.strip():
+        return None
+    try:
+        obj = _parse_json(text)
+    except json.JSONDecodeError as e:  # the text has no newline, so e.colno is the column in the line
+        return _RowError(f"malformed JSON at column {e.colno}: {e.msg}")
+    except ValueError as e:
+        return _RowError(f"cannot read JSON: {_first_line(e)}")
+    return obj if isinstance(obj, dict) else _not_object(obj)
+
+
 def _read_json(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
-    text = p.read_text(encoding="utf-8-sig")
+    text = _text(p, source)
     if not text.strip():
         return []
     try:
-        obj = json.loads(text)
+        obj = _parse_json(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except ValueError as e:
+        raise UserError(f"{source}: cannot read JSON: {_first_line(e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -163,21 +210,26 @@ def _read_json(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
 
 def _read_csv(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     # The csv module keeps every cell a string (pandas would turn texts such as "NA" or "null" into NaN);
-    # a cell missing from a short row is None, which validation reports.
+    # a cell missing from a short row is None, which validation reports. strict: a quoted field still open
+    # at the end of the file (a cut file) is an error, not a field holding the rest of the file.
+    text = _text(p, source)
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)
     try:
         items: list[tuple[int, dict | _RowError]] = []
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            start = 2  # line 1 is the header
-            try:
-                for row in reader:
-                    row.pop(None, None)  # cells beyond the header
-                    items.append((start, _csv_flags(row)))
-                    start = reader.line_num + 1
-            except csv.Error as e:
-                raise UserError(f"{source} line {reader.line_num}: malformed CSV: {e}") from e
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        start = 2  # line 1 is the header
+        try:
+            for row in reader:
+                row.pop(None, None)  # cells beyond the header
+                items.append((start, _csv_flags(row)))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if str(e) == "unexpected end of data":
+                raise UserError(f"{source} line {start}: malformed CSV: a quoted field is not closed before "
+                                "the end of the file") from e
+            # DictReader.line_num is updated only after a good row; its csv.reader's is the line at fault
+            raise UserError(f"{source} line {reader.reader.line_num}: malformed CSV: {e}") from e
         return items
     finally:
         csv.field_size_limit(old_limit)
@@ -204,7 +256,9 @@ def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(p).to_pylist()
+        table = pq.read_table(p)
+        table.validate(full=True)  # damaged data (bad offsets, text that is not UTF-8) fails here, not later
+        rows = table.to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{source}: cannot read parquet: {_first_line(e)}") from e
     return list(enumerate(rows, start=1))
@@ -212,17 +266,25 @@ def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
 
 def _read_dataset_dir(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     import datasets
+    import pyarrow as pa
 
     try:
         ds = datasets.load_from_disk(str(p))
-    except (FileNotFoundError, ValueError, OSError) as e:
+    # OSError: not a dataset, or a data file missing or damaged; the rest: damaged state.json or
+    # dataset_info.json (bad JSON, or JSON of the wrong shape)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
         raise UserError(f"{source}: a directory, but not a dataset saved with datasets' save_to_disk "
-                        f"({_first_line(e)})") from e
+                        f"({type(e).__name__}: {_first_line(e)})") from e
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise UserError(f"{source}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
         ds = ds["train"]
-    return list(enumerate(ds.to_list(), start=1))
+    try:
+        ds.data.validate(full=True)  # damaged arrow data can crash the process when read unchecked
+        rows = ds.to_list()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{source}: a damaged dataset: {_first_line(e)}") from e
+    return list(enumerate(rows, start=1))
 
 
 # ---- validating fields
@@ -382,8 +444,19 @@ def _render(tokenizer, prompt: list[dict], completions: list[list[dict]], names:
     return out
 
 
+def _tokens(tokenizer, text: str, name: str, special: bool) -> list[int]:
+    """The token ids of `text`; half a surrogate pair (a JSON escape such as \\ud83d without its other half)
+    is not text the tokenizer takes, so it is a _RowError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _RowError(f"field {name!r} holds {text[e.start]!r}, half of a surrogate pair, which is not "
+                        "text (a string cut inside an escaped character?)") from None
+    return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+
 def _encode_prompt(tokenizer, text: str) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=True).input_ids)
+    ids = _tokens(tokenizer, text, "prompt", special=True)
     bos = tokenizer.bos_token_id
     # a chat template that writes BOS itself, tokenised with add_special_tokens=True, would give it twice
     if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos and text.startswith(tokenizer.bos_token):
@@ -401,7 +474,7 @@ def _with_eos(ids: list[int], eos_id: int, ended: bool) -> list[int]:
 
 
 def _encode_completion(tokenizer, text: str, name: str, ended: bool = True) -> list[int]:
-    ids = _with_eos(list(tokenizer(text, add_special_tokens=False).input_ids), tokenizer.eos_token_id, ended)
+    ids = _with_eos(_tokens(tokenizer, text, name, special=False), tokenizer.eos_token_id, ended)
     if not ids:
         raise _RowError(f"field {name!r} has no tokens")
     return ids
@@ -410,7 +483,7 @@ def _encode_completion(tokenizer, text: str, name: str, ended: bool = True) -> l
 def _encode_text(tokenizer, text: str, ended: bool = True) -> tuple[list[int], list[int]]:
     """A plain text as (first token, the rest [+ EOS if it ended]): BOS when the tokenizer has one, else the
     first token."""
-    ids = list(tokenizer(text, add_special_tokens=True).input_ids)
+    ids = _tokens(tokenizer, text, "text", special=True)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids

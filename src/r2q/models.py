@@ -19,20 +19,69 @@ CHAT_TEMPLATE = (
 )
 
 
+def _looks_local(path: str) -> bool:
+    """A path the user meant as a directory (a hub id is `name` or `org/name`)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+
+
+def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
+    """A missing local directory is named as such, not passed to the hub as a malformed repo id."""
+    p = str(path)
+    if not p:
+        raise UserError(f"no {what} given")
+    if not Path(p).exists() and _looks_local(p):
+        raise UserError(f"{p}: no such {what} directory")
+    if Path(p).exists() and not Path(p).is_dir():
+        raise UserError(f"{p}: a file; the {what} must be a directory holding config.json and weights")
+
+
 def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: bool = False):
     """A causal LM from a local directory or hub id, weights from safetensors only (no pickle)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    check_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except OSError as e:
-        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
-    except ValueError as e:
-        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
+        raise UserError(f"cannot load a model from {path}: {_first_line(e)}") from e
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def vocab_size(model) -> int:
+    """Rows of the output layer: the size of the distribution pi(.|s) the model puts on tokens."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(tokenizer, policy, other=None, what: str = "reference") -> None:
+    """Token-level rewards compare log-probs of one token under two models: both must score the same
+    vocabulary, and the tokenizer must not produce ids beyond it."""
+    v = vocab_size(policy)
+    if len(tokenizer) > v:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the policy's output layer only {v}")
+    if other is not None and vocab_size(other) != v:
+        raise UserError(f"the policy scores {v} tokens but the {what} {vocab_size(other)}; token-level rewards "
+                        "need one shared vocabulary")
+
+
+def load_reference(path: str | os.PathLike, tokenizer, policy, dtype: str = "fp32", trust_remote_code: bool = False,
+                   what: str = "reference"):
+    """The model that `what` names, checked against the policy: same tokenizer (when it has tokenizer files)
+    and same output vocabulary."""
+    check_model_path(path, what)
+    if Path(path, "tokenizer_config.json").exists() or Path(path, "tokenizer.json").exists():
+        check_same_tokenizer(tokenizer, load_tokenizer(path, trust_remote_code), f"policy and {what}")
+    model = load_model(path, dtype, trust_remote_code)
+    check_vocab(tokenizer, policy, model, what)
     return model
 
 
@@ -40,10 +89,11 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer saved beside a model; a pad token is set to EOS if it has none."""
     from transformers import AutoTokenizer
 
+    check_model_path(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a tokenizer file of the wrong shape
+        raise UserError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from e
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer at {path} has no EOS token; completions need one to end")
     if tok.pad_token_id is None:

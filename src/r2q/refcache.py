@@ -71,6 +71,22 @@ def save(path: Path, logps: Sequence[torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
+def try_load(path: Path, n: int, note=print) -> list[torch.Tensor] | None:
+    """The cached log-probs if the file exists and holds n sequences; a damaged file is said and ignored
+    (scored again and rewritten)."""
+    if not path.exists():
+        return None
+    try:
+        logps = load(path)
+    except Exception as e:  # noqa: BLE001 - an unreadable cache file is only a miss
+        note(f"reference cache {path} is damaged ({type(e).__name__}); scoring again")
+        return None
+    if len(logps) != n:
+        note(f"reference cache {path} holds {len(logps)} sequences, not {n}; scoring again")
+        return None
+    return logps
+
+
 def load(path: Path) -> list[torch.Tensor]:
     d = load_file(str(path))
     return list(torch.split(d["logps"], d["lengths"].tolist()))

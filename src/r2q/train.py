@@ -12,6 +12,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -19,12 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 
 from . import refcache
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint, verify
+from .config import check_options, flag
 from .config import option as _f
 from .errors import UserError
 from .losses import LOSS_TYPES, dpo_loss
+from .paths import check_out_dir, write_atomic
 from .rewards import implicit_rewards, sequence_rewards
 from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps, pad_rows
 
@@ -37,36 +42,43 @@ class TrainConfig:
     data: str = _f("", "Training data: .jsonl, .json, .parquet, .csv or a saved dataset directory")
     out: str = _f("", "Output directory: final model, checkpoints/, metrics.jsonl")
     ref: str = _f("init", "Reference policy: a model path, 'init' (frozen copy of the start) or 'none'")
-    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref")
-    loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo or cdpo (label-smoothed)")
-    label_smoothing: float = _f(0.0, "cDPO label noise epsilon")
-    lr: float = _f(5e-6, "Peak learning rate (AdamW)")
-    schedule: str = _f("linear", "Learning-rate schedule after warm-up: linear, cosine or constant")
-    warmup_steps: int = _f(0, "Linear warm-up steps")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off)")
-    epochs: float = _f(1.0, "Epochs over the data (ignored when --max-steps is set)")
-    max_steps: int = _f(0, "Optimizer steps to run (0 = from --epochs)")
-    batch_size: int = _f(8, "Examples (pairs) per micro-batch per process")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step")
-    max_length: int = _f(1024, "Max tokens of prompt + completion (longer: cut)")
-    max_prompt_length: int = _f(512, "Max prompt tokens (cut from the left)")
+    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref", gt=0)
+    loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo or cdpo (label-smoothed)", choices=LOSS_TYPES)
+    label_smoothing: float = _f(0.0, "cDPO label noise epsilon, in [0, 0.5) (--loss cdpo only)", ge=0, le=0.49)
+    lr: float = _f(5e-6, "Peak learning rate (AdamW)", gt=0)
+    schedule: str = _f("linear", "Learning-rate schedule after warm-up: linear, cosine or constant",
+                       choices=("linear", "cosine", "constant"))
+    warmup_steps: int = _f(0, "Linear warm-up steps", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off)", ge=0)
+    epochs: float = _f(1.0, "Epochs over the data (ignored when --max-steps is set)", gt=0, le=1e6)
+    max_steps: int = _f(0, "Optimizer steps to run (0 = from --epochs)", ge=0)
+    batch_size: int = _f(8, "Examples (pairs) per micro-batch per process", ge=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
+    max_length: int = _f(1024, "Max tokens of prompt + completion (longer: cut)", ge=2)
+    max_prompt_length: int = _f(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
     share_prefix: bool = _f(True, "One row per pair: run the prompt once for chosen and rejected")
     precompute_ref: bool = _f(False, "Run the reference once, cache per-token log-probs on disk, free it")
     cache_dir: str = _f("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
-    dtype: str = _f("fp32", "fp32, or bf16 autocast (weights stay fp32)")
-    seed: int = _f(0, "Seed for data order, initialisation of the run and dropout")
+    dtype: str = _f("fp32", "fp32, or bf16 autocast (weights stay fp32)",
+                    choices=("fp32", "float32", "bf16", "bfloat16"))
+    seed: int = _f(0, "Seed for data order, initialisation of the run and dropout", ge=0)
     eval_data: str = _f("", "Held-out data file (default: a split of --data, see --eval-fraction)")
-    eval_fraction: float = _f(0.0, "Fraction of --data held out for evaluation when --eval-data is unset")
-    eval_every: int = _f(0, "Evaluate every N steps (0 = only at the end)")
+    eval_fraction: float = _f(0.0, "Fraction of --data held out for evaluation when --eval-data is unset",
+                              ge=0, le=0.99)
+    eval_every: int = _f(0, "Evaluate every N steps (0 = only at the end)", ge=0)
     eval_on_start: bool = _f(False, "Also evaluate once before the first step, logged as step 0 (not on resume)")
-    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model)")
-    keep_last: int = _f(2, "Checkpoints to keep")
-    resume: bool = _f(False, "Continue from the newest complete checkpoint in --out")
-    log_every: int = _f(1, "Write metrics every N steps")
+    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model)", ge=0)
+    keep_last: int = _f(2, "Checkpoints to keep (the newest)", ge=1)
+    resume: bool = _f(False, "Continue from the newest verified checkpoint in --out (same settings required)")
+    overwrite: bool = _f(False, "Start over in an --out that holds an earlier run (deletes its checkpoints)")
+    log_every: int = _f(1, "Write metrics every N steps", ge=1)
     skip_bad: bool = _f(False, "Skip malformed rows (counted and reported) instead of stopping")
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint (off: safer)")
     quiet: bool = _f(False, "No progress bar")
+
+    def __post_init__(self):
+        check_options(self)
 
 
 @dataclass
@@ -121,17 +133,21 @@ def pair_batch(examples, pad_id: int, share_prefix: bool) -> TokenBatch:
 
 
 @torch.no_grad()
-def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: int) -> list[torch.Tensor]:
+def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: int, progress: bool = False,
+                    what: str = "reference log-probs") -> list[torch.Tensor]:
     """Per-token reference log-probs of every completion: [chosen_0, rejected_0, chosen_1, ...]."""
     ref.eval()
     out: list[torch.Tensor] = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        b = pair_batch(chunk, pad_id, share_prefix)
-        lp = completion_logps(ref, b.to(ref.device)).cpu()
-        B = len(chunk)
-        for j in range(B):
-            out += [lp[j, : b.lengths[j]], lp[B + j, : b.lengths[B + j]]]
+    with _progress(not progress) as bar:
+        task = bar.add_task(what, total=len(examples), info="")
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            b = pair_batch(chunk, pad_id, share_prefix)
+            lp = completion_logps(ref, b.to(ref.device)).cpu()
+            B = len(chunk)
+            for j in range(B):
+                out += [lp[j, : b.lengths[j]], lp[B + j, : b.lengths[B + j]]]
+            bar.update(task, advance=B)
     return out
 
 
@@ -173,7 +189,8 @@ class Trainer:
 
         self.cfg, self.mode = cfg, mode
         _validate(cfg, mode)
-        self.out = Path(cfg.out)
+        self.out = check_out_dir(cfg.out)
+        _check_earlier_run(self.out, cfg)
         trackers = "tensorboard" if _has_tensorboard() else None
         self.acc = Accelerator(
             gradient_accumulation_steps=1, mixed_precision="bf16" if cfg.dtype in ("bf16", "bfloat16") else "no",
@@ -185,10 +202,14 @@ class Trainer:
             raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees "
                             f"{self.acc.num_processes}; on CPU set ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
         set_seed(cfg.seed)
-        from .models import load_model, load_tokenizer
+        from .models import check_model_path, check_vocab, load_model, load_reference, load_tokenizer
 
         if model is not None and tokenizer is None:
             raise UserError("an in-memory model needs its tokenizer")
+        if model is None:
+            check_model_path(cfg.model)
+        if mode == "dpo" and cfg.ref not in ("init", "none") and ref_model is None:
+            check_model_path(cfg.ref, "reference")
         tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -196,6 +217,7 @@ class Trainer:
         self.train_ex, self.eval_ex, self.report = self._data(train_examples, eval_examples)
         if model is None:
             model = load_model(cfg.model, "fp32", cfg.trust_remote_code)
+        check_vocab(tokenizer, model)
 
         # the reference is fixed before any checkpoint is loaded: `init` means the starting weights
         self.ref = None
@@ -205,11 +227,8 @@ class Trainer:
             if cfg.ref == "init":
                 ref_model = ref_model or copy.deepcopy(model)
             elif ref_model is None:
-                from .models import check_same_tokenizer
-
-                ref_model = load_model(cfg.ref, "fp32", cfg.trust_remote_code)
-                if (Path(cfg.ref) / "tokenizer_config.json").exists():
-                    check_same_tokenizer(tokenizer, load_tokenizer(cfg.ref), "policy and reference")
+                ref_model = load_reference(cfg.ref, tokenizer, model, "fp32", cfg.trust_remote_code)
+            check_vocab(tokenizer, model, ref_model)
             ref_model.requires_grad_(False).eval()
             if cfg.precompute_ref:
                 self._precompute(ref_model)
@@ -255,8 +274,10 @@ class Trainer:
         report = None
         if train_examples is None:
             train_examples, report = load(cfg.data, self.tokenizer, **kw)
+            _note_report(report, self._note)
         if eval_examples is None and cfg.eval_data:
-            eval_examples, _ = load(cfg.eval_data, self.tokenizer, **kw)
+            eval_examples, eval_report = load(cfg.eval_data, self.tokenizer, **kw)
+            _note_report(eval_report, self._note)
         elif eval_examples is None and cfg.eval_fraction > 0:
             g = torch.Generator().manual_seed(cfg.seed)
             perm = torch.randperm(len(train_examples), generator=g).tolist()
@@ -272,16 +293,17 @@ class Trainer:
             if not examples:
                 continue
             path = refcache.cache_path(self.cfg.cache_dir, wh, self.tokenizer, examples)
-            hit = path.exists()
+            cached = refcache.try_load(path, 2 * len(examples), self._note)
             self.acc.wait_for_everyone()  # every rank looks before rank 0 writes, so all take the same branch
-            if hit:
-                self.ref_logps[split] = refcache.load(path)
+            if cached is not None:
+                self.ref_logps[split] = cached
                 self.ref_cache_hits += 1
                 continue
             if self.acc.is_main_process:
                 ref_model.to(self.acc.device)
                 logps = score_reference(ref_model, examples, self.pad_id, self.cfg.share_prefix,
-                                        max(self.cfg.batch_size, 8))
+                                        max(self.cfg.batch_size, 8), progress=not self.cfg.quiet,
+                                        what=f"reference log-probs ({split})")
                 refcache.save(path, logps)
             self.acc.wait_for_everyone()
             self.ref_logps[split] = refcache.load(path)
@@ -408,25 +430,79 @@ class Trainer:
     def _save(self) -> None:
         unwrapped = self.lm()
         save_checkpoint(self.out, self.step, unwrapped, self.tokenizer, self.opt, self.sched,
-                        {"config": asdict(self.cfg), "mode": self.mode, "total_steps": self.total_steps},
+                        {"config": self._recorded(), "mode": self.mode, "total_steps": self.total_steps,
+                         "data_hash": self._data_hash()},
                         self.cfg.keep_last, self.acc.is_main_process, self.acc.process_index,
                         self.acc.wait_for_everyone)
+
+    def _recorded(self) -> dict[str, Any]:
+        """The config as r2q_config.json and checkpoints record it: local paths made absolute, so that `credit`
+        and `--resume` find the same files from any directory."""
+        d = dict(asdict(self.cfg), mode=self.mode)
+        for k in ("model", "data", "ref", "eval_data", "cache_dir", "out"):
+            if d[k] and Path(d[k]).exists():
+                d[k] = str(Path(d[k]).resolve())
+        return d
+
+    def _data_hash(self) -> str:
+        return refcache.data_hash(refcache.completion_sequences(self.train_ex))
+
+    def _note(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            print(f"r2q: {msg}", file=sys.stderr, flush=True)
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint that verifies and was written by this same run (settings and data);
+        damaged ones are skipped with a line each. No checkpoint at all: start at step 0, said so."""
+        found = list_checkpoints(self.out)
+        if not found:
+            self._note(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting at step 0")
+            return
+        skipped = []
+        for ck in reversed(found):
+            why = verify(ck)
+            if why is None:
+                self._check_same_run(ck, json.loads((ck / STATE).read_text()))
+                try:
+                    state = load_checkpoint(ck, self.lm(), self.opt, self.sched, self.acc.process_index)
+                except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as e:
+                    why = f"cannot be loaded ({' '.join(str(e).split())[:200]})"
+            if why is not None:
+                self._note(f"skipping damaged checkpoint {ck}: {why}")
+                skipped.append(ck.name)
+                continue
+            self.step = state["step"]
+            self._note(f"resuming from {ck} (step {self.step} of {self.total_steps})")
+            _truncate_metrics(self.out / "metrics.jsonl", self.step, self.acc.is_main_process, self._note)
+            return
+        raise UserError(f"--resume: none of the {len(found)} checkpoints in {self.out / 'checkpoints'} is usable "
+                        "(see above); start over with --overwrite")
+
+    def _check_same_run(self, ck: Path, state: dict[str, Any]) -> None:
+        saved, now = state.get("config", {}), self._recorded()
+        diff = [f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in FREE_ON_RESUME
+                and saved.get(k) != now[k]]
+        if state.get("data_hash") not in (None, self._data_hash()):
+            diff.append("the training data (its tokens differ)")
+        if diff:
+            raise UserError(f"--resume: {ck} was written by a run with other settings: {'; '.join(diff)}. Resume "
+                            "with the same settings, or start over with --overwrite")
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and (ck := list_checkpoints(self.out)):
-            state = load_checkpoint(ck[-1], self.lm(), self.opt, self.sched,
-                                    self.acc.process_index)
-            self.step = state["step"]
-            _truncate_metrics(self.out / "metrics.jsonl", self.step, self.acc.is_main_process)
-        elif self.acc.is_main_process:
+        if cfg.resume:
+            self._resume()
+        elif self.acc.is_main_process:  # an earlier run here was refused, or --overwrite asked to delete it
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            for ck in list_checkpoints(self.out):
+                shutil.rmtree(ck)
+        self.acc.wait_for_everyone()
         if self.acc.log_with:
             self.acc.init_trackers("r2q", config={k: v for k, v in asdict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
         if self.acc.is_main_process:
-            (self.out / "r2q_config.json").write_text(json.dumps(dict(asdict(cfg), mode=self.mode), indent=1))
+            write_atomic(self.out / "r2q_config.json", json.dumps(self._recorded(), indent=1))
         progress = _progress(cfg.quiet or not self.acc.is_main_process)
         with progress:
             task = progress.add_task("sft" if self.mode == "sft" else "dpo", total=self.total_steps,
@@ -460,29 +536,61 @@ class Trainer:
         return TrainResult(self.out, self.step, self.metrics, final)
 
 
-def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
-    """Drop lines logged after the checkpoint being resumed, so the file reads as one clean run."""
+# options that may differ between a run and its resumption: they change neither the updates nor the data
+FREE_ON_RESUME = {"resume", "overwrite", "quiet", "eval_every", "eval_on_start", "save_every", "keep_last",
+                  "log_every", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data", "out"}
+
+
+def _truncate_metrics(path: Path, step: int, is_main: bool, note=print) -> None:
+    """Drop lines logged after the checkpoint being resumed, so the file reads as one clean run; a line cut
+    short (the process was killed while writing it) is dropped with a note."""
     if not is_main or not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for n, ln in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            m = json.loads(ln)
+            s = m["step"]
+        except (ValueError, KeyError, TypeError):
+            if ln.strip():
+                note(f"{path} line {n}: not a complete metrics line (cut short by a kill?); dropped")
+            continue
+        if isinstance(s, int) and s <= step:
+            keep.append(ln)
+    write_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _note_report(report, note) -> None:
+    """Rows skipped, cut or identical change what is trained on: always said, never only in inspect-data."""
+    if report.n_skipped or report.n_prompt_truncated or report.n_completion_truncated or report.n_identical:
+        note(report.summary())
+        for msg in report.skipped[:3]:
+            note(f"  skipped: {msg}")
+
+
+def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
+    """A fresh run must not mix with (or silently delete) an earlier run's checkpoints and metrics."""
+    if cfg.resume or cfg.overwrite or not out.is_dir():
+        return
+    found = [n for n in ("checkpoints", "metrics.jsonl") if (out / n).exists()]
+    if found and (list_checkpoints(out) or (out / "metrics.jsonl").exists()):
+        raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}); continue it with --resume, "
+                        "start over with --overwrite, or choose another --out")
 
 
 def _validate(cfg: TrainConfig, mode: str) -> None:
-    if mode == "dpo" and cfg.loss not in LOSS_TYPES:
-        raise UserError(f"unknown --loss {cfg.loss!r}; use one of {', '.join(LOSS_TYPES)}")
-    if cfg.schedule not in ("linear", "cosine", "constant"):
-        raise UserError(f"unknown --schedule {cfg.schedule!r}; use linear, cosine or constant")
-    if cfg.dtype not in ("fp32", "float32", "bf16", "bfloat16"):
-        raise UserError(f"unknown --dtype {cfg.dtype!r}; use fp32 or bf16")
-    if cfg.beta <= 0:
-        raise UserError("--beta must be positive")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise UserError("--batch-size and --grad-accum must be at least 1")
+    """What the ranges of single options cannot say (those are checked when the config is made)."""
     if not cfg.out:
         raise UserError("--out is required")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise UserError("--eval-fraction must be in [0, 1)")
+    if cfg.label_smoothing and cfg.loss != "cdpo":
+        raise UserError(f"--label-smoothing is for --loss cdpo (got --loss {cfg.loss})")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be less than --max-length "
+                        f"({cfg.max_length}), to leave room for the completion")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; give one")
+    if mode == "sft" and cfg.ref != "init":
+        raise UserError("--ref is for DPO (r2q train); r2q sft has no reference")
 
 
 def _fast_adamw() -> dict[str, bool]:

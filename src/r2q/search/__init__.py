@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from ..config import check_options
 from ..config import option as _f
 from ..errors import UserError
 from ..rewards import implicit_rewards, sequence_rewards
 from ..tokens import build_batch, completion_logps
 from .beam import beam_search
-from .bon import RANKINGS, load_external_scorer, sample_scores
+from .bon import RANKINGS, checked_scores, load_external_scorer, sample_scores
 from .chunk_beam import chunk_beam_search
 from .lm import Compute, Lockstep
 from .mcts import mcts
@@ -31,28 +32,34 @@ METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam",
 class GenerateConfig:
     """Options of `r2q generate`; the CLI is generated from these fields."""
 
-    method: str = _f("beam", f"Decoding method: {', '.join(METHODS)}")
-    max_new_tokens: int = _f(64, "Max tokens generated per prompt")
-    num_beams: int = _f(4, "Beams (beam, reward-beam) or beam width W (chunk-beam)")
-    num_samples: int = _f(4, "Samples per prompt (best-of-n) or per beam (chunk-beam)")
-    temperature: float = _f(1.0, "Sampling temperature")
-    top_k: int = _f(0, "Sample from the k most likely tokens only (0 = all)")
-    top_p: float = _f(1.0, "Nucleus sampling mass")
-    beta: float = _f(0.1, "beta of the implicit reward beta * log pi/pi_ref")
+    method: str = _f("beam", f"Decoding method: {', '.join(METHODS)}", choices=METHODS)
+    max_new_tokens: int = _f(64, "Max tokens generated per prompt", ge=1)
+    num_beams: int = _f(4, "Beams (beam, reward-beam) or beam width W (chunk-beam)", ge=1)
+    num_samples: int = _f(4, "Samples per prompt (best-of-n) or per beam (chunk-beam)", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature (> 0; --method greedy for argmax decoding)", gt=0)
+    top_k: int = _f(0, "Sample from the k most likely tokens only (0 = all)", ge=0)
+    top_p: float = _f(1.0, "Nucleus sampling mass, in (0, 1]", gt=0, le=1)
+    beta: float = _f(0.1, "beta of the implicit reward beta * log pi/pi_ref", gt=0)
     length_penalty: float = _f(0.0, "Beam score = sum / length**penalty (0 = plain sum, the paper's Eq. 13)")
-    early_stopping: str = _f("false", "Beam early stopping as in transformers: false, true or never")
+    early_stopping: str = _f("false", "Beam early stopping as in transformers: false, true or never",
+                             choices=("false", "true", "never"))
     ref_term: bool = _f(False, "reward-beam / mcts: add beta * log pi_ref to the reward (= beta * log pi)")
-    ranking: str = _f("reward", f"best-of-n ranking: {', '.join(RANKINGS)}")
-    scorer: str = _f("", "External scorer for best-of-n: a reward-model directory or module:function")
-    delimiter: str = _f("\n", "Step delimiter for reward-min / reward-last")
-    chunk_len: int = _f(8, "chunk-beam: tokens per chunk")
-    simulations: int = _f(64, "mcts: simulations per prompt")
-    c_puct: float = _f(1.0, "mcts: exploration constant")
-    expand_top_k: int = _f(16, "mcts: children per node (most likely tokens)")
+    ranking: str = _f("reward", f"best-of-n ranking: {', '.join(RANKINGS)}", choices=RANKINGS)
+    scorer: str = _f("", "External scorer for --ranking external: a reward-model directory, or module:function, "
+                           "which imports and RUNS that Python code (the current directory is searched); it is "
+                           "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
+    delimiter: str = _f("\n", "Step delimiter for reward-min / reward-last (default: a newline)")
+    chunk_len: int = _f(8, "chunk-beam: tokens per chunk", ge=1)
+    simulations: int = _f(64, "mcts: simulations per prompt", ge=1)
+    c_puct: float = _f(1.0, "mcts: exploration constant", ge=0)
+    expand_top_k: int = _f(16, "mcts: children per node (most likely tokens)", ge=1)
     rollout: bool = _f(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
-    backup: str = _f("max", "mcts: edge value = best return seen (max) or the mean")
-    seed: int = _f(0, "Seed for sampling")
-    batch_size: int = _f(8, "Prompts decoded together")
+    backup: str = _f("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
+    seed: int = _f(0, "Seed for sampling", ge=0)
+    batch_size: int = _f(8, "Prompts decoded together", ge=1)
+
+    def __post_init__(self):
+        check_options(self)
 
 
 @dataclass
@@ -82,19 +89,16 @@ def _early(v: str | bool) -> bool | str:
 
 
 def validate(cfg: GenerateConfig, ref, base) -> None:
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    """What the ranges of single options cannot say (those are checked when the config is made)."""
+    check_options(cfg)
     if cfg.method in ("reward-beam", "chunk-beam") and ref is None:
         raise UserError(f"{cfg.method} needs a reference model (--ref)")
-    if cfg.method == "best-of-n" and cfg.ranking not in RANKINGS:
-        raise UserError(f"unknown ranking {cfg.ranking!r}; use one of {', '.join(RANKINGS)}")
     if cfg.method == "best-of-n" and cfg.ranking == "external" and not cfg.scorer:
-        raise UserError("ranking 'external' needs --scorer")
-    if cfg.max_new_tokens < 1 or cfg.num_beams < 1 or cfg.num_samples < 1:
-        raise UserError("--max-new-tokens, --num-beams and --num-samples must be at least 1")
-    if cfg.backup not in ("max", "mean"):
-        raise UserError("--backup must be max or mean")
-    _early(cfg.early_stopping)
+        raise UserError("--ranking external needs --scorer")
+    if cfg.scorer and not (cfg.method == "best-of-n" and cfg.ranking == "external"):
+        raise UserError("--scorer is used by --method best-of-n --ranking external only")
+    if base is not None and cfg.method != "chunk-beam":
+        raise UserError("--base is chunk-beam's proposer; other methods do not use it")
 
 
 @torch.no_grad()
@@ -126,7 +130,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
         if cfg.ranking == "external":
             ptext = [tokenizer.decode(p) for p in prompts for _ in range(N)]
             ctext = [tokenizer.decode(t, skip_special_tokens=True) for t in s.tokens]
-            scores = torch.tensor(scorer(ptext, ctext), dtype=torch.float)
+            scores = checked_scores(scorer(ptext, ctext), len(ctext), cfg.scorer)
         else:
             scores = sample_scores(s.tokens, s.logps[0], s.logps[1] if ref is not None else None, cfg.beta,
                                    cfg.ranking, tokenizer, cfg.delimiter)

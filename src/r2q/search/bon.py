@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -45,10 +48,16 @@ def load_external_scorer(spec: str, device="cpu") -> Callable[[Sequence[str], Se
     sequence-classification reward model (score = its single logit, or log p(last label) for several)."""
     if ":" in spec and not spec.startswith(("/", ".")):
         mod, _, fn = spec.partition(":")
+        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
         try:
-            return getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
+            f = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError, SyntaxError) as e:
             raise UserError(f"cannot load scorer {spec!r}: {e}") from e
+        finally:
+            sys.path.remove(os.getcwd())
+        if not callable(f):
+            raise UserError(f"scorer {spec!r} is not a function")
+        return f
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -68,3 +77,16 @@ def load_external_scorer(spec: str, device="cpu") -> Callable[[Sequence[str], Se
         return s.tolist()
 
     return score
+
+
+def checked_scores(scores, n: int, spec: str) -> torch.Tensor:
+    """An external scorer's output as (n,) floats, or a one-line error saying what it returned instead."""
+    try:
+        t = torch.as_tensor([float(x) for x in scores], dtype=torch.float)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"scorer {spec!r} must return a list of {n} numbers ({e})") from None
+    if len(t) != n:
+        raise UserError(f"scorer {spec!r} returned {len(t)} scores for {n} completions")
+    if not all(math.isfinite(x) for x in t.tolist()):
+        raise UserError(f"scorer {spec!r} returned a score that is NaN or infinite")
+    return t

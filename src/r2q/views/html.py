@@ -13,6 +13,7 @@ import html as _html
 from pathlib import Path
 
 from ..credit import CompletionCredit, CreditReport, PairCredit
+from ..paths import write_atomic
 from . import NEGATIVE, NEUTRAL, POSITIVE, display_piece, reward_rgb, text_rgb, vmax_of
 
 CSS = """
@@ -140,7 +141,4 @@ def render_html(report: CreditReport, title: str = "r2q credit", max_items: int 
 
 
 def write_html(report: CreditReport, path: str | Path, **kw) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report, **kw), encoding="utf-8")
-    return path
+    return write_atomic(path, render_html(report, **kw))

@@ -7,10 +7,12 @@ step line. A data set with more than one item gets a last panel with the tokens 
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 from ..credit import CompletionCredit, CreditReport
+from ..paths import write_atomic
 from . import display_piece, reward_rgb, vmax_of
 
 
@@ -76,9 +78,8 @@ def plot_credit(report: CreditReport, path: str | Path, max_items: int = 4, dpi:
         _top_panel(axes[-1], report)
     fig.suptitle(f"token rewards beta*log pi/pi_ref (beta={report.beta:g}, reference: {report.ref_source})",
                  fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")
-        fig.savefig(path, format="png")
-    return path
+        fig.savefig(buf, format="png")
+    return write_atomic(path, buf.getvalue())
