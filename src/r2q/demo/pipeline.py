@@ -189,7 +189,7 @@ def stage_lm(d: Path, data: Path, rows: str, p: dict, seed: int, quiet: bool, la
     cfg = TrainConfig(model=str(init), data=str(data / rows), out=str(d / "model"), lr=p["sft_lr"],
                       schedule="cosine", warmup_steps=max(1, steps // 20), max_steps=steps, eval_fraction=0.05,
                       batch_size=p["sft_batch"], max_length=p["lm_len"], max_prompt_length=8, seed=seed, quiet=quiet,
-                      weight_decay=0.01, eval_every=max(1, steps // 5))
+                      weight_decay=0.01, eval_every=max(1, steps // 5), overwrite=True)
     res = train(cfg, mode="sft")
     tr = [m for m in res.metrics if m["split"] == "train"][-1]
     ev = [m for m in res.metrics if m["split"] == "eval"]
@@ -243,8 +243,9 @@ def stage_dpo(d: Path, start: Path, train_file: Path, eval_file: Path, p: dict, 
     from ..train import TrainConfig, train
 
     model = start
+    # a stage that runs again starts over (an interrupted attempt may have left a partial run in its dir)
     common = dict(batch_size=p["dpo_batch"], max_length=max_len(p, tokens), max_prompt_length=2 * p["prompt_tokens"],
-                  seed=seed, quiet=quiet)
+                  seed=seed, quiet=quiet, overwrite=True)
     if sft_on_chosen:  # the paper's reference choice (a): the reference is fine-tuned on the chosen responses
         c = TrainConfig(model=str(start), data=str(train_file), out=str(d / "sft-chosen"), lr=p["sft_lr"] / 3,
                         max_steps=p["chosen_sft_steps"], schedule="constant", **common)
