@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from r2q.credit import credit_from_file, run_credit, score_examples, score_pairs, score_texts, token_pieces
+from r2q.cli import run_credit as _run_credit
+from r2q.credit import CreditConfig, credit_from_file, score_examples, score_pairs, score_texts, token_pieces
 from r2q.data import SFTExample, preference_examples_from_rows, sft_examples_from_rows
 from r2q.errors import UserError
 from r2q.models import load_model, save_model, tiny_model, train_bpe_tokenizer
@@ -147,14 +148,14 @@ def test_uses_the_training_reference_cache(llama_dir, llama_ref_dir, tokenizer, 
     for a, b in zip(live.items(), cached.items()):
         assert a.ref_logps == pytest.approx(b.ref_logps, abs=1e-5)
         assert a.rewards == pytest.approx(b.rewards, abs=1e-5)
-    out = run_credit(str(llama_dir), str(llama_ref_dir), 0.1, data=str(data), cache_dir=str(cache), quiet=True,
-                     show=0, json_path=str(tmp_path / "c.json"), html=str(tmp_path / "c.html"),
+    out = run_credit(model=str(llama_dir), ref=str(llama_ref_dir), beta=0.1, data=str(data), cache_dir=str(cache),
+                     quiet=True, show=0, json=str(tmp_path / "c.json"), html=str(tmp_path / "c.html"),
                      png=str(tmp_path / "c.png"))
     assert out["ref_source"] == "cache" and json.loads((tmp_path / "c.json").read_text()) == out
     assert (tmp_path / "c.html").stat().st_size > 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     # a different data set misses the cache and runs the reference
-    other = run_credit(str(llama_dir), str(llama_ref_dir), 0.1, prompt="the film", response=" was good.",
-                       cache_dir=str(cache), quiet=True, show=0)
+    other = run_credit(model=str(llama_dir), ref=str(llama_ref_dir), beta=0.1, prompt="the film",
+                       response=" was good.", cache_dir=str(cache), quiet=True, show=0)
     assert other["ref_source"] == "model" and len(other["completions"]) == 1
 
 
@@ -163,7 +164,7 @@ def test_run_credit_reads_beta_and_reference_from_the_training_run(llama_dir, to
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     train(TrainConfig(model=str(llama_dir), data=str(data), out=str(tmp_path / "run"), beta=0.4, max_steps=2,
                       batch_size=2, lr=1e-3, quiet=True, cache_dir=str(tmp_path / "cache")))
-    out = run_credit(str(tmp_path / "run"), data=str(data), quiet=True, cache_dir=str(tmp_path / "cache"))
+    out = run_credit(model=str(tmp_path / "run"), data=str(data), quiet=True, cache_dir=str(tmp_path / "cache"))
     assert out["beta"] == 0.4 and out["meta"]["ref"] == str(llama_dir)  # ref 'init': the starting model
     assert "rewards/accuracy" in capsys.readouterr().out
 
@@ -172,15 +173,19 @@ def test_user_errors(llama_dir, tmp_path):
     other_tok = train_bpe_tokenizer(["zebra yak xylophone " * 5, "0123456789"], vocab_size=300)
     other = save_model(tiny_model("llama", len(other_tok)), other_tok, tmp_path / "other")
     with pytest.raises(UserError, match="tokenizers differ"):
-        run_credit(str(llama_dir), str(other), 0.1, prompt="a", response="b", quiet=True, show=0)
+        run_credit(model=str(llama_dir), ref=str(other), prompt="a", response="b", quiet=True, show=0)
     with pytest.raises(UserError, match="either --data"):
-        run_credit(str(llama_dir), str(llama_dir), 0.1, quiet=True)
+        run_credit(model=str(llama_dir), ref=str(llama_dir), quiet=True)
     with pytest.raises(UserError, match="go together"):
-        run_credit(str(llama_dir), str(llama_dir), 0.1, prompt="a", quiet=True)
+        run_credit(model=str(llama_dir), ref=str(llama_dir), prompt="a", quiet=True)
     with pytest.raises(UserError, match="--ref is required"):
-        run_credit(str(llama_dir), None, 0.1, prompt="a", response="b", quiet=True)
-    with pytest.raises(UserError, match="beta"):
-        run_credit(str(llama_dir), str(llama_dir), -1.0, prompt="a", response="b", quiet=True)
+        run_credit(model=str(llama_dir), prompt="a", response="b", quiet=True)
+    with pytest.raises(UserError, match="--beta must be at least 0"):
+        run_credit(model=str(llama_dir), ref=str(llama_dir), beta=-1.0, prompt="a", response="b", quiet=True)
+
+
+def run_credit(**kw):
+    return _run_credit(CreditConfig(**kw))
 
 
 def test_token_pieces_join_to_the_decoded_text(tokenizer):

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -38,7 +39,7 @@ def inspect_data(
     from .models import load_tokenizer
 
     info = _inspect(data, load_tokenizer(model), max_length=max_length, max_prompt_length=max_prompt_length)
-    table = Table(title=f"{data} ({info['kind']}, {info['format']})")
+    table = Table(title=escape(f"{data} ({info['kind']}, {info['format']})"))
     table.add_column("field")
     for col in ("p50", "p90", "p99", "max"):
         table.add_column(col, justify="right")
@@ -62,8 +63,11 @@ def _options_from(cls):
     for f in dataclasses.fields(cls):
         name = f.type if isinstance(f.type, str) else f.type.__name__
         typ = {"int": int, "float": float, "str": str, "bool": bool}[name]
-        shown = f.default if not isinstance(f.default, str) else f.default.encode("unicode_escape").decode()
-        opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown if f.default != "" else False)
+        shown: bool | str = f.default != ""
+        if isinstance(f.default, str) and not f.default.isprintable():  # e.g. a newline: shown as \n
+            shown = f.default.encode("unicode_escape").decode()
+        shown = f.metadata.get("shown") or shown
+        opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                                         annotation=Annotated[typ, opt]))
     return inspect.Signature(params)
@@ -299,17 +303,20 @@ def theory(
         raise UserError(f"some theory checks failed; see {out_dir / 'report.html'}")
 
 
-@app.command()
-def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (stages cached here)")] = Path("r2q-demo"),
-    profile: Annotated[str, typer.Option(help="quick (minutes on a laptop CPU) or full (better fidelity)")] = "quick",
-    seed: Annotated[int, typer.Option(help="Seed of every stage")] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bars inside stages")] = False,
-) -> None:
-    """The paper's three findings on the built-in imdb-sentiment task, from scratch, with a report."""
-    from .demo import DemoConfig, run
+def _demo_command() -> None:
+    from .demo import DemoConfig
 
-    run(DemoConfig(out=str(out_dir), profile=profile, seed=seed, quiet=quiet))
+    def command(**kw) -> None:
+        from .demo import run
+
+        run(DemoConfig(**kw))
+
+    command.__signature__ = _options_from(DemoConfig)
+    command.__doc__ = "The paper's three findings on the built-in imdb-sentiment task, from scratch, with a report."
+    app.command("demo")(command)
+
+
+_demo_command()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,10 +17,11 @@ INT_MAX = 2**31 - 1  # no count, length or seed r2q takes is larger; bigger valu
 
 
 def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-           le: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+           le: float | None = None, choices: tuple[str, ...] | None = None, shown: str | None = None) -> Any:
     """A dataclass field with a default, the help line `r2q` shows for its --option and its valid values:
-    ge / gt / le bound a number (ints are also at most INT_MAX, floats finite), choices lists the strings."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices}
+    ge / gt / le bound a number (ints are also at most INT_MAX, floats finite), choices lists the strings.
+    shown: what --help prints as the default, where the value itself would mislead."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "shown": shown}
     return field(default=default, metadata=meta)
 
 

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import check_options, option
 from ..errors import UserError
+from ..paths import check_out_dir
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(
@@ -56,10 +58,14 @@ PROFILES["tiny"] = dict(PROFILES["quick"], n_gold=2000, n_lm_reviews=3000, vocab
 
 @dataclass
 class DemoConfig:
-    out: str = "r2q-demo"
-    profile: str = "quick"
-    seed: int = 0
-    quiet: bool = False
+    out: str = option("r2q-demo", "Output directory (stages cached here)")
+    profile: str = option("quick", "quick (minutes on a laptop CPU) or full (better fidelity)",
+                          choices=tuple(PROFILES))
+    seed: int = option(0, "Seed of every stage", ge=0)
+    quiet: bool = option(False, "No progress bars inside stages")
+
+    def __post_init__(self):
+        check_options(self)
 
 
 class Stages:
@@ -282,14 +288,13 @@ def dpo_plan(p: dict) -> dict[str, dict[str, Any]]:
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or reuse) every stage, write DIR/report.html and DIR/summary.json; returns the summary."""
     from rich.console import Console
+    from rich.markup import escape
 
     from . import findings
     from .report import key_tables, write_report
 
-    if cfg.profile not in PROFILES:
-        raise UserError(f"unknown profile {cfg.profile!r}; use {' or '.join(PROFILES)}")
     p = PROFILES[cfg.profile]
-    out = Path(cfg.out)
+    out = check_out_dir(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(quiet=False)
     torch.manual_seed(cfg.seed)
@@ -325,7 +330,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     report = write_report(out, summary)
     for t in key_tables(summary):
         console.print(t)
-    console.print(f"report: {report}  ({summary['seconds_compute']:.0f}s of compute, "
+    console.print(f"report: {escape(str(report))}  ({summary['seconds_compute']:.0f}s of compute, "
                   f"{summary['seconds_this_run']:.0f}s this run)")
     return summary
 

@@ -48,7 +48,7 @@ class GenerateConfig:
     scorer: str = _f("", "External scorer for --ranking external: a reward-model directory, or module:function, "
                            "which imports and RUNS that Python code (the current directory is searched); it is "
                            "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
-    delimiter: str = _f("\n", "Step delimiter for reward-min / reward-last (default: a newline)")
+    delimiter: str = _f("\n", "Step delimiter for reward-min / reward-last")
     chunk_len: int = _f(8, "chunk-beam: tokens per chunk", ge=1)
     simulations: int = _f(64, "mcts: simulations per prompt", ge=1)
     c_puct: float = _f(1.0, "mcts: exploration constant", ge=0)

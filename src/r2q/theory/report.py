@@ -35,7 +35,14 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
     """
     from rich.console import Console
 
-    out = Path(out_dir)
+    from rich.markup import escape
+
+    from ..errors import UserError
+    from ..paths import check_out_dir
+
+    if not 0 <= seed <= 2**31 - 1:
+        raise UserError(f"--seed must be in [0, {2**31 - 1}]; got {seed}")
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(quiet=not progress)
     t0 = time.perf_counter()
@@ -76,7 +83,7 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.html").write_text(render_html(results, figures, summary))
     verdict = "[green]all checks hold[/]" if summary["passed"] else "[red]some checks failed[/]"
-    console.print(f"{verdict} in {summary['seconds']:.1f}s; report: {out / 'report.html'}")
+    console.print(f"{verdict} in {summary['seconds']:.1f}s; report: {escape(str(out / 'report.html'))}")
     return summary
 
 
