@@ -34,7 +34,6 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
     Returns the summary dict (also written to summary.json); summary["passed"] says whether every check held.
     """
     from rich.console import Console
-
     from rich.markup import escape
 
     from ..errors import UserError
