@@ -35,8 +35,12 @@ def inspect_data(
     max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left)")] = 512,
 ) -> None:
     """Counts, token length percentiles, truncation and bad rows of a data file."""
+    from .config import check_value
     from .data import inspect_data as _inspect
     from .models import load_tokenizer
+
+    check_value("max_length", max_length, ge=2)
+    check_value("max_prompt_length", max_prompt_length, ge=1)
 
     info = _inspect(data, load_tokenizer(model), max_length=max_length, max_prompt_length=max_prompt_length)
     table = Table(title=escape(f"{data} ({info['kind']}, {info['format']})"))
@@ -296,8 +300,10 @@ def theory(
     quiet: Annotated[bool, typer.Option(help="No tables while running")] = False,
 ) -> None:
     """Exact checks of the paper's identities on a token-level MDP where Q* is known."""
+    from .config import check_value
     from .theory import run
 
+    check_value("seed", seed, ge=0)
     summary = run(out_dir, seed=seed, quick=quick, progress=not quiet)
     if not summary["passed"]:
         raise UserError(f"some theory checks failed; see {out_dir / 'report.html'}")

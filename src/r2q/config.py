@@ -37,6 +37,13 @@ def check_options(cfg: Any) -> None:
             raise UserError(f"{flag(f.name)} {problem}")
 
 
+def check_value(name: str, v: Any, **meta: Any) -> None:
+    """One option outside a config class (meta as `option`'s ranges)."""
+    problem = _problem(v, meta)
+    if problem:
+        raise UserError(f"{flag(name)} {problem}")
+
+
 def _problem(v: Any, meta: Any) -> str | None:
     if isinstance(v, bool) or v is None:
         return None
