@@ -480,8 +480,12 @@ class Trainer:
 
     def _check_same_run(self, ck: Path, state: dict[str, Any]) -> None:
         saved, now = state.get("config", {}), self._recorded()
-        diff = [f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in FREE_ON_RESUME
-                and saved.get(k) != now[k]]
+        changed = [k for k in now if k not in FREE_ON_RESUME and saved.get(k) != now[k]]
+        longer = [k for k in changed if k in ("max_steps", "epochs")]
+        if longer:  # training on (or stopping sooner) is allowed; a decaying schedule now ends at the new total
+            self._note("--resume: " + ", ".join(f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in longer)
+                       + f"; the run now ends at step {self.total_steps}")
+        diff = [f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k not in longer]
         if state.get("data_hash") not in (None, self._data_hash()):
             diff.append("the training data (its tokens differ)")
         if diff:
