@@ -426,3 +426,14 @@ def test_fuzz_damaged_data_files_through_the_cli(llama_dir, tmp_path, capsys):
                                "--quiet")
         assert name in one_line_error(code, err)
         assert not (tmp_path / "o").exists()
+
+
+def test_sft_refuses_dpo_options_and_tokenising_progress_changes_nothing(llama_dir, data, tokenizer, tmp_path,
+                                                                         capsys):
+    for flag, value in (("--beta", "0.3"), ("--ref", "none"), ("--loss", "ipo"), ("--precompute-ref", None)):
+        code, _, err = run_cli(capsys, "sft", "--model", llama_dir, "--data", data, "--out", tmp_path / "o", flag,
+                               *([value] if value else []))
+        assert one_line_error(code, err) == f"error: {flag} is a DPO option (r2q train); r2q sft does not use it"
+    from r2q.data import load_preferences
+
+    assert load_preferences(data, tokenizer, progress=True)[0] == load_preferences(data, tokenizer)[0]

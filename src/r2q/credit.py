@@ -418,7 +418,8 @@ def credit_from_file(policy, ref, tokenizer, path: str | Path, beta: float, *, m
     first = next((r for _, r in items if isinstance(r, Mapping)), {})
     pairs = "chosen" in first and "rejected" in first
     load: Callable = preference_examples_from_rows if pairs else sft_examples_from_rows
-    examples, data_report = load(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit)
+    examples, data_report = load(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit,
+                                 progress=kw.get("progress", False))
     report = score_examples(policy, ref, tokenizer, examples, beta, **kw)
     report.meta["data"] = data_report.summary()
     report.data = data_report

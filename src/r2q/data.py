@@ -517,10 +517,17 @@ def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[li
 
 
 def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source: str, unit: str,
-                 skip_bad: bool) -> tuple[list, DataReport]:
+                 skip_bad: bool, progress: bool = False) -> tuple[list, DataReport]:
     """[(row, format, prompt ids, [completion ids])] before truncation, and a report of rows / skips."""
     report = DataReport(source=source, kind=kind)
     encoded = []
+    if progress:
+        from rich.console import Console
+        from rich.progress import track
+
+        items = list(items)
+        items = track(items, description=f"tokenising {Path(source).name}", total=len(items), transient=True,
+                      console=Console(stderr=True))
     for n, row in items:
         report.n_rows += 1
         try:
@@ -590,6 +597,7 @@ def _examples(encoded, report: DataReport, max_length: int, max_prompt_length: i
 def preference_examples_from_rows(
     rows: Iterable[Mapping | tuple[int, Mapping]], tokenizer, max_length: int = 1024,
     max_prompt_length: int = 512, skip_bad: bool = False, *, source: str = "<rows>", unit: str = "row",
+    progress: bool = False,
 ) -> tuple[list[PreferenceExample], DataReport]:
     """Tokenised, truncated preference pairs from in-memory rows.
 
@@ -597,40 +605,41 @@ def preference_examples_from_rows(
     ("row" or "line") name them in messages.
     """
     _check_lengths(max_length, max_prompt_length)
-    encoded, report = _encode_rows(_numbered(rows), tokenizer, "preference", source, unit, skip_bad)
+    encoded, report = _encode_rows(_numbered(rows), tokenizer, "preference", source, unit, skip_bad, progress)
     return _examples(encoded, report, max_length, max_prompt_length), report
 
 
 def sft_examples_from_rows(
     rows: Iterable[Mapping | tuple[int, Mapping]], tokenizer, max_length: int = 1024,
     max_prompt_length: int = 512, skip_bad: bool = False, *, source: str = "<rows>", unit: str = "row",
+    progress: bool = False,
 ) -> tuple[list[SFTExample], DataReport]:
     """Tokenised, truncated prompt + completion examples from in-memory rows."""
     _check_lengths(max_length, max_prompt_length)
-    encoded, report = _encode_rows(_numbered(rows), tokenizer, "sft", source, unit, skip_bad)
+    encoded, report = _encode_rows(_numbered(rows), tokenizer, "sft", source, unit, skip_bad, progress)
     return _examples(encoded, report, max_length, max_prompt_length), report
 
 
 def load_preferences(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
-    skip_bad: bool = False,
+    skip_bad: bool = False, progress: bool = False,
 ) -> tuple[list[PreferenceExample], DataReport]:
     """Preference pairs from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
     _check_lengths(max_length, max_prompt_length)
     source, unit, items = _read(path)
     return preference_examples_from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad,
-                                         source=source, unit=unit)
+                                         source=source, unit=unit, progress=progress)
 
 
 def load_sft(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
-    skip_bad: bool = False,
+    skip_bad: bool = False, progress: bool = False,
 ) -> tuple[list[SFTExample], DataReport]:
     """SFT examples from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
     _check_lengths(max_length, max_prompt_length)
     source, unit, items = _read(path)
     return sft_examples_from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad,
-                                  source=source, unit=unit)
+                                  source=source, unit=unit, progress=progress)
 
 
 def _percentiles(xs: list[int]) -> dict[str, int]:

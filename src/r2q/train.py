@@ -270,7 +270,8 @@ class Trainer:
 
         cfg = self.cfg
         load = load_preferences if self.mode == "dpo" else load_sft
-        kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad=cfg.skip_bad)
+        kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad=cfg.skip_bad,
+                  progress=not cfg.quiet and self.acc.is_main_process)
         report = None
         if train_examples is None:
             train_examples, report = load(cfg.data, self.tokenizer, **kw)
@@ -582,6 +583,9 @@ def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
                         "start over with --overwrite, or choose another --out")
 
 
+DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref")
+
+
 def _validate(cfg: TrainConfig, mode: str) -> None:
     """What the ranges of single options cannot say (those are checked when the config is made)."""
     if not cfg.out:
@@ -593,8 +597,10 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
                         f"({cfg.max_length}), to leave room for the completion")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
-    if mode == "sft" and cfg.ref != "init":
-        raise UserError("--ref is for DPO (r2q train); r2q sft has no reference")
+    if mode == "sft":
+        for name in DPO_ONLY:
+            if getattr(cfg, name) != getattr(TrainConfig, name):
+                raise UserError(f"{flag(name)} is a DPO option (r2q train); r2q sft does not use it")
 
 
 def _fast_adamw() -> dict[str, bool]:
