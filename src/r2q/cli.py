@@ -77,29 +77,47 @@ def _options_from(cls):
     return inspect.Signature(params)
 
 
-def _train_command(name: str, mode: str, doc: str) -> None:
-    from .train import TrainConfig
+def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
+    """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to
+    `run` by name): `run(cls(**fields), **extra)`."""
+    import dataclasses
+    import inspect
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = extra or []
+    assert not names & {p.name for p in extra}
 
     def command(**kw) -> None:
-        from .train import train
+        run(cls(**{k: v for k, v in kw.items() if k in names}), **{k: v for k, v in kw.items() if k not in names})
 
-        for req in ("model", "data", "out"):
-            if not kw.get(req):
-                raise UserError(f"--{req} is required")
-        cfg = TrainConfig(**kw)
-        res = train(cfg, mode=mode)
-        final = {k: v for k, v in (res.metrics[-1] if res.metrics else {}).items() if isinstance(v, float)}
-        out.print(f"{name}: {res.steps} steps, model saved to {res.out}", markup=False, highlight=False)
-        if final:
-            out.print("  ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:8]), highlight=False)
-
-    command.__signature__ = _options_from(TrainConfig)
+    command.__signature__ = inspect.Signature(extra + list(_options_from(cls).parameters.values()))
     command.__doc__ = doc
     app.command(name)(command)
 
 
-_train_command("train", "dpo", "Token-level DPO training of a causal LM on preference pairs.")
-_train_command("sft", "sft", "Supervised fine-tuning on completions (prompt/completion, text, messages or chosen).")
+def _train(cfg, name: str, mode: str) -> None:
+    from .train import train
+
+    for req in ("model", "data", "out"):
+        if not getattr(cfg, req):
+            raise UserError(f"--{req} is required")
+    res = train(cfg, mode=mode)
+    final = {k: v for k, v in (res.metrics[-1] if res.metrics else {}).items() if isinstance(v, float)}
+    out.print(f"{name}: {res.steps} steps, model saved to {res.out}", markup=False, highlight=False)
+    if final:
+        out.print("  ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:8]), highlight=False)
+
+
+def _train_commands() -> None:
+    from .train import TrainConfig
+
+    _config_command("train", TrainConfig, "Token-level DPO training of a causal LM on preference pairs.",
+                    lambda cfg: _train(cfg, "train", "dpo"))
+    _config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prompt/completion, text, messages "
+                    "or chosen).", lambda cfg: _train(cfg, "sft", "sft"))
+
+
+_train_commands()
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -131,20 +149,18 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _generate_command() -> None:
-    import dataclasses
     import inspect
 
     from .search import GenerateConfig
 
-    def command(model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str, quiet: bool,
-                trust_remote_code: bool, **kw) -> None:
+    def command(cfg: GenerateConfig, model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str,
+                quiet: bool, trust_remote_code: bool) -> None:
         import json
 
         from .models import check_vocab, load_model, load_reference, load_tokenizer
         from .paths import check_out_file, write_atomic
         from .search import generate, validate
 
-        cfg = GenerateConfig(**kw)
         if cfg.method in ("reward-beam", "chunk-beam") and not ref:
             raise UserError(f"{cfg.method} needs a reference model (--ref)")
         if base and cfg.method != "chunk-beam":
@@ -183,10 +199,8 @@ def _generate_command() -> None:
         inspect.Parameter("trust_remote_code", inspect.Parameter.KEYWORD_ONLY, default=False,
                           annotation=Annotated[bool, typer.Option(help="Allow model code from the checkpoint")]),
     ]
-    assert not {p.name for p in base_params} & {f.name for f in dataclasses.fields(GenerateConfig)}
-    command.__signature__ = inspect.Signature(base_params + list(_options_from(GenerateConfig).parameters.values()))
-    command.__doc__ = "Decode with search over the policy: beam, reward-beam, best-of-n, chunk-beam, mcts, ..."
-    app.command("generate")(command)
+    _config_command("generate", GenerateConfig, "Decode with search over the policy: beam, reward-beam, best-of-n, "
+                    "chunk-beam, mcts, ...", command, base_params)
 
 
 _generate_command()
@@ -195,12 +209,8 @@ _generate_command()
 def _credit_command() -> None:
     from .credit import CreditConfig
 
-    def command(**kw) -> None:
-        run_credit(CreditConfig(**kw))
-
-    command.__signature__ = _options_from(CreditConfig)
-    command.__doc__ = "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, PNG and JSON."
-    app.command("credit")(command)
+    _config_command("credit", CreditConfig, "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, "
+                    "PNG and JSON.", lambda cfg: run_credit(cfg))
 
 
 def _recorded_reference(model: str) -> tuple[str, float | None]:
@@ -309,17 +319,17 @@ def theory(
         raise UserError(f"some theory checks failed; see {out_dir / 'report.html'}")
 
 
+def _demo(cfg) -> None:
+    from .demo import run
+
+    run(cfg)
+
+
 def _demo_command() -> None:
     from .demo import DemoConfig
 
-    def command(**kw) -> None:
-        from .demo import run
-
-        run(DemoConfig(**kw))
-
-    command.__signature__ = _options_from(DemoConfig)
-    command.__doc__ = "The paper's three findings on the built-in imdb-sentiment task, from scratch, with a report."
-    app.command("demo")(command)
+    _config_command("demo", DemoConfig, "The paper's three findings on the built-in imdb-sentiment task, from "
+                    "scratch, with a report.", _demo)
 
 
 _demo_command()
