@@ -10,10 +10,12 @@ from r2q.rewards import (
     aggregate_steps,
     cumulative_rewards,
     implicit_rewards,
+    likelihood_score,
     sequence_rewards,
     step_ends_from_text,
     step_ids,
     step_rewards,
+    token_rewards,
 )
 
 torch.manual_seed(0)
@@ -45,6 +47,20 @@ def test_implicit_rewards_and_sums_match_loops():
 def test_reference_free_rewards():
     r = implicit_rewards(POL, None, MASK, BETA)
     torch.testing.assert_close(r, (BETA * POL).masked_fill(~MASK, 0))
+
+
+def test_token_rewards_one_formula_for_tensors_arrays_and_floats():
+    """The elementwise Eq. 10 that search, best-of-n, MCTS, chunk-beam, credit and training all call."""
+    import numpy as np
+
+    for s, t in [(0, 0), (1, 2), (3, 4)]:
+        lp, lr = POL[s, t].item(), REF[s, t].item()
+        assert token_rewards(lp, lr, BETA) == pytest.approx(BETA * lp - BETA * lr, abs=1e-12)
+        assert token_rewards(lp, lr, BETA, ref_term=True) == pytest.approx(BETA * lp, abs=1e-12)  # Eq. 13
+        assert token_rewards(lp, None, BETA) == pytest.approx(BETA * lp, abs=1e-12)
+    np.testing.assert_allclose(token_rewards(POL.numpy(), REF.numpy(), BETA), (BETA * (POL - REF)).numpy(), atol=1e-7)
+    torch.testing.assert_close(token_rewards(POL, REF, BETA, ref_term=True), BETA * POL)
+    assert likelihood_score([POL, REF]) is POL
 
 
 def slow_dpo(rw, rl, beta, kind, eps=0.0):

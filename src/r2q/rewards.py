@@ -5,18 +5,37 @@ All tensors are completion-aligned: (S, L) with a bool mask (S, L) of real token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")  # a tensor, an array or a float: the formulas are elementwise
+
+
+def token_rewards(policy_logps: T, ref_logps: T | None, beta: float, ref_term: bool = False) -> T:
+    """The paper's Eq. 10, elementwise: r = beta * (log pi(a|s) - log pi_ref(a|s)) for tensors, arrays or floats.
+
+    ref_logps=None is the reference-free case (pi_ref uniform up to a constant: r = beta * log pi).
+    ref_term adds beta * log pi_ref back (r + beta log pi_ref = beta log pi: search on the policy's likelihood
+    scaled by beta, the paper's Eq. 13 view of search as optimising Q*). Every reward in r2q is computed here.
+    """
+    if ref_logps is None:
+        return beta * policy_logps
+    r = beta * (policy_logps - ref_logps)
+    return r + beta * ref_logps if ref_term else r
+
+
+def likelihood_score(logps: Sequence[T]) -> T:
+    """Eq. 13's search score of a token from the per-model log-probs [policy, ...]: log pi(a|s) of the policy."""
+    return logps[0]
 
 
 def implicit_rewards(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """r_t = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)), 0 where masked.  (S, L) -> (S, L)
-
-    ref_logps=None is the reference-free case (pi_ref uniform up to a constant: r_t = beta * log pi).
-    """
-    diff = policy_logps if ref_logps is None else policy_logps - ref_logps
-    return (beta * diff).masked_fill(~mask, 0.0)
+    """`token_rewards` of every completion token, 0 where masked.  (S, L) -> (S, L)"""
+    return token_rewards(policy_logps, ref_logps, beta).masked_fill(~mask, 0.0)
 
 
 def cumulative_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rewards import token_rewards
 from ..stats import distinct_n, grouped_spearman_ci, mean_ci, paired_diff_ci, wins
 from .pipeline import max_len, read_jsonl, write_jsonl
 
@@ -284,7 +285,7 @@ def dynamics(d: Path, runs: dict, p: dict, seed: int, quiet: bool) -> dict[str, 
         curve = []
         for step, path in points:
             pol = load(path, keep=step == 0)
-            r = beta * (np.array(score_sequences(pol, None, enc, toks, tok.eos_token_id, beta)[0]) - ref_lp)
+            r = token_rewards(np.array(score_sequences(pol, None, enc, toks, tok.eos_token_id, beta)[0]), ref_lp, beta)
             curve.append({"step": step, "expected_reward_under_ref": float(r.mean()),
                           "stderr": float(r.std() / math.sqrt(len(r)))})
         metrics = read_jsonl(Path(run["model"]) / "metrics.jsonl")

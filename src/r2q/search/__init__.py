@@ -16,7 +16,7 @@ import torch
 from ..config import check_options
 from ..config import option as _f
 from ..errors import UserError
-from ..rewards import implicit_rewards, sequence_rewards
+from ..rewards import implicit_rewards, likelihood_score, sequence_rewards, token_rewards
 from ..tokens import build_batch, completion_logps
 from .beam import beam_search
 from .bon import RANKINGS, checked_scores, load_external_scorer, sample_scores
@@ -115,10 +115,11 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
         out = [(t, float(lp.sum())) for t, lp in zip(s.tokens, s.logps[0])]
     elif m in ("beam", "reward-beam"):
         if m == "beam":
-            lock, fn, mono = Lockstep([policy], compute), (lambda l: l[0]), True
+            lock, fn, mono = Lockstep([policy], compute), likelihood_score, True
         else:
-            b = cfg.beta
-            fn = (lambda l: b * (l[0] - l[1]) + b * l[1]) if cfg.ref_term else (lambda l: b * (l[0] - l[1]))
+            def fn(logps, b=cfg.beta, with_ref=cfg.ref_term):
+                return token_rewards(logps[0], logps[1], b, with_ref)
+
             lock, mono = Lockstep([policy, ref], compute), False
         hyps = beam_search(lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.max_new_tokens, fn,
                            cfg.length_penalty, _early(cfg.early_stopping), monotone=mono)

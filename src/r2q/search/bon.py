@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import UserError
-from ..rewards import aggregate_steps, step_ends_from_text, step_rewards
+from ..rewards import aggregate_steps, step_ends_from_text, step_rewards, token_rewards
 
 RANKINGS = ("likelihood", "reward", "reward-min", "reward-last", "external")
 
@@ -31,7 +31,7 @@ def sample_scores(tokens: list[list[int]], pol: list[torch.Tensor], ref: list[to
     r = torch.zeros(len(tokens), L)
     mask = torch.zeros(len(tokens), L, dtype=torch.bool)
     for i, (p, q) in enumerate(zip(pol, ref)):
-        r[i, : len(p)] = beta * (p - q)
+        r[i, : len(p)] = token_rewards(p, q, beta)
         mask[i, : len(p)] = True
     if ranking == "reward":
         return r.sum(-1)

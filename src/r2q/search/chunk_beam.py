@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..rewards import token_rewards
 from .lm import Lockstep, left_pad
 from .sampling import filter_logits
 
@@ -54,7 +55,7 @@ def chunk_beam_search(
             w = torch.softmax(filter_logits(logps[0], temperature, top_k, top_p), dim=-1)
             nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-            gain = beta * (logps[1].gather(-1, nxt[:, None]) - logps[2].gather(-1, nxt[:, None])).squeeze(-1)
+            gain = token_rewards(logps[1].gather(-1, nxt[:, None]), logps[2].gather(-1, nxt[:, None]), beta).squeeze(-1)
             score = score + torch.where(alive, gain, torch.zeros_like(gain))
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
             step_alive = alive

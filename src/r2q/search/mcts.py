@@ -1,7 +1,7 @@
 """Monte Carlo tree search over the token MDP with the DPO policy as prior and the implicit reward as Q.
 
 Each edge (s, a) carries the implicit reward r = beta * (log pi(a|s) - log pi_ref(a|s)), plus
-beta * log pi_ref(a|s) when include_ref_term (then the return of a full sequence is beta * log pi(y|x),
+beta * log pi_ref(a|s) when ref_term (then the return of a full sequence is beta * log pi(y|x),
 the paper's Eq. 13). Selection is PUCT, a = argmax_a Qn(s,a) + c * P(a|s) * sqrt(N(s)) / (1 + N(s,a)), with
 P the policy and Qn the edge value min-max normalised over the tree (as MuZero does, so c is scale-free).
 The environment is deterministic, so by default an edge's value is the best return seen through it
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..rewards import token_rewards
 from .lm import Lockstep, left_pad, row_kv, stack_kv
 
 
@@ -73,7 +74,7 @@ def mcts(
     simulations: int = 64,
     c_puct: float = 1.0,
     expand_top_k: int = 16,
-    include_ref_term: bool = True,
+    ref_term: bool = True,
     rollout: bool = True,
     backup: str = "max",
 ) -> list[tuple[list[int], float]]:
@@ -89,7 +90,7 @@ def mcts(
     for b, p in enumerate(prompts):
         root = Node(-1, None, 0.0, 1.0, 0)
         root.kv = [row_kv(c, b, T - len(p)) for c in lock.caches]
-        _expand(root, [lp[b] for lp in logps], beta, expand_top_k, include_ref_term, eos, max_new_tokens)
+        _expand(root, [lp[b] for lp in logps], beta, expand_top_k, ref_term, eos, max_new_tokens)
         roots.append(root)
     best: list[tuple[list[int], float]] = [([], float("-inf"))] * B
 
@@ -127,8 +128,8 @@ def mcts(
         logps = lock.step(toks)
         for i, (_, node) in enumerate(leaves):
             node.kv = [row_kv(c, i, c.get_seq_length() - 1) for c in lock.caches]
-            _expand(node, [lp[i] for lp in logps], beta, expand_top_k, include_ref_term, eos, max_new_tokens)
-        values = _rollout(lock, leaves, logps, beta, include_ref_term, eos, max_new_tokens, pad_id) if rollout \
+            _expand(node, [lp[i] for lp in logps], beta, expand_top_k, ref_term, eos, max_new_tokens)
+        values = _rollout(lock, leaves, logps, beta, ref_term, eos, max_new_tokens, pad_id) if rollout \
             else [(0.0, []) for _ in leaves]
         for (b, node), (v, tail) in zip(leaves, values):
             node.visits += 1
@@ -150,8 +151,7 @@ def _expand(node: Node, logps: list[torch.Tensor], beta: float, k: int, ref_term
     top = torch.topk(pol, min(k, pol.shape[-1])).indices.tolist()
     for a in top:
         lp = float(pol[a])
-        lr = float(logps[1][a]) if len(logps) > 1 else 0.0
-        r = beta * (lp - lr) + (beta * lr if ref_term else 0.0)
+        r = token_rewards(lp, float(logps[1][a]) if len(logps) > 1 else None, beta, ref_term)
         ch = Node(a, node, r, math.exp(lp), node.depth + 1)
         ch.terminal = a in eos or ch.depth >= max_depth
         node.children[a] = ch
@@ -206,8 +206,8 @@ def _rollout(lock: Lockstep, leaves, logps, beta, ref_term, eos, max_depth, pad_
         pol = logps[0]
         nxt = pol.argmax(-1).cpu()
         lp = pol.gather(-1, nxt[:, None].to(pol.device)).squeeze(-1).cpu()
-        lr = logps[1].gather(-1, nxt[:, None].to(pol.device)).squeeze(-1).cpu() if len(logps) > 1 else 0 * lp
-        r = beta * (lp - lr) + (beta * lr if ref_term else 0.0)
+        lr = logps[1].gather(-1, nxt[:, None].to(pol.device)).squeeze(-1).cpu() if len(logps) > 1 else None
+        r = token_rewards(lp, lr, beta, ref_term)
         value += torch.where(alive, r, torch.zeros_like(r))
         for i in torch.nonzero(alive).flatten().tolist():
             tails[i].append(int(nxt[i]))

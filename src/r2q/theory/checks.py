@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..rewards import token_rewards
 from ..tasks import arithmetic
 from .dpo import (
     chosen_rejected_rewards,
@@ -76,7 +77,7 @@ def token_fit(mdp: TheoryMDP, logp: torch.Tensor, shaped: torch.Tensor) -> dict[
     """How well beta log pi/pi_ref per token matches a target (S, V), over the choice pairs, weighted by how often
     pi_ref takes them (occupancy x pi_ref(a|s)): correlation, weighted RMSE, max abs error (unweighted)."""
     sel = scored_pairs(mdp.tree)
-    imp = (mdp.beta * (logp - mdp.ref_logp))[sel]
+    imp = token_rewards(logp, mdp.ref_logp, mdp.beta)[sel]
     tgt = shaped[sel]
     w = (occupancy(mdp.tree, mdp.ref_logp)[:, None] * mdp.ref_logp.exp())[sel]
     return {"corr": weighted_corr(imp, tgt, w), "rmse": float((w * (imp - tgt) ** 2).sum().div(w.sum()).sqrt()),
@@ -107,7 +108,7 @@ def check_optimum(mdps: Sequence[TheoryMDP]) -> CheckResult:
         logp, info = fit_tabular(mdp, exact_pairs(tree, ref_seq, R))
         seq = sequence_logps(tree, logp)
         sel = scored_pairs(tree)
-        imp = (mdp.beta * (logp - mdp.ref_logp)).masked_fill(~tree.allowed, 0.0)
+        imp = token_rewards(logp, mdp.ref_logp, mdp.beta).masked_fill(~tree.allowed, 0.0)
         d = {
             "horizon": tree.horizon, "states": tree.num_states,
             "tv_ref_star": float(tv_distance(tree, ref_seq, star_seq).max()),
