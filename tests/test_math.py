@@ -118,6 +118,7 @@ def test_sft_loss_is_token_mean_nll():
     got = sft_loss(POL, MASK)
     expect = -sum(POL[s, t].item() for s in range(S) for t in range(L) if MASK[s, t]) / sum(LENGTHS)
     assert got.item() == pytest.approx(expect, rel=1e-6)
+    assert sft_loss(POL, MASK, reduction="sum").item() == pytest.approx(expect * sum(LENGTHS), rel=1e-6)
 
 
 def test_step_aggregation_hand_computed():

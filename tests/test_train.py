@@ -137,7 +137,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(llama_dir, pref_files, tmp_pat
     def poisoned(*a, **k):
         calls.append(1)
         losses, stats = real(*a, **k)
-        return (losses * float("nan"), stats * float("nan")) if len(calls) == 4 else (losses, stats)
+        if len(calls) == 4:
+            return losses * float("nan"), {k: v * float("nan") for k, v in stats.items()}
+        return losses, stats
 
     monkeypatch.setattr(tr, "pair_stats", poisoned)
     out = tmp_path / "nan"

@@ -41,7 +41,12 @@ def dpo_loss(
     raise ValueError(f"unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
 
 
-def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per completion token over the batch: -sum(log pi * mask) / sum(mask)."""
-    n = mask.sum().clamp(min=1)
-    return -(logps.masked_fill(~mask, 0.0)).sum() / n
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Negative log-likelihood of the completion tokens: per token over the batch (mean,
+    -sum(log pi * mask) / sum(mask)) or summed (sum: for a trainer that divides by a global token count)."""
+    nll = -(logps.masked_fill(~mask, 0.0)).sum()
+    if reduction == "sum":
+        return nll
+    if reduction == "mean":
+        return nll / mask.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; use mean or sum")

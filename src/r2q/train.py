@@ -28,7 +28,7 @@ from .checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoin
 from .config import check_options, flag
 from .config import option as _f
 from .errors import UserError
-from .losses import LOSS_TYPES, dpo_loss
+from .losses import LOSS_TYPES, dpo_loss, sft_loss
 from .paths import check_out_dir, write_atomic
 from .rewards import implicit_rewards, sequence_rewards
 from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps, pad_rows
@@ -152,8 +152,8 @@ def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: 
 
 
 def pair_stats(pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor, beta: float, loss_type: str,
-               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair losses (B,) and a (B, k) table of detached per-pair metrics (see PAIR_METRICS)."""
+               label_smoothing: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses (B,) and detached per-pair metrics by name, each (B,); `r2q train` logs their means."""
     B = pol.shape[0] // 2
     r = implicit_rewards(pol, ref, mask, beta)
     R = sequence_rewards(r, mask)
@@ -163,19 +163,18 @@ def pair_stats(pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor, 
         lp = sequence_rewards(pol, mask)
         log_ratio = R / beta  # log pi(y|x) - log pi_ref(y|x) per sequence
         ratio = torch.exp(log_ratio.clamp(max=50.0))
-        stats = torch.stack([
-            losses.detach(), R[:B], R[B:], R[:B] - R[B:], (R[:B] > R[B:]).float(),
-            R[:B] / n[:B], R[B:] / n[B:], lp[:B], lp[B:], lp[:B] / n[:B], lp[B:] / n[B:],
+        stats = {
+            "loss": losses.detach(), "rewards/chosen": R[:B], "rewards/rejected": R[B:],
+            "rewards/margin": R[:B] - R[B:], "rewards/accuracy": (R[:B] > R[B:]).float(),
+            "rewards/chosen_token_mean": R[:B] / n[:B], "rewards/rejected_token_mean": R[B:] / n[B:],
+            "logps/chosen": lp[:B], "logps/rejected": lp[B:],
+            "logps/chosen_token_mean": lp[:B] / n[:B], "logps/rejected_token_mean": lp[B:] / n[B:],
             # estimates on the data, exact in expectation when the completions are samples of pi_ref:
             # KL(pi_ref||pi) = E_ref[-log ratio], KL(pi||pi_ref) = E_ref[ratio * log ratio]
-            -(log_ratio[:B] + log_ratio[B:]) / 2, (ratio[:B] * log_ratio[:B] + ratio[B:] * log_ratio[B:]) / 2,
-        ], dim=-1)
+            "kl/ref_pi_est": -(log_ratio[:B] + log_ratio[B:]) / 2,
+            "kl/pi_ref_est": (ratio[:B] * log_ratio[:B] + ratio[B:] * log_ratio[B:]) / 2,
+        }
     return losses, stats
-
-
-PAIR_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                "rewards/chosen_token_mean", "rewards/rejected_token_mean", "logps/chosen", "logps/rejected",
-                "logps/chosen_token_mean", "logps/rejected_token_mean", "kl/ref_pi_est", "kl/pi_ref_est"]
 
 
 # -------------------------------------------------------------------------- trainer
@@ -317,12 +316,10 @@ class Trainer:
         if self.mode == "sft":
             b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], self.pad_id)
             b = b.to(self.acc.device)
-            lp = self._logps(b)
             mask = b.completion_mask()
-            nll = -(lp.masked_fill(~mask, 0.0)).sum()
+            nll = sft_loss(self._logps(b), mask, reduction="sum")  # divided by the global token count
             n_tok = mask.sum()
-            stats = torch.stack([nll.detach(), n_tok.float()])[None]
-            return nll, stats, b.num_tokens, n_tok
+            return nll, {"nll": nll.detach()[None], "tokens": n_tok.float()[None]}, b.num_tokens, n_tok
         b = pair_batch(examples, self.pad_id, self.cfg.share_prefix).to(self.acc.device)
         pol = self._logps(b)
         mask = b.completion_mask()
@@ -345,15 +342,17 @@ class Trainer:
     def _logps(self, b: TokenBatch) -> torch.Tensor:
         return b.scatter(self.model(b.input_ids, b.attention_mask, b.position_ids, b.src_index, b.targets))
 
-    def _reduce(self, stats: torch.Tensor) -> dict[str, float]:
-        """Means over every example of the step across all processes (sums reduced, then divided)."""
-        totals = self.acc.reduce(torch.cat([stats.sum(0), torch.tensor([stats.shape[0]], dtype=stats.dtype,
-                                                                        device=stats.device)]), "sum")
+    def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means over every example of the step across all processes (sums reduced, then divided). SFT: the
+        loss is the NLL per completion token of the whole step."""
+        names = list(stats)
+        rows = next(iter(stats.values())).shape[0]
+        sums = torch.stack([stats[k].sum() for k in names] + [torch.tensor(float(rows), device=self.acc.device)])
+        totals = dict(zip(names + ["_rows"], self.acc.reduce(sums, "sum").tolist()))
         if self.mode == "sft":
-            nll, n_tok = totals[0].item(), max(totals[1].item(), 1.0)
-            return {"loss": nll / n_tok, "ppl": math.exp(min(nll / n_tok, 50.0))}
-        n = max(totals[-1].item(), 1.0)
-        return {k: v / n for k, v in zip(PAIR_METRICS, totals[:-1].tolist())}
+            loss = totals["nll"] / max(totals["tokens"], 1.0)
+            return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return {k: totals[k] / max(totals["_rows"], 1.0) for k in names}
 
     def _micro(self, step_idx: list[int]) -> list[list[int]]:
         mine = micro_batches(step_idx, self.lengths, self.parts)
@@ -379,9 +378,9 @@ class Trainer:
                 self.acc.backward(loss_sum / denom)
             all_stats.append(stats)
             tokens += n_tok
-        stats = torch.cat(all_stats)
-        bad = self.acc.reduce(torch.tensor([float(not torch.isfinite(stats[:, 0]).all())],
-                                           device=self.acc.device), "sum")
+        stats = {k: torch.cat([st[k] for st in all_stats]) for k in all_stats[0]}
+        first = stats["nll" if self.mode == "sft" else "loss"]
+        bad = self.acc.reduce(torch.tensor([float(not torch.isfinite(first).all())], device=self.acc.device), "sum")
         if bad.item() > 0:
             self.opt.zero_grad(set_to_none=True)
             last = list_checkpoints(self.out)
@@ -408,17 +407,17 @@ class Trainer:
         mine, bs = order[r::P], self.cfg.batch_size
         # every rank runs the same number of forwards: a wrapped model's forward is collective (DDP syncs
         # buffers, FSDP gathers weights), so a rank that stopped early would leave the others waiting
-        stats = []
+        stats, names = [], []
         for i in range(0, math.ceil(len(order) / P), bs):
             idx = mine[i : i + bs]
             with self.acc.autocast():
                 s = self._forward([self.eval_ex[j] for j in idx or order[:1]], idx or order[:1], "eval")[1]
+            names = list(s)
             if idx:  # an idle rank scores a stand-in row and drops it
                 stats.append(s)
         self.model.train()
-        k = 2 if self.mode == "sft" else len(PAIR_METRICS)
-        stats_t = torch.cat(stats) if stats else torch.zeros(0, k, device=self.acc.device)
-        return self._reduce(stats_t)
+        empty = torch.zeros(0, device=self.acc.device)
+        return self._reduce({k: torch.cat([st[k] for st in stats]) if stats else empty for k in names})
 
     def _log(self, m: dict[str, Any]) -> None:
         self.metrics.append(m)
