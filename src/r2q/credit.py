@@ -39,7 +39,9 @@ from .data import (
 )
 from .errors import UserError
 from .losses import dpo_loss
+from .models import pad_id
 from .paths import write_atomic
+from .progress import progress_bar
 from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
 from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps, pad_rows
 
@@ -145,11 +147,13 @@ class CreditReport:
     meta: dict[str, Any] = field(default_factory=dict)
     data: DataReport | None = None  # what loading the data file did: rows skipped, cut, identical pairs
 
+    def entries(self) -> list[PairCredit] | list[CompletionCredit]:
+        """What a view lists: the pairs, or the completions."""
+        return self.pairs if self.kind == "pairs" else self.completions
+
     def items(self) -> list[CompletionCredit]:
         """Every scored completion: chosen, rejected of each pair in order, or the plain completions."""
-        if self.kind == "pairs":
-            return [c for p in self.pairs for c in (p.chosen, p.rejected)]
-        return list(self.completions)
+        return [c for e in self.entries() for c in completions_of(e)]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,6 +162,11 @@ class CreditReport:
 
     def to_json(self, path: str | Path) -> Path:
         return write_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
+
+
+def completions_of(entry: PairCredit | CompletionCredit) -> tuple[CompletionCredit, ...]:
+    """A pair's chosen and rejected completions, or a completion itself."""
+    return (entry.chosen, entry.rejected) if isinstance(entry, PairCredit) else (entry,)
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -221,13 +230,6 @@ def _note(msg: str) -> None:
     print(f"r2q: {msg}", file=sys.stderr, flush=True)
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=True)
-
-
 @torch.no_grad()
 def score_examples(
     policy, ref, tokenizer, examples: Sequence[PreferenceExample] | Sequence[SFTExample], beta: float, *,
@@ -255,7 +257,7 @@ def score_examples(
         ref_source = "cache"
         if len(ref_logps) != len(seqs):
             raise ValueError(f"{len(ref_logps)} reference rows for {len(seqs)} completions")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     per = 2 if pairs else 1
     pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
     out: list[dict[str, Any] | None] = [None] * len(seqs)
@@ -267,17 +269,17 @@ def score_examples(
     for m, _ in modes:
         m.eval()
     try:
-        with _progress(progress) as bar:
-            task = bar.add_task("credit", total=len(examples))
+        with progress_bar(progress, transient=True) as bar:
+            task = bar.add_task("credit", total=len(examples), info="")
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 chunk = [examples[i] for i in idx]
                 if pairs:
                     b = build_pair_batch([e.prompt_ids for e in chunk], [e.chosen_ids for e in chunk],
-                                         [e.rejected_ids for e in chunk], pad_id, share_prefix)
+                                         [e.rejected_ids for e in chunk], pad, share_prefix)
                     slots = [2 * i for i in idx] + [2 * i + 1 for i in idx]  # batch rows: chosen..., rejected...
                 else:
-                    b = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_id)
+                    b = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad)
                     slots = list(idx)
                 mask = b.completion_mask()
                 pol = _logps(policy, b)

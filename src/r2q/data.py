@@ -39,6 +39,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .errors import UserError
+from .progress import progress_bar
 
 MAX_SKIPPED_MESSAGES = 20
 EOS_FLAGS = ("chosen_eos", "rejected_eos", "completion_eos", "text_eos", "messages_eos")
@@ -521,31 +522,28 @@ def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source:
     """[(row, format, prompt ids, [completion ids])] before truncation, and a report of rows / skips."""
     report = DataReport(source=source, kind=kind)
     encoded = []
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        items = list(items)
-        items = track(items, description=f"tokenising {Path(source).name}", total=len(items), transient=True,
-                      console=Console(stderr=True))
-    for n, row in items:
-        report.n_rows += 1
-        try:
-            if isinstance(row, _RowError):
-                raise row
-            fmt, prompt, comps = _encode_row(row, tokenizer, kind)
-        except _RowError as e:
-            msg = f"{source} {unit} {n}: {e}"
-            if not skip_bad:
-                raise UserError(msg) from None
-            report.n_skipped += 1
-            if len(report.skipped) < MAX_SKIPPED_MESSAGES:
-                report.skipped.append(msg)
-            continue
-        encoded.append((n, fmt, prompt, comps))
-        report.formats[fmt] = report.formats.get(fmt, 0) + 1
-        if kind == "preference" and comps[0] == comps[1]:
-            report.n_identical += 1
+    items = list(items)
+    with progress_bar(progress, transient=True) as bar:
+        task = bar.add_task(f"tokenising {Path(source).name}", total=len(items), info="")
+        for n, row in items:
+            bar.advance(task)
+            report.n_rows += 1
+            try:
+                if isinstance(row, _RowError):
+                    raise row
+                fmt, prompt, comps = _encode_row(row, tokenizer, kind)
+            except _RowError as e:
+                msg = f"{source} {unit} {n}: {e}"
+                if not skip_bad:
+                    raise UserError(msg) from None
+                report.n_skipped += 1
+                if len(report.skipped) < MAX_SKIPPED_MESSAGES:
+                    report.skipped.append(msg)
+                continue
+            encoded.append((n, fmt, prompt, comps))
+            report.formats[fmt] = report.formats.get(fmt, 0) + 1
+            if kind == "preference" and comps[0] == comps[1]:
+                report.n_identical += 1
     if report.n_rows == 0:
         raise UserError(f"{source}: there are no rows")
     if not encoded:

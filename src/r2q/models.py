@@ -101,6 +101,11 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return tok
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else EOS (padding is masked out everywhere)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def check_same_tokenizer(a, b, what: str = "policy and reference") -> None:
     """Token-level rewards compare two models token by token: they must share one vocabulary."""
     if a.get_vocab() != b.get_vocab():

@@ -29,7 +29,9 @@ from .config import check_options, flag
 from .config import option as _f
 from .errors import UserError
 from .losses import LOSS_TYPES, dpo_loss, sft_loss
+from .models import pad_id
 from .paths import check_out_dir, write_atomic
+from .progress import progress_bar
 from .rewards import implicit_rewards, sequence_rewards
 from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps, pad_rows
 
@@ -138,7 +140,7 @@ def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: 
     """Per-token reference log-probs of every completion: [chosen_0, rejected_0, chosen_1, ...]."""
     ref.eval()
     out: list[torch.Tensor] = []
-    with _progress(not progress) as bar:
+    with progress_bar(progress, transient=True) as bar:
         task = bar.add_task(what, total=len(examples), info="")
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
@@ -211,7 +213,7 @@ class Trainer:
             check_model_path(cfg.ref, "reference")
         tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
         # data before weights: a bad file fails in a second, not after a model load
         self.train_ex, self.eval_ex, self.report = self._data(train_examples, eval_examples)
         if model is None:
@@ -507,7 +509,7 @@ class Trainer:
                                                   if isinstance(v, (int, float, str, bool))})
         if self.acc.is_main_process:
             write_atomic(self.out / "r2q_config.json", json.dumps(self._recorded(), indent=1))
-        progress = _progress(cfg.quiet or not self.acc.is_main_process)
+        progress = progress_bar(not cfg.quiet and self.acc.is_main_process)
         with progress:
             task = progress.add_task("sft" if self.mode == "sft" else "dpo", total=self.total_steps,
                                      completed=self.step, info="")
@@ -621,20 +623,6 @@ def _has_tensorboard() -> bool:
 def _brief(m: dict[str, Any]) -> str:
     keys = ("loss", "rewards/margin", "rewards/accuracy") if "rewards/margin" in m else ("loss", "ppl")
     return "  ".join(f"{k.split('/')[-1]} {m[k]:.4g}" for k in keys)
-
-
-def _progress(disable: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable)
 
 
 def train(cfg: TrainConfig, mode: Literal["dpo", "sft"] = "dpo", **kw) -> TrainResult:

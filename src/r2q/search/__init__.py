@@ -16,6 +16,8 @@ import torch
 from ..config import check_options
 from ..config import option as _f
 from ..errors import UserError
+from ..models import pad_id
+from ..progress import progress_bar
 from ..rewards import implicit_rewards, likelihood_score, sequence_rewards, token_rewards
 from ..tokens import build_batch, completion_logps
 from .beam import beam_search
@@ -187,23 +189,21 @@ def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref
             m.eval()
     scorer = load_external_scorer(cfg.scorer) if cfg.method == "best-of-n" and cfg.ranking == "external" else None
     eos_ids = [tokenizer.eos_token_id]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     enc = encode_prompts(tokenizer, prompts)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     total = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}
     results: list[Generation] = []
-    from rich.progress import Progress
-
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(cfg.method, total=len(prompts))
+    with progress_bar(progress) as bar:
+        task = bar.add_task(cfg.method, total=len(prompts), info="")
         for i in range(0, len(prompts), cfg.batch_size):
             chunk = enc[i : i + cfg.batch_size]
-            out, compute = generate_ids(policy, chunk, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, g)
+            out, compute = generate_ids(policy, chunk, cfg, eos_ids, pad, ref, base, tokenizer, scorer, g)
             for k, v in compute.as_dict().items():
                 total[k] += v
             toks = [t for t, _ in out]
-            logp, reward = score_sequences(policy, ref, chunk, toks, pad_id, cfg.beta)
+            logp, reward = score_sequences(policy, ref, chunk, toks, pad, cfg.beta)
             share = {f"compute_{k}": v / len(chunk) for k, v in compute.as_dict().items()}
             for j, (t, sc) in enumerate(out):
                 results.append(Generation(prompts[i + j], tokenizer.decode(t, skip_special_tokens=True), t,

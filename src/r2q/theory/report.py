@@ -5,7 +5,6 @@ The report is one self-contained HTML file (figures embedded as base64 PNG, ever
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..views.report import img, png_bytes
+from ..views.report import esc, img, png_bytes, table
 from .checks import (
     CheckResult,
     check_argmax,
@@ -204,7 +203,7 @@ FIGURES = {"optimum": fig_optimum, "sampled": fig_sampled, "transformer": fig_tr
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;
-text-align:right;vertical-align:top}th{background:#f3f3f3}td.t{text-align:left;white-space:pre;font-family:monospace}
+text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}td.t{white-space:pre;font-family:monospace}
 .pass{color:#0a0;font-weight:bold}.fail{color:#c00;font-weight:bold}.claim{font-family:monospace;background:#f7f7f7;
 padding:.4em}.err{background:#fbb;outline:1px solid #c00}img{max-width:100%}section{margin-bottom:2.5em}"""
 
@@ -235,32 +234,20 @@ NOTES = {
 }
 
 
-def _esc(x: Any) -> str:
-    return html.escape(fmt(x))
-
-
-def _table(columns: list[str], rows: list[list[Any]], text_cols: frozenset[int] = frozenset()) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td class='t'>{_esc(v)}</td>" if (j in text_cols or isinstance(v, str)) else
-                         f"<td>{_esc(v)}</td>" for j, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _marked(text: str, i: int) -> str:
     """The text with character i highlighted (escaped)."""
     if not 0 <= i < len(text):
-        return html.escape(text)
-    return html.escape(text[:i]) + f"<span class='err'>{html.escape(text[i])}</span>" + html.escape(text[i + 1:])
+        return esc(text)
+    return esc(text[:i]) + f"<span class='err'>{esc(text[i])}</span>" + esc(text[i + 1:])
 
 
 def _arithmetic_examples(res: CheckResult) -> str:
     rows = "".join(
-        f"<tr><td class='t'>{html.escape(r['kind'])}</td><td class='t'>{html.escape(r['prompt'])}</td>"
+        f"<tr><td class='t'>{esc(r['kind'])}</td><td class='t'>{esc(r['prompt'])}</td>"
         f"<td class='t'>{_marked(r['chosen'], r['error_char'])}</td>"
         f"<td class='t'>{_marked(r['rejected'], r['error_char'])}</td><td>{r['error_char']}</td></tr>"
         for r in res.series["examples"])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in res.columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in res.columns)
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
@@ -269,7 +256,7 @@ def render_html(results: list[CheckResult], figures: dict[str, bytes], summary: 
     def verdict(ok: bool) -> str:
         return "<span class='pass'>PASS</span>" if ok else "<span class='fail'>FAIL</span>"
 
-    overview = "".join(f"<tr><td class='t'><a href='#{html.escape(r.key)}'>{html.escape(r.title)}</a></td>"
+    overview = "".join(f"<tr><td class='t'><a href='#{esc(r.key)}'>{esc(r.title)}</a></td>"
                        f"<td>{verdict(r.passed)}</td><td>{r.seconds:.1f}s</td></tr>" for r in results)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>r2q theory: exact checks</title>",
@@ -283,11 +270,11 @@ def render_html(results: list[CheckResult], figures: dict[str, bytes], summary: 
         f"<table><tr><th>check</th><th>result</th><th>time</th></tr>{overview}</table>",
     ]
     for r in results:
-        parts.append(f"<section id='{html.escape(r.key)}'><h2>{html.escape(r.title)} {verdict(r.passed)}</h2>")
-        parts.append(f"<p class='claim'>{html.escape(r.claim)}</p>")
+        parts.append(f"<section id='{esc(r.key)}'><h2>{esc(r.title)} {verdict(r.passed)}</h2>")
+        parts.append(f"<p class='claim'>{esc(r.claim)}</p>")
         if r.key in NOTES:
-            parts.append(f"<p>{html.escape(NOTES[r.key])}</p>")
-        parts.append(_arithmetic_examples(r) if r.key == "arithmetic" else _table(r.columns, r.rows))
+            parts.append(f"<p>{esc(NOTES[r.key])}</p>")
+        parts.append(_arithmetic_examples(r) if r.key == "arithmetic" else table(r.columns, r.rows, fmt))
         if r.key in figures:
             parts.append(img(figures[r.key], r.key))
         parts.append("</section>")

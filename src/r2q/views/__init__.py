@@ -29,6 +29,11 @@ def reward_rgb(r: float, vmax: float) -> tuple[int, int, int]:
     return tuple(round(n + (e - n) * a) for n, e in zip(NEUTRAL, end))  # type: ignore[return-value]
 
 
+def css_rgb(c: tuple[int, int, int]) -> str:
+    """A colour as CSS and rich write it: rgb(r,g,b)."""
+    return f"rgb({c[0]},{c[1]},{c[2]})"
+
+
 def text_rgb(bg: tuple[int, int, int]) -> tuple[int, int, int]:
     """Black or white text, whichever reads better on `bg` (relative luminance)."""
     lum = 0.2126 * bg[0] + 0.7152 * bg[1] + 0.0722 * bg[2]

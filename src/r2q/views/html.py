@@ -9,12 +9,12 @@ or user text goes through `html.escape` (quotes included): a completion with `<s
 
 from __future__ import annotations
 
-import html as _html
 from pathlib import Path
 
-from ..credit import CompletionCredit, CreditReport, PairCredit
+from ..credit import CompletionCredit, CreditReport, PairCredit, completions_of
 from ..paths import write_atomic
-from . import NEGATIVE, NEUTRAL, POSITIVE, display_piece, reward_rgb, text_rgb, vmax_of
+from . import NEGATIVE, NEUTRAL, POSITIVE, css_rgb, display_piece, reward_rgb, text_rgb, vmax_of
+from .report import esc
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
@@ -39,14 +39,6 @@ td.t { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; 
 """
 
 
-def esc(s: str) -> str:
-    return _html.escape(s, quote=True)
-
-
-def _css_rgb(c: tuple[int, int, int]) -> str:
-    return f"rgb({c[0]},{c[1]},{c[2]})"
-
-
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.6f}"
 
@@ -59,7 +51,7 @@ def token_span(item: CompletionCredit, t: int, vmax: float, extra_class: str = "
     tip = (f"token {t}: {item.tokens[t]!r} (id {item.token_ids[t]})\nreward {_num(r)}\nlog pi {_num(item.logps[t])}"
            f"\nlog pi_ref {_num(ref)}\ncumulative {_num(item.cumulative[t])}")
     cls = "tok" + (f" {extra_class}" if extra_class else "")
-    span = (f'<span class="{cls}" style="background:{_css_rgb(bg)};color:{_css_rgb(text_rgb(bg))}" '
+    span = (f'<span class="{cls}" style="background:{css_rgb(bg)};color:{css_rgb(text_rgb(bg))}" '
             f'title="{esc(tip)}" data-reward="{r!r}">{esc(display_piece(item.tokens[t]))}</span>')
     return span + ("<br>" if "\n" in item.tokens[t] else "")
 
@@ -97,7 +89,7 @@ def completion_html(c: CompletionCredit, vmax: float) -> str:
 
 
 def legend_html(vmax: float) -> str:
-    stops = ", ".join(_css_rgb(x) for x in (NEGATIVE, NEUTRAL, POSITIVE))
+    stops = ", ".join(css_rgb(x) for x in (NEGATIVE, NEUTRAL, POSITIVE))
     return (f'<div class="legend"><span>{-vmax:+.4g}</span><div class="bar" style="background: linear-gradient('
             f'to right, {stops})"></div><span>{vmax:+.4g}</span><span class="note">token reward '
             "&beta; log &pi;/&pi;<sub>ref</sub>: red lowers the sequence reward, blue raises it; "
@@ -125,9 +117,9 @@ def top_html(report: CreditReport, k: int = 20) -> str:
 
 def render_html(report: CreditReport, title: str = "r2q credit", max_items: int = 200) -> str:
     """The whole page as a string: header, legend, summary, top tokens, then the first max_items items."""
-    items = report.pairs if report.kind == "pairs" else report.completions
+    items = report.entries()
     shown = items[:max_items]
-    vmax = vmax_of(c.rewards for x in shown for c in ((x.chosen, x.rejected) if isinstance(x, PairCredit) else (x,)))
+    vmax = vmax_of(c.rewards for x in shown for c in completions_of(x))
     meta = " &middot; ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in report.meta.items())
     body = "".join(pair_html(x, vmax) if isinstance(x, PairCredit) else completion_html(x, vmax) for x in shown)
     heading = "Pairs" if report.kind == "pairs" else "Completions"

@@ -63,7 +63,7 @@ def plot_credit(report: CreditReport, path: str | Path, max_items: int = 4, dpi:
             panels.append((p.rejected, f"row {p.row} rejected  R={p.rejected.reward:+.3f}"))
     else:
         panels = [(c, f"row {c.row}  R={c.reward:+.3f}") for c in report.completions[:max_items]]
-    n_items = len(report.pairs) if report.kind == "pairs" else len(report.completions)
+    n_items = len(report.entries())
     with_top = n_items > 1 and bool(report.top_positive or report.top_negative)
     vmax = vmax_of(item.rewards for item, _ in panels)
     longest = max((len(item.rewards) for item, _ in panels), default=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Callable
 from typing import Any
 
 
@@ -26,19 +27,18 @@ def img(png: bytes, alt: str) -> str:
 
 
 def cell(x: Any) -> str:
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return esc(x)
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def table(columns: list[str], rows: list[list[Any]]) -> str:
+def table(columns: list[str], rows: list[list[Any]], fmt: Callable[[Any], str] = cell) -> str:
+    """An escaped HTML table: text cells left-aligned, numbers right (class num); fmt formats each value."""
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td{' class=num' if _is_num(v) else ''}>{cell(v)}</td>" for v in r) + "</tr>"
-                   for r in rows)
+    body = "".join("<tr>" + "".join(f"<td{' class=num' if _is_num(v) else ''}>{esc(fmt(v))}</td>" for v in r)
+                   + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -8,12 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..credit import CompletionCredit, CreditReport
-from . import display_piece, reward_rgb, text_rgb, vmax_of
-
-
-def _rgb(c: tuple[int, int, int]) -> str:
-    return f"rgb({c[0]},{c[1]},{c[2]})"
+from ..credit import CompletionCredit, CreditReport, PairCredit, completions_of
+from . import css_rgb, display_piece, reward_rgb, text_rgb, vmax_of
 
 
 def heat_text(item: CompletionCredit, vmax: float) -> Text:
@@ -21,7 +17,7 @@ def heat_text(item: CompletionCredit, vmax: float) -> Text:
     out = Text()
     for piece, r in zip(item.tokens, item.rewards):
         bg = reward_rgb(r, vmax)
-        out.append(display_piece(piece), style=f"{_rgb(text_rgb(bg))} on {_rgb(bg)}")
+        out.append(display_piece(piece), style=f"{css_rgb(text_rgb(bg))} on {css_rgb(bg)}")
         if "\n" in piece:
             out.append("\n")
     return out
@@ -31,7 +27,7 @@ def legend(vmax: float, width: int = 21) -> Text:
     """A colour bar from -vmax to +vmax."""
     out = Text(f"{-vmax:+.3g} ")
     for i in range(width):
-        out.append(" ", style=f"on {_rgb(reward_rgb(-vmax + 2 * vmax * i / (width - 1), vmax))}")
+        out.append(" ", style=f"on {css_rgb(reward_rgb(-vmax + 2 * vmax * i / (width - 1), vmax))}")
     out.append(f" {vmax:+.3g}   reward beta*log pi/pi_ref (red lowers, blue raises)")
     return out
 
@@ -82,10 +78,10 @@ def top_table(report: CreditReport, k: int = 10) -> Table:
 def render_terminal(report: CreditReport, console: Console | None = None, max_items: int = 5) -> None:
     """Print the first max_items pairs (or completions) as heatmaps, then the summary and top-token tables."""
     console = console or Console()
-    items = report.pairs[:max_items] if report.kind == "pairs" else report.completions[:max_items]
-    vmax = vmax_of(c.rewards for x in items for c in ((x.chosen, x.rejected) if report.kind == "pairs" else (x,)))
+    items = report.entries()[:max_items]
+    vmax = vmax_of(c.rewards for x in items for c in completions_of(x))
     for x in items:
-        if report.kind == "pairs":
+        if isinstance(x, PairCredit):
             mark = "ranked right" if x.correct else "ranked WRONG"
             console.print(Text(f"pair (row {x.row})  margin {x.margin:+.4f}  loss {x.loss:.4f}  {mark}",
                                style="bold"))
@@ -97,7 +93,7 @@ def render_terminal(report: CreditReport, console: Console | None = None, max_it
             console.print(_prompt(x.prompt))
             console.print(_line("", x, vmax))
         console.print()
-    total = len(report.pairs) if report.kind == "pairs" else len(report.completions)
+    total = len(report.entries())
     if 0 < max_items < total:
         console.print(Text(f"... {total - max_items} more not shown", style="dim"))
     if items:
