@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from r2q.cli import run_credit as _run_credit
-from r2q.credit import CreditConfig, credit_from_file, score_examples, score_pairs, score_texts, token_pieces
+from r2q.credit import CreditConfig, credit_from_file, score_examples, score_pairs, score_texts
 from r2q.data import SFTExample, preference_examples_from_rows, sft_examples_from_rows
 from r2q.errors import UserError
 from r2q.models import load_model, save_model, tiny_model, train_bpe_tokenizer
+from r2q.tokens import token_pieces
 from r2q.train import TrainConfig, Trainer, train
 
 ROWS = [
@@ -262,3 +263,22 @@ def test_credit_lands_on_the_wrong_digit(tmp_path):
         assert len(r) == 3 and p.first_diff == k  # two digits + EOS
         hits += r[k] < 0 and min(range(len(r)), key=r.__getitem__) == k
     assert hits >= 90, f"the wrong digit got the most negative reward in {hits}/100 held-out pairs"
+
+
+def test_best_of_n_cuts_steps_where_credit_does(llama_dir, llama_ref_dir, tokenizer):
+    """reward-min / reward-last rank by the same steps `r2q credit` shows (one way of cutting text into steps)."""
+    from r2q.search.bon import sample_scores
+
+    policy, ref = load_model(llama_dir).eval(), load_model(llama_ref_dir).eval()
+    prompt = tokenizer("the film").input_ids
+    texts = [" was good.\nthe end\n\nreally", " é😀 bad\n12+34=46\n", " no steps at all"]
+    comps = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in texts]
+    rep = score_examples(policy, ref, tokenizer, [SFTExample(prompt, c, i) for i, c in enumerate(comps)], 0.1,
+                         delimiter="\n", use_cache=False)
+    pol = [torch.tensor(c.logps) for c in rep.completions]
+    refl = [torch.tensor(c.ref_logps) for c in rep.completions]
+    for how, pick in (("reward-min", min), ("reward-last", lambda s: s[-1])):
+        got = sample_scores(comps, pol, refl, 0.1, how, tokenizer, "\n", [prompt] * len(comps))
+        want = [pick(c.step_rewards) for c in rep.completions]
+        assert got.tolist() == pytest.approx(want, abs=1e-5)
+    assert [len(c.step_rewards) for c in rep.completions] == [4, 3, 1]

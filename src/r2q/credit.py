@@ -43,7 +43,7 @@ from .models import pad_id
 from .paths import write_atomic
 from .progress import progress_bar
 from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
-from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps, pad_rows
+from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, pad_rows, token_pieces
 
 
 @dataclass
@@ -172,34 +172,9 @@ def completions_of(entry: PairCredit | CompletionCredit) -> tuple[CompletionCred
 # ---------------------------------------------------------------------------------------------- text
 
 
-def _decode(tokenizer, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def token_pieces(tokenizer, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
-    """The text each token adds, decoded in a sliding window after a few `context` (prompt) tokens, so
-    leading spaces survive and ''.join(pieces) is the decoded text. A token that ends inside a multi-byte
-    character adds "" and the character comes with the token that completes it."""
-    window = list(context)[-4:]
-    prev = _decode(tokenizer, window)
-    pieces: list[str] = []
-    for t, tok in enumerate(ids):
-        window.append(tok)
-        text = _decode(tokenizer, window)
-        if text.endswith("\ufffd") and t + 1 < len(ids) and not prev.endswith("\ufffd"):
-            pieces.append("")
-            continue
-        pieces.append(text[len(prev):] if text.startswith(prev) else _decode(tokenizer, [tok]))
-        if len(window) > 12:
-            window = window[-4:]
-            text = _decode(tokenizer, window)
-        prev = text
-    return pieces
-
-
 def _token_text(tokenizer, tid: int) -> str:
     """A vocabulary entry as text: decoded, or its raw form when it is only part of a character."""
-    text = _decode(tokenizer, [tid])
+    text = decode_exact(tokenizer, [tid])
     return str(tokenizer.convert_ids_to_tokens(tid)) if "\ufffd" in text else text
 
 
@@ -207,20 +182,16 @@ def _prompt_text(tokenizer, ids: Sequence[int]) -> str:
     ids = list(ids)
     if tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]  # the BOS that tokenisation adds is not the user's text
-    return _decode(tokenizer, ids)
+    return decode_exact(tokenizer, ids)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def cache_path(ref, tokenizer, examples: Sequence, cache_dir: str | Path | None = None) -> Path:
-    """Where `r2q train --precompute-ref` keeps the reference log-probs of these examples (same key)."""
-    return refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples)
-
-
 def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | None:
     seqs = refcache.completion_sequences(examples)
-    logps = refcache.try_load(cache_path(ref, tokenizer, examples, cache_dir), len(seqs), _note)
+    path = refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples)
+    logps = refcache.try_load(path, len(seqs), _note)
     if logps is None or [len(x) for x in logps] != [len(c) for _, c in seqs]:
         return None  # not ours after all (a hash collision or a damaged file): score the reference
     return logps
@@ -260,7 +231,7 @@ def score_examples(
     pad = pad_id(tokenizer)
     per = 2 if pairs else 1
     pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
-    out: list[dict[str, Any] | None] = [None] * len(seqs)
+    out: list[CompletionCredit] = [None] * len(seqs)  # type: ignore[list-item]  # filled batch by batch
     pair_loss: dict[int, float] = {}
     # length-sorted batches pad little; results go back to their slots
     order = sorted(range(len(examples)), key=lambda i: len(seqs[per * i][0]) + sum(len(c) for _, c in
@@ -274,22 +245,20 @@ def score_examples(
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 chunk = [examples[i] for i in idx]
-                if pairs:
-                    b = build_pair_batch([e.prompt_ids for e in chunk], [e.chosen_ids for e in chunk],
-                                         [e.rejected_ids for e in chunk], pad, share_prefix)
-                    slots = [2 * i for i in idx] + [2 * i + 1 for i in idx]  # batch rows: chosen..., rejected...
-                else:
-                    b = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad)
-                    slots = list(idx)
-                mask = b.completion_mask()
+                b = examples_batch(chunk, pad, share_prefix)
+                # batch rows: chosen..., rejected... (pairs) or one per completion
+                slots = [2 * i for i in idx] + [2 * i + 1 for i in idx] if pairs else list(idx)
                 pol = _logps(policy, b)
                 if ref_logps is not None:
                     ref_lp = pad_rows([ref_logps[s].float().cpu() for s in slots], b.max_len)
                 else:
                     ref_lp = None if ref is None else _logps(ref, b)
-                _fill(out, slots, pieces, b, mask, pol, ref_lp, beta, delimiter)
+                made, R = _credits(b, pol, ref_lp, beta, [pieces[s] for s in slots], delimiter)
+                for s, (tokens, fields) in zip(slots, made):
+                    prompt_ids, ids = seqs[s]
+                    out[s] = CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, prompt_ids),
+                                              text="".join(tokens), tokens=tokens, token_ids=list(ids), **fields)
                 if pairs:
-                    R = sequence_rewards(implicit_rewards(pol, ref_lp, mask, beta), mask)
                     B = len(chunk)
                     for j, loss in enumerate(dpo_loss(R[:B], R[B:], beta).tolist()):
                         pair_loss[idx[j]] = loss
@@ -297,7 +266,7 @@ def score_examples(
     finally:
         for m, was_training in modes:
             m.train(was_training)
-    comps = [_completion(tokenizer, examples[s // per], seqs[s], out[s]) for s in range(len(seqs))]
+    comps = out
     top_pos, top_neg = top_tokens(tokenizer, comps, top_k, min_count)
     report = CreditReport("pairs" if pairs else "completions", beta, {}, top_pos, top_neg, ref_source=ref_source)
     if pairs:
@@ -315,33 +284,29 @@ def _logps(model, b: TokenBatch) -> torch.Tensor:
     return completion_logps(model, b.to(model.device)).float().cpu()
 
 
-def _fill(out, slots, pieces, b: TokenBatch, mask, pol, ref_lp, beta, delimiter) -> None:
-    """Per-completion lists of one batch, from the (S, L) tensors of `r2q.rewards`."""
+def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter) -> tuple[list[tuple[list[str], dict]], torch.Tensor]:
+    """Per-completion fields of one batch from the (S, L) tensors of `r2q.rewards` (rewards computed once), and
+    the (S,) sequence rewards."""
+    mask = b.completion_mask()
     r = implicit_rewards(pol, ref_lp, mask, beta)
     q = cumulative_rewards(r, mask)
     R = sequence_rewards(r, mask)
-    texts = [pieces[s] for s in slots]
     if delimiter:
         ends = step_ends_from_text(texts, delimiter)
         ends = torch.nn.functional.pad(ends, (0, b.max_len - ends.shape[1]))
     else:
         ends = torch.zeros_like(mask)
     steps, step_mask = step_rewards(r, ends, mask)
-    for row, s in enumerate(slots):
+    made = []
+    for row in range(len(texts)):
         n = int(b.lengths[row])
         k = int(step_mask[row].sum())
         marks = [t for t in range(n) if ends[row, t]]
-        out[s] = dict(
-            tokens=texts[row], rewards=r[row, :n].tolist(), logps=pol[row, :n].tolist(),
+        made.append((texts[row], dict(
+            rewards=r[row, :n].tolist(), logps=pol[row, :n].tolist(),
             ref_logps=None if ref_lp is None else ref_lp[row, :n].tolist(), cumulative=q[row, :n].tolist(),
-            step_rewards=steps[row, :k].tolist(), step_ends=(marks + [n - 1])[:k], reward=float(R[row]),
-        )
-
-
-def _completion(tokenizer, ex, seq, d) -> CompletionCredit:
-    prompt_ids, ids = seq
-    return CompletionCredit(row=ex.row, prompt=_prompt_text(tokenizer, prompt_ids), text="".join(d["tokens"]),
-                            token_ids=list(ids), **d)
+            step_rewards=steps[row, :k].tolist(), step_ends=(marks + [n - 1])[:k], reward=float(R[row]))))
+    return made, R
 
 
 def _first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:

@@ -197,14 +197,15 @@ def _wrapped(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """log pi(a_t | s_t) for every scored token of the batch: (N,) float32.
+def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, src_index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(a_t | s_t) for every scored token of a batch (a TokenBatch's fields): (N,) float32.
 
     Runs the transformer body once over the rows, then the LM head and the log-softmax only on the
-    N positions that predict a completion token.
+    N positions (src_index into the flattened rows) that predict a completion token (targets).
     """
     hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
-    mask = batch.attention_mask
+    mask = attention_mask
     if mask.dim() == 4:
         impl = getattr(hf.config, "_attn_implementation", None) or ""
         if "flash" in impl:
@@ -213,18 +214,18 @@ def flat_token_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
         # additive form: sdpa accepts it and eager attention adds it to the scores (a bool mask would add 0/1)
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    kw = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
+    kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     if not _wrapped(model) and _head_only(model):
         hidden = model.base_model(**kw, use_cache=False).last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1])[batch.src_index]
+        h = hidden.reshape(-1, hidden.shape[-1])[src_index]
         logits = model.get_output_embeddings()(h)
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
     else:
         logits = model(**kw, use_cache=False).logits
-        logits = logits.reshape(-1, logits.shape[-1])[batch.src_index]
-    return gather_logps(logits, batch.targets)
+        logits = logits.reshape(-1, logits.shape[-1])[src_index]
+    return gather_logps(logits, targets)
 
 
 class TokenScorer(torch.nn.Module):
@@ -236,11 +237,49 @@ class TokenScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids, src_index, targets) -> torch.Tensor:
-        flat = TokenBatch(input_ids, attention_mask, position_ids, src_index, targets, src_index, src_index,
-                          src_index[:0])
-        return flat_token_logps(self.model, flat)
+        return flat_token_logps(self.model, input_ids, attention_mask, position_ids, src_index, targets)
 
 
 def completion_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Per-token log pi(a_t|s_t) of each completion, completion-aligned: (S, L) float32, 0 where masked."""
-    return batch.scatter(flat_token_logps(model, batch))
+    b = batch
+    return b.scatter(flat_token_logps(model, b.input_ids, b.attention_mask, b.position_ids, b.src_index, b.targets))
+
+
+def examples_batch(examples, pad_id: int, share_prefix: bool = True) -> TokenBatch:
+    """The batch of tokenised examples (r2q.data's PreferenceExample or SFTExample): pairs as
+    `build_pair_batch` lays them out (chosen rows, then rejected rows), completions as `build_batch`."""
+    prompts = [e.prompt_ids for e in examples]
+    if examples and hasattr(examples[0], "chosen_ids"):
+        return build_pair_batch(prompts, [e.chosen_ids for e in examples], [e.rejected_ids for e in examples],
+                                pad_id, share_prefix)
+    return build_batch(prompts, [e.completion_ids for e in examples], pad_id)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def decode_exact(tokenizer, ids: Sequence[int]) -> str:
+    """The text of ids with nothing dropped or cleaned up (special tokens and spaces kept)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def token_pieces(tokenizer, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
+    """The text each token adds, decoded in a sliding window after a few `context` (prompt) tokens, so
+    leading spaces survive and ''.join(pieces) is the decoded text. A token that ends inside a multi-byte
+    character adds "" and the character comes with the token that completes it."""
+    window = list(context)[-4:]
+    prev = decode_exact(tokenizer, window)
+    pieces: list[str] = []
+    for t, tok in enumerate(ids):
+        window.append(tok)
+        text = decode_exact(tokenizer, window)
+        if text.endswith("\ufffd") and t + 1 < len(ids) and not prev.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        pieces.append(text[len(prev):] if text.startswith(prev) else decode_exact(tokenizer, [tok]))
+        if len(window) > 12:
+            window = window[-4:]
+            text = decode_exact(tokenizer, window)
+        prev = text
+    return pieces

@@ -33,7 +33,7 @@ from .models import pad_id
 from .paths import check_out_dir, write_atomic
 from .progress import progress_bar
 from .rewards import implicit_rewards, sequence_rewards
-from .tokens import TokenBatch, TokenScorer, build_batch, build_pair_batch, completion_logps, pad_rows
+from .tokens import TokenBatch, TokenScorer, completion_logps, examples_batch, pad_rows
 
 
 @dataclass
@@ -129,11 +129,6 @@ def micro_batches(step: list[int], lengths: list[int], parts: int) -> list[list[
 # -------------------------------------------------------------------------- scoring
 
 
-def pair_batch(examples, pad_id: int, share_prefix: bool) -> TokenBatch:
-    return build_pair_batch([e.prompt_ids for e in examples], [e.chosen_ids for e in examples],
-                            [e.rejected_ids for e in examples], pad_id, share_prefix)
-
-
 @torch.no_grad()
 def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: int, progress: bool = False,
                     what: str = "reference log-probs") -> list[torch.Tensor]:
@@ -144,7 +139,7 @@ def score_reference(ref, examples, pad_id: int, share_prefix: bool, batch_size: 
         task = bar.add_task(what, total=len(examples), info="")
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            b = pair_batch(chunk, pad_id, share_prefix)
+            b = examples_batch(chunk, pad_id, share_prefix)
             lp = completion_logps(ref, b.to(ref.device)).cpu()
             B = len(chunk)
             for j in range(B):
@@ -316,13 +311,12 @@ class Trainer:
     def _forward(self, examples, idx: list[int], split: str):
         """Loss terms of one micro-batch: (sum of per-example losses, per-example stats, tokens, count)."""
         if self.mode == "sft":
-            b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], self.pad_id)
-            b = b.to(self.acc.device)
+            b = examples_batch(examples, self.pad_id).to(self.acc.device)
             mask = b.completion_mask()
             nll = sft_loss(self._logps(b), mask, reduction="sum")  # divided by the global token count
             n_tok = mask.sum()
             return nll, {"nll": nll.detach()[None], "tokens": n_tok.float()[None]}, b.num_tokens, n_tok
-        b = pair_batch(examples, self.pad_id, self.cfg.share_prefix).to(self.acc.device)
+        b = examples_batch(examples, self.pad_id, self.cfg.share_prefix).to(self.acc.device)
         pol = self._logps(b)
         mask = b.completion_mask()
         if self.cfg.ref == "none":

@@ -136,7 +136,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
             scores = checked_scores(scorer(ptext, ctext), len(ctext), cfg.scorer)
         else:
             scores = sample_scores(s.tokens, s.logps[0], s.logps[1] if ref is not None else None, cfg.beta,
-                                   cfg.ranking, tokenizer, cfg.delimiter)
+                                   cfg.ranking, tokenizer, cfg.delimiter, [p for p in prompts for _ in range(N)])
         best = scores.view(len(prompts), N).argmax(-1)
         out = [(s.tokens[b * N + int(k)], float(scores[b * N + int(k)])) for b, k in enumerate(best)]
     elif m == "chunk-beam":

@@ -12,12 +12,14 @@ import torch
 
 from ..errors import UserError
 from ..rewards import aggregate_steps, step_ends_from_text, step_rewards, token_rewards
+from ..tokens import token_pieces
 
 RANKINGS = ("likelihood", "reward", "reward-min", "reward-last", "external")
 
 
 def sample_scores(tokens: list[list[int]], pol: list[torch.Tensor], ref: list[torch.Tensor] | None, beta: float,
-                  ranking: str, tokenizer=None, delimiter: str = "\n") -> torch.Tensor:
+                  ranking: str, tokenizer=None, delimiter: str = "\n",
+                  contexts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Score each sample (S,) from its recorded per-token log-probs.
 
     likelihood: sum_t log pi;  reward: sum_t beta log pi/pi_ref;  reward-min / reward-last: the implicit-PRM
@@ -35,7 +37,8 @@ def sample_scores(tokens: list[list[int]], pol: list[torch.Tensor], ref: list[to
         mask[i, : len(p)] = True
     if ranking == "reward":
         return r.sum(-1)
-    pieces = [[tokenizer.decode([x]) for x in t] for t in tokens]
+    # steps are cut as `r2q credit` cuts them: the text each token adds after its prompt (contexts)
+    pieces = [token_pieces(tokenizer, t, contexts[i] if contexts else ()) for i, t in enumerate(tokens)]
     ends = step_ends_from_text(pieces, delimiter)
     if ends.shape[1] < L:
         ends = torch.nn.functional.pad(ends, (0, L - ends.shape[1]))
