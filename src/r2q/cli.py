@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +15,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .config import check_value
+from .credit import CreditConfig, credit_from_file, score_texts
+from .data import inspect_data as _inspect
+from .data import read_rows
+from .demo import DemoConfig
+from .demo import run as run_demo
 from .errors import UserError
+from .models import check_vocab, load_model, load_reference, load_tokenizer
+from .paths import check_out_file, write_atomic
+from .search import GenerateConfig, generate, validate
+from .theory import run as run_theory
+from .train import TrainConfig, train
+from .views.html import write_html
+from .views.plots import plot_credit
+from .views.terminal import render_terminal
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,9 +52,6 @@ def inspect_data(
     max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left)")] = 512,
 ) -> None:
     """Counts, token length percentiles, truncation and bad rows of a data file."""
-    from .config import check_value
-    from .data import inspect_data as _inspect
-    from .models import load_tokenizer
 
     check_value("max_length", max_length, ge=2)
     check_value("max_prompt_length", max_prompt_length, ge=1)
@@ -60,8 +74,6 @@ def inspect_data(
 
 def _options_from(cls):
     """Turn a config dataclass into a typer signature: one --option per field, help from field metadata."""
-    import dataclasses
-    import inspect
 
     params = []
     for f in dataclasses.fields(cls):
@@ -80,8 +92,6 @@ def _options_from(cls):
 def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
     """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to
     `run` by name): `run(cls(**fields), **extra)`."""
-    import dataclasses
-    import inspect
 
     names = {f.name for f in dataclasses.fields(cls)}
     extra = extra or []
@@ -96,8 +106,6 @@ def _config_command(name: str, cls, doc: str, run, extra: list | None = None) ->
 
 
 def _train(cfg, name: str, mode: str) -> None:
-    from .train import train
-
     for req in ("model", "data", "out"):
         if not getattr(cfg, req):
             raise UserError(f"--{req} is required")
@@ -109,8 +117,6 @@ def _train(cfg, name: str, mode: str) -> None:
 
 
 def _train_commands() -> None:
-    from .train import TrainConfig
-
     _config_command("train", TrainConfig, "Token-level DPO training of a causal LM on preference pairs.",
                     lambda cfg: _train(cfg, "train", "dpo"))
     _config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prompt/completion, text, messages "
@@ -135,7 +141,6 @@ def _read_prompts(path: Path) -> list[str]:
         if not lines:
             raise UserError(f"{path}: no prompts")
         return lines
-    from .data import read_rows
 
     prompts = []
     for n, row in read_rows(path):
@@ -149,17 +154,9 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _generate_command() -> None:
-    import inspect
-
-    from .search import GenerateConfig
-
     def command(cfg: GenerateConfig, model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str,
                 quiet: bool, trust_remote_code: bool) -> None:
-        import json
 
-        from .models import check_vocab, load_model, load_reference, load_tokenizer
-        from .paths import check_out_file, write_atomic
-        from .search import generate, validate
 
         if cfg.method in ("reward-beam", "chunk-beam") and not ref:
             raise UserError(f"{cfg.method} needs a reference model (--ref)")
@@ -207,15 +204,12 @@ _generate_command()
 
 
 def _credit_command() -> None:
-    from .credit import CreditConfig
-
     _config_command("credit", CreditConfig, "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, "
                     "PNG and JSON.", lambda cfg: run_credit(cfg))
 
 
 def _recorded_reference(model: str) -> tuple[str, float | None]:
     """The reference and beta that `r2q train` recorded in MODEL/r2q_config.json ('' and None if none)."""
-    import json
 
     p = Path(model) / "r2q_config.json"
     if not p.is_file():
@@ -237,10 +231,6 @@ def _recorded_reference(model: str) -> tuple[str, float | None]:
 def run_credit(cfg, console: Console | None = None) -> dict:
     """`r2q credit`: check, load, score, print the terminal view, write the requested files; returns the JSON
     dict. --ref / --beta default to what `r2q train` recorded with the model, else beta 0.1."""
-    from .credit import credit_from_file, score_texts
-    from .models import check_vocab, load_model, load_reference, load_tokenizer
-    from .paths import check_out_file
-    from .views.terminal import render_terminal
 
     console = console or Console()
     if not cfg.model:
@@ -281,11 +271,9 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     if cfg.json:
         written.append(report.to_json(cfg.json))
     if cfg.html:
-        from .views.html import write_html
 
         written.append(write_html(report, cfg.html))
     if cfg.png:
-        from .views.plots import plot_credit
 
         written.append(plot_credit(report, cfg.png))
     for p in written:
@@ -310,24 +298,18 @@ def theory(
     quiet: Annotated[bool, typer.Option(help="No tables while running")] = False,
 ) -> None:
     """Exact checks of the paper's identities on a token-level MDP where Q* is known."""
-    from .config import check_value
-    from .theory import run
 
     check_value("seed", seed, ge=0)
-    summary = run(out_dir, seed=seed, quick=quick, progress=not quiet)
+    summary = run_theory(out_dir, seed=seed, quick=quick, progress=not quiet)
     if not summary["passed"]:
         raise UserError(f"some theory checks failed; see {out_dir / 'report.html'}")
 
 
 def _demo(cfg) -> None:
-    from .demo import run
-
-    run(cfg)
+    run_demo(cfg)
 
 
 def _demo_command() -> None:
-    from .demo import DemoConfig
-
     _config_command("demo", DemoConfig, "The paper's three findings on the built-in imdb-sentiment task, from "
                     "scratch, with a report.", _demo)
 

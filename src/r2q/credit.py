@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from . import refcache
-from .config import check_options
-from .config import option as _f
+from .config import check_options, option
 from .data import (
     DataReport,
     PreferenceExample,
@@ -50,28 +49,28 @@ from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, 
 class CreditConfig:
     """Options of `r2q credit`; the CLI is generated from these fields."""
 
-    model: str = _f("", "Policy (DPO) model directory")
-    ref: str = _f("", "Reference model; default: the one r2q train recorded; 'none' = reference-free")
-    beta: float = _f(0.0, "beta of the rewards", ge=0, shown="the one r2q train recorded, else 0.1")
-    data: str = _f("", "Pairs (prompt/chosen/rejected) or completions to score")
-    prompt: str = _f("", "A prompt (with --response), instead of --data")
-    response: str = _f("", "The response to --prompt")
-    html: str = _f("", "Write a self-contained HTML heatmap here")
-    json: str = _f("", "Write the per-token numbers as JSON here")
-    png: str = _f("", "Write a PNG figure here")
-    delimiter: str = _f("\n", "Step delimiter for per-step sums")
-    batch_size: int = _f(16, "Pairs per forward", ge=1)
-    max_length: int = _f(1024, "Max tokens of prompt + completion", ge=2)
-    max_prompt_length: int = _f(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
-    cache_dir: str = _f("", "Reference log-prob cache (as r2q train --cache-dir)")
-    share_prefix: bool = _f(True, "Run each pair's prompt once")
-    show: int = _f(5, "Items shown in the terminal (0: the summary only)", ge=0)
-    top_k: int = _f(20, "Most rewarded and most penalised tokens listed", ge=1)
-    min_count: int = _f(0, "Tokens listed must occur this often (0: automatic)", ge=0)
-    dtype: str = _f("fp32", "fp32, bf16 or fp16 weights", choices=("fp32", "bf16", "fp16"))
-    skip_bad: bool = _f(False, "Skip malformed rows instead of stopping")
-    quiet: bool = _f(False, "No progress bar")
-    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint")
+    model: str = option("", "Policy (DPO) model directory")
+    ref: str = option("", "Reference model; default: the one r2q train recorded; 'none' = reference-free")
+    beta: float = option(0.0, "beta of the rewards", ge=0, shown="the one r2q train recorded, else 0.1")
+    data: str = option("", "Pairs (prompt/chosen/rejected) or completions to score")
+    prompt: str = option("", "A prompt (with --response), instead of --data")
+    response: str = option("", "The response to --prompt")
+    html: str = option("", "Write a self-contained HTML heatmap here")
+    json: str = option("", "Write the per-token numbers as JSON here")
+    png: str = option("", "Write a PNG figure here")
+    delimiter: str = option("\n", "Step delimiter for per-step sums")
+    batch_size: int = option(16, "Pairs per forward", ge=1)
+    max_length: int = option(1024, "Max tokens of prompt + completion", ge=2)
+    max_prompt_length: int = option(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
+    cache_dir: str = option("", "Reference log-prob cache (as r2q train --cache-dir)")
+    share_prefix: bool = option(True, "Run each pair's prompt once")
+    show: int = option(5, "Items shown in the terminal (0: the summary only)", ge=0)
+    top_k: int = option(20, "Most rewarded and most penalised tokens listed", ge=1)
+    min_count: int = option(0, "Tokens listed must occur this often (0: automatic)", ge=0)
+    dtype: str = option("fp32", "fp32, bf16 or fp16 weights", choices=("fp32", "bf16", "fp16"))
+    skip_bad: bool = option(False, "Skip malformed rows instead of stopping")
+    quiet: bool = option(False, "No progress bar")
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint")
 
     def __post_init__(self):
         check_options(self)

@@ -9,6 +9,7 @@ The data order is a function of (seed, epoch) only, so resuming needs nothing bu
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -25,11 +26,11 @@ from safetensors import SafetensorError
 
 from . import refcache
 from .checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint, verify
-from .config import check_options, flag
-from .config import option as _f
+from .config import check_options, flag, option
+from .data import load_preferences, load_sft
 from .errors import UserError
 from .losses import LOSS_TYPES, dpo_loss, sft_loss
-from .models import pad_id
+from .models import check_model_path, check_vocab, load_model, load_reference, load_tokenizer, pad_id
 from .paths import check_out_dir, write_atomic
 from .progress import progress_bar
 from .rewards import implicit_rewards, sequence_rewards
@@ -40,44 +41,44 @@ from .tokens import TokenBatch, TokenScorer, completion_logps, examples_batch, p
 class TrainConfig:
     """Options of `r2q train` (DPO) and `r2q sft`; the CLI is generated from these fields."""
 
-    model: str = _f("", "Policy to start from: a local HF model directory (or hub id when online)")
-    data: str = _f("", "Training data: .jsonl, .json, .parquet, .csv or a saved dataset directory")
-    out: str = _f("", "Output directory: final model, checkpoints/, metrics.jsonl")
-    ref: str = _f("init", "Reference policy: a model path, 'init' (frozen copy of the start) or 'none'")
-    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref", gt=0)
-    loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO), ipo or cdpo (label-smoothed)", choices=LOSS_TYPES)
-    label_smoothing: float = _f(0.0, "cDPO label noise epsilon, in [0, 0.5) (--loss cdpo only)", ge=0, le=0.49)
-    lr: float = _f(5e-6, "Peak learning rate (AdamW)", gt=0)
-    schedule: str = _f("linear", "Learning-rate schedule after warm-up: linear, cosine or constant",
+    model: str = option("", "Policy to start from: a local HF model directory (or hub id when online)")
+    data: str = option("", "Training data: .jsonl, .json, .parquet, .csv or a saved dataset directory")
+    out: str = option("", "Output directory: final model, checkpoints/, metrics.jsonl")
+    ref: str = option("init", "Reference policy: a model path, 'init' (frozen copy of the start) or 'none'")
+    beta: float = option(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref", gt=0)
+    loss: str = option("sigmoid", "DPO loss: sigmoid (DPO), ipo or cdpo (label-smoothed)", choices=LOSS_TYPES)
+    label_smoothing: float = option(0.0, "cDPO label noise epsilon, in [0, 0.5) (--loss cdpo only)", ge=0, le=0.49)
+    lr: float = option(5e-6, "Peak learning rate (AdamW)", gt=0)
+    schedule: str = option("linear", "Learning-rate schedule after warm-up: linear, cosine or constant",
                        choices=("linear", "cosine", "constant"))
-    warmup_steps: int = _f(0, "Linear warm-up steps", ge=0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off)", ge=0)
-    epochs: float = _f(1.0, "Epochs over the data (ignored when --max-steps is set)", gt=0, le=1e6)
-    max_steps: int = _f(0, "Optimizer steps to run (0 = from --epochs)", ge=0)
-    batch_size: int = _f(8, "Examples (pairs) per micro-batch per process", ge=1)
-    grad_accum: int = _f(1, "Micro-batches per optimizer step", ge=1)
-    max_length: int = _f(1024, "Max tokens of prompt + completion (longer: cut)", ge=2)
-    max_prompt_length: int = _f(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
-    share_prefix: bool = _f(True, "One row per pair: run the prompt once for chosen and rejected")
-    precompute_ref: bool = _f(False, "Run the reference once, cache per-token log-probs on disk, free it")
-    cache_dir: str = _f("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
-    dtype: str = _f("fp32", "fp32, or bf16 autocast (weights stay fp32)",
+    warmup_steps: int = option(0, "Linear warm-up steps", ge=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = off)", ge=0)
+    epochs: float = option(1.0, "Epochs over the data (ignored when --max-steps is set)", gt=0, le=1e6)
+    max_steps: int = option(0, "Optimizer steps to run (0 = from --epochs)", ge=0)
+    batch_size: int = option(8, "Examples (pairs) per micro-batch per process", ge=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step", ge=1)
+    max_length: int = option(1024, "Max tokens of prompt + completion (longer: cut)", ge=2)
+    max_prompt_length: int = option(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
+    share_prefix: bool = option(True, "One row per pair: run the prompt once for chosen and rejected")
+    precompute_ref: bool = option(False, "Run the reference once, cache per-token log-probs on disk, free it")
+    cache_dir: str = option("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
+    dtype: str = option("fp32", "fp32, or bf16 autocast (weights stay fp32)",
                     choices=("fp32", "float32", "bf16", "bfloat16"))
-    seed: int = _f(0, "Seed for data order, initialisation of the run and dropout", ge=0)
-    eval_data: str = _f("", "Held-out data file (default: a split of --data, see --eval-fraction)")
-    eval_fraction: float = _f(0.0, "Fraction of --data held out for evaluation when --eval-data is unset",
+    seed: int = option(0, "Seed for data order, initialisation of the run and dropout", ge=0)
+    eval_data: str = option("", "Held-out data file (default: a split of --data, see --eval-fraction)")
+    eval_fraction: float = option(0.0, "Fraction of --data held out for evaluation when --eval-data is unset",
                               ge=0, le=0.99)
-    eval_every: int = _f(0, "Evaluate every N steps (0 = only at the end)", ge=0)
-    eval_on_start: bool = _f(False, "Also evaluate once before the first step, logged as step 0 (not on resume)")
-    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model)", ge=0)
-    keep_last: int = _f(2, "Checkpoints to keep (the newest)", ge=1)
-    resume: bool = _f(False, "Continue from the newest verified checkpoint in --out (same settings required)")
-    overwrite: bool = _f(False, "Start over in an --out that holds an earlier run (deletes its checkpoints)")
-    log_every: int = _f(1, "Write metrics every N steps", ge=1)
-    skip_bad: bool = _f(False, "Skip malformed rows (counted and reported) instead of stopping")
-    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint (off: safer)")
-    quiet: bool = _f(False, "No progress bar")
+    eval_every: int = option(0, "Evaluate every N steps (0 = only at the end)", ge=0)
+    eval_on_start: bool = option(False, "Also evaluate once before the first step, logged as step 0 (not on resume)")
+    save_every: int = option(0, "Checkpoint every N steps (0 = only the final model)", ge=0)
+    keep_last: int = option(2, "Checkpoints to keep (the newest)", ge=1)
+    resume: bool = option(False, "Continue from the newest verified checkpoint in --out (same settings required)")
+    overwrite: bool = option(False, "Start over in an --out that holds an earlier run (deletes its checkpoints)")
+    log_every: int = option(1, "Write metrics every N steps", ge=1)
+    skip_bad: bool = option(False, "Skip malformed rows (counted and reported) instead of stopping")
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint (off: safer)")
+    quiet: bool = option(False, "No progress bar")
 
     def __post_init__(self):
         check_options(self)
@@ -94,7 +95,9 @@ class TrainResult:
 # -------------------------------------------------------------------------- data order
 
 
-def lengths_of(ex) -> int:
+def example_tokens(ex) -> int:
+    """Tokens of one example as training lays it out (prompt once, then its completion or both completions):
+    the length batches are sorted by."""
     if hasattr(ex, "chosen_ids"):
         return len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
     return len(ex.prompt_ids) + len(ex.completion_ids)
@@ -198,7 +201,6 @@ class Trainer:
             raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees "
                             f"{self.acc.num_processes}; on CPU set ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
         set_seed(cfg.seed)
-        from .models import check_model_path, check_vocab, load_model, load_reference, load_tokenizer
 
         if model is not None and tokenizer is None:
             raise UserError("an in-memory model needs its tokenizer")
@@ -243,7 +245,7 @@ class Trainer:
         )
         self.parts = self.acc.num_processes * cfg.grad_accum
         self.global_batch = cfg.batch_size * self.parts
-        self.lengths = [lengths_of(e) for e in self.train_ex]
+        self.lengths = [example_tokens(e) for e in self.train_ex]
         per_epoch = len(epoch_steps(self.lengths, self.global_batch, self.parts, cfg.seed, 0))
         if per_epoch == 0:
             raise UserError(f"{len(self.train_ex)} training examples are fewer than one per micro-batch "
@@ -262,8 +264,6 @@ class Trainer:
     # ---------------------------------------------------------------- setup helpers
 
     def _data(self, train_examples, eval_examples):
-        from .data import load_preferences, load_sft
-
         cfg = self.cfg
         load = load_preferences if self.mode == "dpo" else load_sft
         kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad=cfg.skip_bad,
@@ -397,7 +397,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        lengths = [lengths_of(e) for e in self.eval_ex]
+        lengths = [example_tokens(e) for e in self.eval_ex]
         order = sorted(range(len(self.eval_ex)), key=lambda j: lengths[j])
         r, P = self.acc.process_index, self.acc.num_processes
         mine, bs = order[r::P], self.cfg.batch_size
@@ -601,7 +601,6 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
 def _fast_adamw() -> dict[str, bool]:
     """The fused AdamW kernel (one call for all tensors) where this torch has it; the loop over tensors is
     several times slower on CPU."""
-    import inspect
 
     return {"fused": True} if "fused" in inspect.signature(torch.optim.AdamW).parameters else {}
 

@@ -10,9 +10,17 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import list_checkpoints
+from ..credit import score_examples, score_pairs, top_tokens
+from ..data import SFTExample, preference_examples_from_rows
+from ..models import load_model, load_tokenizer
 from ..rewards import token_rewards
+from ..search import GenerateConfig, encode_prompts, generate, score_sequences
 from ..stats import distinct_n, grouped_spearman_ci, mean_ci, paired_diff_ci, wins
-from .pipeline import max_len, read_jsonl, write_jsonl
+from ..tasks.imdb_sentiment import load_gold
+from ..views.html import write_html
+from ..views.plots import plot_credit
+from .common import max_len, read_jsonl, write_jsonl
 
 NULLS = ("untrained", "shuffled", "sft-chosen")
 RUN_OF = {"dpo-a": "dpo-a", "dpo-b": "dpo-b", "shuffled": "dpo-shuffled"}  # credit models that are DPO runs
@@ -35,8 +43,6 @@ class _Loader:
         self.cache: dict[str, Any] = {}
 
     def __call__(self, path: Path | None, keep: bool = True):
-        from ..models import load_model
-
         if path is None:
             return None
         if str(path) in self.cache:
@@ -51,12 +57,6 @@ class _Loader:
 
 
 def credit(d: Path, runs: dict, sft: Path, gold_path: Path, data: Path, p: dict, quiet: bool) -> dict[str, Any]:
-    from ..credit import score_pairs, top_tokens
-    from ..models import load_tokenizer
-    from ..tasks.imdb_sentiment import load_gold
-    from ..views.html import write_html
-    from ..views.plots import plot_credit
-
     tok, gold, load, beta = load_tokenizer(sft), load_gold(gold_path), _Loader(), p["betas"][0]
     rows = read_jsonl(Path(runs["dpo-b"]["eval_file"]))
     kw = dict(max_length=max_len(p, p["pair_tokens"]), max_prompt_length=2 * p["prompt_tokens"], delimiter=None,
@@ -94,7 +94,6 @@ def credit(d: Path, runs: dict, sft: Path, gold_path: Path, data: Path, p: dict,
 def heldout(runs: dict, tok, load, p: dict, kw: dict, quiet: bool, scored: dict) -> dict[str, Any]:
     """Final held-out DPO loss, pair accuracy and rewards of every run, per pair, with intervals. `scored`: the
     reports of runs already scored on their held-out pairs with these settings."""
-    from ..credit import score_pairs
 
     out = {}
     for name, r in runs.items():
@@ -128,8 +127,6 @@ def sentiment_swaps(tok, gold, k: int) -> list[tuple[int, int, str, str]]:
 def _edit_sources(tok, rows: list[dict], data: Path, kw: dict) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of held-out text: both sides of the held-out pairs (SFT samples) and the
     human continuations of the search prompts."""
-    from ..data import preference_examples_from_rows
-    from ..search import encode_prompts
 
     ex, _ = preference_examples_from_rows(rows, tok, kw["max_length"], kw["max_prompt_length"])
     out = [(e.prompt_ids, c) for e in ex for c in (e.chosen_ids, e.rejected_ids)]
@@ -159,8 +156,6 @@ def edit_test(policy, ref, tok, edits: list[dict], beta: float, n_boot: int) -> 
     """The paper's test: score each completion and its one-word edit; per token, delta = r(edited) - r(original).
     A hit: the most negative delta (positive word -> negative) or the most positive (negative -> positive) is at
     the edited token. Tokens before the edit have delta 0 exactly (same prefix), so 'unedited' means after it."""
-    from ..credit import score_examples
-    from ..data import SFTExample
 
     if not edits:
         return {"edits": 0}
@@ -191,7 +186,6 @@ def edit_test(policy, ref, tok, edits: list[dict], beta: float, n_boot: int) -> 
 def _per_prompt(texts: list[str], toks: list[list[int]], logp: list[float], reward: list[float], enc, pad_id,
                 gold, judge, beta) -> dict[str, np.ndarray]:
     """Per-prompt measures of one method's outputs; log pi and the implicit reward come from the caller."""
-    from ..search import score_sequences
 
     n = np.array([len(t) for t in toks], dtype=float)
     lp_j, _ = score_sequences(judge, None, enc, toks, pad_id, beta)
@@ -227,10 +221,6 @@ def search_plan(p: dict, main: bool) -> list[tuple[str, dict]]:
 
 def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_path: Path, p: dict, seed: int,
            quiet: bool) -> dict[str, Any]:
-    from ..models import load_tokenizer
-    from ..search import GenerateConfig, encode_prompts, generate, score_sequences
-    from ..tasks.imdb_sentiment import load_gold
-
     tok, gold, load = load_tokenizer(sft), load_gold(gold_path), _Loader()
     judge, pad = load(judge_path), tok.eos_token_id
     rows = read_jsonl(data / "search_prompts.jsonl")[: p["n_search"]]
@@ -264,9 +254,6 @@ def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_pa
 def dynamics(d: Path, runs: dict, p: dict, seed: int, quiet: bool) -> dict[str, Any]:
     """Held-out implicit rewards along training (from the trainer's metrics, step 0 measured before the first
     update) and E_{y~pi_ref}[beta log pi/pi_ref] at every checkpoint, from samples of the reference."""
-    from ..checkpoint import list_checkpoints
-    from ..models import load_tokenizer
-    from ..search import GenerateConfig, encode_prompts, generate, score_sequences
 
     load = _Loader()
     out: dict[str, Any] = {}

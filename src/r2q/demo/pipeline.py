@@ -30,7 +30,23 @@ import torch
 
 from ..config import check_options, option
 from ..errors import UserError
+from ..models import load_model, load_tokenizer, save_model, tiny_model, train_bpe_tokenizer
 from ..paths import check_out_dir
+from ..search import GenerateConfig, generate
+from ..tasks.imdb_sentiment import (
+    GoldReward,
+    extreme_pairs,
+    load_gold,
+    load_reviews,
+    rt_pairs,
+    rt_preference_rows,
+    save_gold,
+    split_reviews,
+)
+from ..train import TrainConfig, train
+from . import findings
+from .common import jsonable, max_len, read_jsonl, write_jsonl
+from .report import key_tables, write_report
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(
@@ -111,30 +127,10 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def jsonable(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(type(x))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 # ------------------------------------------------------------------------------------------------ stages
 
 
 def stage_data(d: Path, p: dict, seed: int) -> dict[str, Any]:
-    from ..models import train_bpe_tokenizer
-    from ..tasks.imdb_sentiment import load_reviews, rt_pairs, split_reviews
-
     splits = split_reviews(load_reviews("imdb"), p["n_gold"], p["n_search"], seed)
     lm = splits.lm[: p["n_lm_reviews"]]
     tok = train_bpe_tokenizer(lm, vocab_size=p["vocab"], chat_template=None)
@@ -176,8 +172,6 @@ def lm_rows(tok, texts: list[str], lm_len: int) -> list[dict]:
 
 
 def stage_gold(d: Path, data: Path, seed: int) -> dict[str, Any]:
-    from ..tasks.imdb_sentiment import GoldReward, save_gold
-
     rows = read_jsonl(data / "gold.jsonl")
     gold = GoldReward([(r["text"], r["label"]) for r in rows], seed=seed)
     save_gold(gold, d / "gold.json")
@@ -186,8 +180,6 @@ def stage_gold(d: Path, data: Path, seed: int) -> dict[str, Any]:
 
 def stage_lm(d: Path, data: Path, rows: str, p: dict, seed: int, quiet: bool, layers: int, steps: int) -> dict:
     """A small Llama-style LM trained from scratch on `rows` (`r2q sft` on {"text"} rows), 5% held out."""
-    from ..models import load_tokenizer, save_model, tiny_model
-    from ..train import TrainConfig, train
 
     tok = load_tokenizer(data / "tokenizer")
     init = save_model(tiny_model("llama", len(tok), seed=seed, hidden=p["hidden"], layers=layers,
@@ -206,10 +198,6 @@ def stage_lm(d: Path, data: Path, rows: str, p: dict, seed: int, quiet: bool, la
 
 
 def stage_pairs(d: Path, data: Path, sft: Path, gold_path: Path, p: dict, seed: int, quiet: bool) -> dict[str, Any]:
-    from ..models import load_model, load_tokenizer
-    from ..search import GenerateConfig, generate
-    from ..tasks.imdb_sentiment import extreme_pairs, load_gold, rt_preference_rows
-
     tok = load_tokenizer(sft)
     prompts = [r["prompt"] for r in read_jsonl(data / "pair_prompts.jsonl")]
     K = p["pair_samples"]
@@ -240,14 +228,8 @@ def stage_pairs(d: Path, data: Path, sft: Path, gold_path: Path, p: dict, seed: 
             "rt_pairs": len(rt), "rt_label_agrees_with_gold": rt_agree, **compute}
 
 
-def max_len(p: dict, tokens: int) -> int:
-    return 2 * p["prompt_tokens"] + tokens + 8
-
-
 def stage_dpo(d: Path, start: Path, train_file: Path, eval_file: Path, p: dict, beta: float, seed: int,
               quiet: bool, sft_on_chosen: bool, tokens: int, epochs: float) -> dict:
-    from ..train import TrainConfig, train
-
     model = start
     # a stage that runs again starts over (an interrupted attempt may have left a partial run in its dir)
     common = dict(batch_size=p["dpo_batch"], max_length=max_len(p, tokens), max_prompt_length=2 * p["prompt_tokens"],
@@ -289,9 +271,6 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or reuse) every stage, write DIR/report.html and DIR/summary.json; returns the summary."""
     from rich.console import Console
     from rich.markup import escape
-
-    from . import findings
-    from .report import key_tables, write_report
 
     p = PROFILES[cfg.profile]
     out = check_out_dir(cfg.out)

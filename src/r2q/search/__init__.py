@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_options
-from ..config import option as _f
+from ..config import check_options, option
 from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
@@ -34,31 +33,31 @@ METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam",
 class GenerateConfig:
     """Options of `r2q generate`; the CLI is generated from these fields."""
 
-    method: str = _f("beam", f"Decoding method: {', '.join(METHODS)}", choices=METHODS)
-    max_new_tokens: int = _f(64, "Max tokens generated per prompt", ge=1)
-    num_beams: int = _f(4, "Beams (beam, reward-beam) or beam width W (chunk-beam)", ge=1)
-    num_samples: int = _f(4, "Samples per prompt (best-of-n) or per beam (chunk-beam)", ge=1)
-    temperature: float = _f(1.0, "Sampling temperature (> 0; --method greedy for argmax decoding)", gt=0)
-    top_k: int = _f(0, "Sample from the k most likely tokens only (0 = all)", ge=0)
-    top_p: float = _f(1.0, "Nucleus sampling mass, in (0, 1]", gt=0, le=1)
-    beta: float = _f(0.1, "beta of the implicit reward beta * log pi/pi_ref", gt=0)
-    length_penalty: float = _f(0.0, "Beam score = sum / length**penalty (0 = plain sum, the paper's Eq. 13)")
-    early_stopping: str = _f("false", "Beam early stopping as in transformers: false, true or never",
+    method: str = option("beam", f"Decoding method: {', '.join(METHODS)}", choices=METHODS)
+    max_new_tokens: int = option(64, "Max tokens generated per prompt", ge=1)
+    num_beams: int = option(4, "Beams (beam, reward-beam) or beam width W (chunk-beam)", ge=1)
+    num_samples: int = option(4, "Samples per prompt (best-of-n) or per beam (chunk-beam)", ge=1)
+    temperature: float = option(1.0, "Sampling temperature (> 0; --method greedy for argmax decoding)", gt=0)
+    top_k: int = option(0, "Sample from the k most likely tokens only (0 = all)", ge=0)
+    top_p: float = option(1.0, "Nucleus sampling mass, in (0, 1]", gt=0, le=1)
+    beta: float = option(0.1, "beta of the implicit reward beta * log pi/pi_ref", gt=0)
+    length_penalty: float = option(0.0, "Beam score = sum / length**penalty (0 = plain sum, the paper's Eq. 13)")
+    early_stopping: str = option("false", "Beam early stopping as in transformers: false, true or never",
                              choices=("false", "true", "never"))
-    ref_term: bool = _f(False, "reward-beam / mcts: add beta * log pi_ref to the reward (= beta * log pi)")
-    ranking: str = _f("reward", f"best-of-n ranking: {', '.join(RANKINGS)}", choices=RANKINGS)
-    scorer: str = _f("", "External scorer for --ranking external: a reward-model directory, or module:function, "
+    ref_term: bool = option(False, "reward-beam / mcts: add beta * log pi_ref to the reward (= beta * log pi)")
+    ranking: str = option("reward", f"best-of-n ranking: {', '.join(RANKINGS)}", choices=RANKINGS)
+    scorer: str = option("", "External scorer for --ranking external: a reward-model directory, or module:function, "
                            "which imports and RUNS that Python code (the current directory is searched); it is "
                            "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
-    delimiter: str = _f("\n", "Step delimiter for reward-min / reward-last")
-    chunk_len: int = _f(8, "chunk-beam: tokens per chunk", ge=1)
-    simulations: int = _f(64, "mcts: simulations per prompt", ge=1)
-    c_puct: float = _f(1.0, "mcts: exploration constant", ge=0)
-    expand_top_k: int = _f(16, "mcts: children per node (most likely tokens)", ge=1)
-    rollout: bool = _f(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
-    backup: str = _f("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
-    seed: int = _f(0, "Seed for sampling", ge=0)
-    batch_size: int = _f(8, "Prompts decoded together", ge=1)
+    delimiter: str = option("\n", "Step delimiter for reward-min / reward-last")
+    chunk_len: int = option(8, "chunk-beam: tokens per chunk", ge=1)
+    simulations: int = option(64, "mcts: simulations per prompt", ge=1)
+    c_puct: float = option(1.0, "mcts: exploration constant", ge=0)
+    expand_top_k: int = option(16, "mcts: children per node (most likely tokens)", ge=1)
+    rollout: bool = option(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
+    backup: str = option("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
+    seed: int = option(0, "Seed for sampling", ge=0)
+    batch_size: int = option(8, "Prompts decoded together", ge=1)
 
     def __post_init__(self):
         check_options(self)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..rewards import token_rewards
+from ..search import GenerateConfig, generate_ids
 from ..tasks import arithmetic
 from .dpo import (
     chosen_rejected_rewards,
@@ -30,6 +31,7 @@ from .dpo import (
     train_run,
 )
 from .mdp import (
+    EOS,
     TheoryMDP,
     TokenTree,
     kl_by_states,
@@ -40,7 +42,7 @@ from .mdp import (
     token_values,
     tv_distance,
 )
-from .neural import Scorer, state_table, tiny_lm, train_transformer
+from .neural import Scorer, prompt_ids, state_table, tiny_lm, train_transformer
 
 EXACT_TOL = 1e-6
 SearchFn = Callable[[int], Sequence[int]]
@@ -224,9 +226,6 @@ def r2q_search(tree: TokenTree, model, ref, beta: float, method: str) -> SearchF
     """A SearchFn running r2q.search on the transformer policy: likelihood beam search as wide as the tree,
     reward-beam on beta log pi/pi_ref + beta log pi_ref, or MCTS with enough simulations to cover the tree.
     The horizon's forced EOS is appended (the tree gives it log-prob 0)."""
-    from ..search import GenerateConfig, generate_ids
-    from .mdp import EOS
-    from .neural import prompt_ids
 
     n = tree.per_prompt
     cfg = {"beam": GenerateConfig(method="beam", num_beams=n, max_new_tokens=tree.horizon - 1),

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
+from ..paths import check_out_dir
 from ..views.report import esc, img, png_bytes, table
 from .checks import (
     CheckResult,
@@ -35,8 +37,6 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
     from rich.console import Console
     from rich.markup import escape
 
-    from ..errors import UserError
-    from ..paths import check_out_dir
 
     if not 0 <= seed <= 2**31 - 1:
         raise UserError(f"--seed must be in [0, {2**31 - 1}]; got {seed}")
