@@ -15,16 +15,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import check_value
 from .credit import CreditConfig, credit_from_file, score_texts
+from .data import InspectConfig, read_rows
 from .data import inspect_data as _inspect
-from .data import read_rows
 from .demo import DemoConfig
 from .demo import run as run_demo
 from .errors import UserError
 from .models import check_vocab, load_model, load_reference, load_tokenizer
 from .paths import check_out_file, write_atomic
 from .search import GenerateConfig, generate, validate
+from .theory import TheoryConfig
 from .theory import run as run_theory
 from .train import TrainConfig, train
 from .views.html import write_html
@@ -44,20 +44,10 @@ def version() -> None:
     out.print(f"r2q {__version__}")
 
 
-@app.command("inspect-data")
-def inspect_data(
-    data: Annotated[Path, typer.Argument(help="Preference or SFT data (.jsonl, .json, .parquet, .csv, dataset dir)")],
-    model: Annotated[str, typer.Option(help="Model (or tokenizer) directory whose tokenizer to use")],
-    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + completion")] = 1024,
-    max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left)")] = 512,
-) -> None:
-    """Counts, token length percentiles, truncation and bad rows of a data file."""
-
-    check_value("max_length", max_length, ge=2)
-    check_value("max_prompt_length", max_prompt_length, ge=1)
-
-    info = _inspect(data, load_tokenizer(model), max_length=max_length, max_prompt_length=max_prompt_length)
-    table = Table(title=escape(f"{data} ({info['kind']}, {info['format']})"))
+def _inspect_data(cfg: InspectConfig) -> None:
+    info = _inspect(cfg.data, load_tokenizer(cfg.model), max_length=cfg.max_length,
+                    max_prompt_length=cfg.max_prompt_length)
+    table = Table(title=escape(f"{cfg.data} ({info['kind']}, {info['format']})"))
     table.add_column("field")
     for col in ("p50", "p90", "p99", "max"):
         table.add_column(col, justify="right")
@@ -73,8 +63,8 @@ def inspect_data(
 
 
 def _options_from(cls):
-    """Turn a config dataclass into a typer signature: one --option per field, help from field metadata."""
-
+    """Turn a config dataclass into a typer signature: one --option (or argument) per field, help and range from
+    the field's metadata (see r2q.config.option)."""
     params = []
     for f in dataclasses.fields(cls):
         name = f.type if isinstance(f.type, str) else f.type.__name__
@@ -83,8 +73,13 @@ def _options_from(cls):
         if isinstance(f.default, str) and not f.default.isprintable():  # e.g. a newline: shown as \n
             shown = f.default.encode("unicode_escape").decode()
         shown = f.metadata.get("shown") or shown
-        opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+        default = f.default
+        if f.metadata.get("positional"):
+            opt = typer.Argument(help=f.metadata.get("help", ""), show_default=shown)
+            default = inspect.Parameter.empty if f.default == "" else f.default
+        else:
+            opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[typ, opt]))
     return inspect.Signature(params)
 
@@ -290,19 +285,10 @@ def torch_cuda() -> bool:
 _credit_command()
 
 
-@app.command()
-def theory(
-    out_dir: Annotated[Path, typer.Option("--out", help="Report directory")] = Path("r2q-theory"),
-    seed: Annotated[int, typer.Option(help="Seed of the MDP instance and the sampled data")] = 0,
-    quick: Annotated[bool, typer.Option(help="Smaller checks (about half a minute)")] = False,
-    quiet: Annotated[bool, typer.Option(help="No tables while running")] = False,
-) -> None:
-    """Exact checks of the paper's identities on a token-level MDP where Q* is known."""
-
-    check_value("seed", seed, ge=0)
-    summary = run_theory(out_dir, seed=seed, quick=quick, progress=not quiet)
+def _theory(cfg: TheoryConfig) -> None:
+    summary = run_theory(cfg.out, seed=cfg.seed, quick=cfg.quick, progress=not cfg.quiet)
     if not summary["passed"]:
-        raise UserError(f"some theory checks failed; see {out_dir / 'report.html'}")
+        raise UserError(f"some theory checks failed; see {Path(cfg.out) / 'report.html'}")
 
 
 def _demo(cfg) -> None:
@@ -315,6 +301,10 @@ def _demo_command() -> None:
 
 
 _demo_command()
+_config_command("theory", TheoryConfig, "Exact checks of the paper's identities on a token-level MDP where Q* is "
+                "known.", _theory)
+_config_command("inspect-data", InspectConfig, "Counts, token length percentiles, truncation and bad rows of a data "
+                "file.", _inspect_data)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,11 +17,13 @@ INT_MAX = 2**31 - 1  # no count, length or seed r2q takes is larger; bigger valu
 
 
 def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-           le: float | None = None, choices: tuple[str, ...] | None = None, shown: str | None = None) -> Any:
+           le: float | None = None, choices: tuple[str, ...] | None = None, shown: str | None = None,
+           positional: bool = False) -> Any:
     """A dataclass field with a default, the help line `r2q` shows for its --option and its valid values:
     ge / gt / le bound a number (ints are also at most INT_MAX, floats finite), choices lists the strings.
-    shown: what --help prints as the default, where the value itself would mislead."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "shown": shown}
+    shown: what --help prints as the default, where the value itself would mislead. positional: a command-line
+    argument, not an --option (required when its default is "")."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "shown": shown, "positional": positional}
     return field(default=default, metadata=meta)
 
 
@@ -35,13 +37,6 @@ def check_options(cfg: Any) -> None:
         problem = _problem(getattr(cfg, f.name), f.metadata)
         if problem:
             raise UserError(f"{flag(f.name)} {problem}")
-
-
-def check_value(name: str, v: Any, **meta: Any) -> None:
-    """One option outside a config class (meta as `option`'s ranges)."""
-    problem = _problem(v, meta)
-    if problem:
-        raise UserError(f"{flag(name)} {problem}")
 
 
 def _problem(v: Any, meta: Any) -> str | None:

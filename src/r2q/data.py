@@ -38,6 +38,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from .config import check_options, option
 from .errors import UserError
 from .progress import progress_bar
 
@@ -644,6 +645,21 @@ def _percentiles(xs: list[int]) -> dict[str, int]:
     """Nearest-rank p50 / p90 / p99 / max of token lengths."""
     s = sorted(xs)
     return {f"p{q}": s[max(0, math.ceil(q / 100 * len(s)) - 1)] for q in (50, 90, 99)} | {"max": s[-1]}
+
+
+@dataclass
+class InspectConfig:
+    """Options of `r2q inspect-data`; the CLI is generated from these fields."""
+
+    data: str = option("", "Preference or SFT data (.jsonl, .json, .parquet, .csv, dataset dir)", positional=True)
+    model: str = option("", "Model (or tokenizer) directory whose tokenizer to use")
+    max_length: int = option(1024, "Max tokens of prompt + completion", ge=2)
+    max_prompt_length: int = option(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
+
+    def __post_init__(self):
+        check_options(self)
+        if not self.model:
+            raise UserError("--model is required (its tokenizer counts the tokens)")
 
 
 def inspect_data(

@@ -11,7 +11,7 @@ Entry point: ``run(out_dir, seed=0, quick=False, progress=True) -> dict`` (the s
 
 from .checks import CheckResult, check_search, exhaustive_search, greedy_search
 from .mdp import TheoryMDP, TokenTree, build_tree, random_mdp, soft_value_iteration
-from .report import run
+from .report import TheoryConfig, run
 
-__all__ = ["CheckResult", "TheoryMDP", "TokenTree", "build_tree", "check_search", "exhaustive_search",
+__all__ = ["CheckResult", "TheoryConfig", "TheoryMDP", "TokenTree", "build_tree", "check_search", "exhaustive_search",
            "greedy_search", "random_mdp", "run", "soft_value_iteration"]
