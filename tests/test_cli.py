@@ -14,10 +14,32 @@ def r2q(*args, check=True):
     return r
 
 
-def test_help_lists_every_command():
-    out = r2q("--help").stdout
-    for cmd in ("train", "sft", "generate", "credit", "theory", "demo", "inspect-data", "version"):
-        assert cmd in out, cmd
+def test_every_command_takes_exactly_its_config_fields():
+    """The CLI is generated: each command's options are its config dataclass's fields, with their defaults."""
+    import dataclasses
+
+    import typer
+
+    from r2q.cli import app
+    from r2q.credit import CreditConfig
+    from r2q.data import InspectConfig
+    from r2q.demo import DemoConfig
+    from r2q.search import GenerateConfig
+    from r2q.theory import TheoryConfig
+    from r2q.train import TrainConfig
+
+    commands = typer.main.get_command(app).commands
+    assert set(commands) == {"train", "sft", "generate", "credit", "theory", "demo", "inspect-data", "version"}
+    extra = {"generate": {"model", "prompts", "out_path", "ref", "base", "dtype", "quiet", "trust_remote_code"}}
+    for name, cls in [("train", TrainConfig), ("sft", TrainConfig), ("generate", GenerateConfig),
+                      ("credit", CreditConfig), ("theory", TheoryConfig), ("demo", DemoConfig),
+                      ("inspect-data", InspectConfig)]:
+        params = {p.name: p for p in commands[name].params if p.name != "help"}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(params) == set(fields) | extra.get(name, set()), name
+        for k, f in fields.items():
+            if f.default != "":  # "" means required or unset
+                assert params[k].default == f.default, (name, k)
 
 
 @pytest.mark.parametrize("method", ["beam", "reward-beam", "best-of-n", "mcts"])

@@ -65,8 +65,9 @@ def test_dpo_raises_heldout_margin_and_accuracy(llama_dir, pref_files, tmp_path)
                 "kl/pi_ref_est", "grad_norm", "lr", "tokens_per_s"):
         assert key in lines[0]
     assert lines[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at the start
-    assert (tmp_path / "run" / "model.safetensors").exists()
-    assert load_model(tmp_path / "run") is not None
+    # the saved model is the trained one: same logits, bit for bit
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    torch.testing.assert_close(load_model(tmp_path / "run")(ids).logits, res.model.eval()(ids).logits, rtol=0, atol=0)
 
 
 def test_eval_on_start_logs_step_0_where_policy_is_reference(llama_dir, pref_files, tmp_path):

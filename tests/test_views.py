@@ -162,7 +162,13 @@ def test_png_figure(report, llama_dir, tokenizer, tmp_path):
     import matplotlib.image
 
     path = plot_credit(report, tmp_path / "credit.png")
-    img = matplotlib.image.imread(path)
-    assert img.shape[0] > 500 and img.shape[1] > 500 and img[..., :3].std() > 0.05
+    img = (matplotlib.image.imread(path)[..., :3] * 255).round()
+    assert img.shape[0] > 500 and img.shape[1] > 500
+    # the largest reward of the figure is drawn in full blue, the most negative in full red (the shared scale)
+    shown = [c for p in report.pairs[:4] for c in (p.chosen, p.rejected)]
+    vmax = vmax_of(c.rewards for c in shown)
+    for r in (max(r for c in shown for r in c.rewards), min(r for c in shown for r in c.rewards)):
+        want = np.array(reward_rgb(r, vmax))
+        assert (np.abs(img - want).max(-1) <= 2).sum() > 20, (r, want)
     single = score_texts(load_model(llama_dir), None, tokenizer, ["p"], [" costs $5 and $6"], 0.1)
     assert matplotlib.image.imread(plot_credit(single, tmp_path / "one.png")).shape[0] > 100

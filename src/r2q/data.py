@@ -624,10 +624,7 @@ def load_preferences(
     skip_bad: bool = False, progress: bool = False,
 ) -> tuple[list[PreferenceExample], DataReport]:
     """Preference pairs from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
-    _check_lengths(max_length, max_prompt_length)
-    source, unit, items = _read(path)
-    return preference_examples_from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad,
-                                         source=source, unit=unit, progress=progress)
+    return _load(preference_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress)
 
 
 def load_sft(
@@ -635,10 +632,14 @@ def load_sft(
     skip_bad: bool = False, progress: bool = False,
 ) -> tuple[list[SFTExample], DataReport]:
     """SFT examples from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
-    _check_lengths(max_length, max_prompt_length)
+    return _load(sft_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress)
+
+
+def _load(from_rows, path, tokenizer, max_length: int, max_prompt_length: int, skip_bad: bool, progress: bool):
+    _check_lengths(max_length, max_prompt_length)  # before reading: a bad option fails without touching the file
     source, unit, items = _read(path)
-    return sft_examples_from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad,
-                                  source=source, unit=unit, progress=progress)
+    return from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit,
+                     progress=progress)
 
 
 def _percentiles(xs: list[int]) -> dict[str, int]:
