@@ -1,6 +1,12 @@
 """r2q: token-level DPO. Train a policy, see which tokens it rewards, search over it.
 
 Implements "From r to Q*: Your Language Model is Secretly a Q-Function" (Rafailov et al., 2024).
+
+Layers (tests/test_architecture.py keeps them): a core of formulas and plumbing (tokens, rewards, losses, data,
+models, checkpoint, ...) under what the commands compute (train, credit, search, tasks, theory checks), under the
+views, under the command line and the demo. Imports sit at the top of each module; the only imports inside
+functions are of heavy or optional packages (transformers, accelerate, datasets, pyarrow, matplotlib, sklearn,
+scipy, tensorboard), so that `import r2q` and `r2q --help` stay fast and a missing extra fails only where used.
 """
 
 from .errors import UserError
@@ -9,9 +15,11 @@ from .rewards import (
     aggregate_steps,
     cumulative_rewards,
     implicit_rewards,
+    likelihood_score,
     sequence_rewards,
     step_ends_from_text,
     step_rewards,
+    token_rewards,
 )
 from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps, flat_token_logps
 
@@ -29,8 +37,10 @@ __all__ = [
     "dpo_loss",
     "flat_token_logps",
     "implicit_rewards",
+    "likelihood_score",
     "sequence_rewards",
     "sft_loss",
     "step_ends_from_text",
     "step_rewards",
+    "token_rewards",
 ]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -246,7 +247,7 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
     check_vocab(tokenizer, policy)
     ref_model = None if ref == "none" else load_reference(ref, tokenizer, policy, cfg.dtype, cfg.trust_remote_code)
-    device = "cuda" if torch_cuda() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for m in (policy, ref_model):
         if m is not None:
             m.to(device)
@@ -274,12 +275,6 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     for p in written:
         console.print(f"wrote {p}", highlight=False, markup=False)
     return report.to_dict()
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 _credit_command()

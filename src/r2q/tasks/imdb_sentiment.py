@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 import random
 import re
@@ -64,7 +65,6 @@ def split_reviews(reviews: list[tuple[str, int]], n_gold: int, n_prompts: int, s
 
 class GoldReward:
     """Sentiment classifier used as the ground-truth reward: r(y) = logit P(positive | y)."""
-
     def __init__(self, labelled: list[tuple[str, int]], C: float = 4.0, seed: int = 0):
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -112,16 +112,12 @@ def bradley_terry_pairs(prompts: list[str], a: list[str], b: list[str], ra: np.n
 
 def save_gold(gold: GoldReward, path) -> None:
     """The classifier as JSON (vocabulary, idf, coefficients): no pickle."""
-    import json
-
     vocab = {k: int(v) for k, v in gold.vec.vocabulary_.items()}
     path.write_text(json.dumps({"vocabulary": vocab, "idf": gold.vec.idf_.tolist(), "coef": gold.clf.coef_[0].tolist(),
                                 "intercept": float(gold.clf.intercept_[0]), "test_accuracy": gold.test_accuracy}))
 
 
 def load_gold(path) -> GoldReward:
-    import json
-
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
