@@ -273,7 +273,7 @@ def child_r2q(a, work: Path, rows_file: str, steps: int, share: bool) -> dict:
         model=str(work.parent / "model"), out=str(work / "out"), ref="init", beta=BETA, loss="sigmoid", lr=a.lr,
         schedule="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
         batch_size=a.batch_size, grad_accum=1, share_prefix=share, precompute_ref=True,
-        cache_dir=str(work / "refcache"), dtype="fp32", seed=a.seed, log_every=1, quiet=True,
+        cache_dir=str(work / "refcache"), dtype="fp32", seed=a.seed, log_every=1, quiet=True, overwrite=True,
     )
     trainer = Timed(cfg, "dpo", model=model, tokenizer=tok, train_examples=examples)
     rss_ready = _rss_now_kb()
