@@ -86,13 +86,13 @@ def test_reward_beam_with_ref_term_is_likelihood_beam():
         lik, _ = generate_ids(pol, prompts, cfg, [EOS], PAD)
         cfg = GenerateConfig(method="reward-beam", num_beams=K, max_new_tokens=9, ref_term=True, beta=0.5)
         rew, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
-        assert [t for t, _ in lik] == [t for t, _ in rew]
-        for (_, a), (_, b) in zip(lik, rew):
+        assert [t for t, _, _ in lik] == [t for t, _, _ in rew]
+        for (_, a, _), (_, b, _) in zip(lik, rew):
             assert b == pytest.approx(0.5 * a, rel=1e-4)
         # without the reference term the objective differs and so, here, does the answer
     cfg = GenerateConfig(method="reward-beam", num_beams=3, max_new_tokens=9, beta=0.5)
     no_term, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
-    assert [t for t, _ in no_term] != [t for t, _ in lik]
+    assert [t for t, _, _ in no_term] != [t for t, _, _ in lik]
 
 
 def test_reward_beam_keeps_reference_cache_in_lockstep():
@@ -101,8 +101,8 @@ def test_reward_beam_keeps_reference_cache_in_lockstep():
     prompts = prompts_of(5, seed=4)
     cfg = GenerateConfig(method="reward-beam", num_beams=4, max_new_tokens=8, beta=0.3)
     out, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
-    _, reward = score_sequences(pol, ref, prompts, [t for t, _ in out], PAD, 0.3)
-    torch.testing.assert_close(torch.tensor([s for _, s in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+    _, reward = score_sequences(pol, ref, prompts, [t for t, _, _ in out], PAD, 0.3)
+    torch.testing.assert_close(torch.tensor([s for _, s, _ in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_matches_transformers_and_compute_is_counted():
@@ -113,10 +113,10 @@ def test_greedy_matches_transformers_and_compute_is_counted():
         hf = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
             do_sample=False, max_new_tokens=7, pad_token_id=PAD, eos_token_id=EOS))
     out, compute = generate_ids(model, prompts, GenerateConfig(method="greedy", max_new_tokens=7), [EOS], PAD)
-    for b, (t, _) in enumerate(out):
+    for b, (t, _, _) in enumerate(out):
         row = hf[b, ids.shape[1]:].tolist()
         assert t == (row[: row.index(EOS) + 1] if EOS in row else row)
-    steps = max(len(t) for t, _ in out)
+    steps = max(len(t) for t, _, _ in out)
     assert compute.forward_passes == steps
     assert compute.tokens_processed >= sum(map(len, prompts)) + (steps - 1)
 
@@ -178,9 +178,9 @@ def test_chunk_beam_with_one_candidate_is_sampling_from_the_base():
     out, _ = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=untuned, base=base,
                           generator=torch.Generator().manual_seed(3))
     s = sample(Lockstep([base]), prompts, PAD, [EOS], 8, generator=torch.Generator().manual_seed(3))
-    assert [t for t, _ in out] == s.tokens
+    assert [t for t, _, _ in out] == s.tokens
     _, reward = score_sequences(tuned, untuned, prompts, s.tokens, PAD, 1.0)
-    torch.testing.assert_close(torch.tensor([x for _, x in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([x for _, x, _ in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
 
 
 def test_chunk_beam_prefers_higher_implicit_reward():
@@ -191,7 +191,7 @@ def test_chunk_beam_prefers_higher_implicit_reward():
         cfg = GenerateConfig(method="chunk-beam", num_beams=W, num_samples=K, chunk_len=2, max_new_tokens=8, beta=1.0)
         out, _ = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=untuned, base=base,
                               generator=torch.Generator().manual_seed(4))
-        scores[W, K] = sum(s for _, s in out) / len(out)
+        scores[W, K] = sum(s for _, s, _ in out) / len(out)
     assert scores[2, 4] > scores[1, 1]
 
 
@@ -222,7 +222,7 @@ def test_mcts_finds_the_exhaustive_optimum(ref_term, rollout):
     out, compute = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
     greedy, _ = generate_ids(pol, prompts, GenerateConfig(method="greedy", max_new_tokens=depth), [EOS], PAD)
     found_beyond_greedy = 0
-    for p, (toks, ret), (g, _) in zip(prompts, out, greedy):
+    for p, (toks, ret, _), (g, _, _) in zip(prompts, out, greedy):
         best, best_ret, _ = enumerate_best(pol, ref, p, vocab, depth, beta, ref_term)
         assert toks == best
         assert ret == pytest.approx(best_ret, abs=1e-4)
@@ -238,3 +238,27 @@ def test_wide_beam_finds_the_exhaustive_optimum():
         best, _, seqs = enumerate_best(pol, None, p, vocab, depth, 1.0)
         hyps = beam_search(Lockstep([pol]), [p], PAD, [EOS], len(seqs), depth, lambda l: l[0])
         assert hyps[0][0][0] == best
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "mcts"])
+def test_generate_carries_the_log_probs_the_search_computed(method, tokenizer):
+    """log pi(y|x) and the implicit reward come from the search itself (no rescoring pass, except where the search
+    never ran a model, which is counted), and equal a fresh rescoring of the returned tokens."""
+    from r2q.search import encode_prompts, generate
+
+    pol, ref = tiny_model("llama", len(tokenizer), seed=30), tiny_model("llama", len(tokenizer), seed=31)
+    prompts = ["the film", "12+30=", "a"]
+    cfg = GenerateConfig(method=method, max_new_tokens=7, num_beams=3, num_samples=3, chunk_len=3, simulations=6,
+                         beta=0.3, seed=1)
+    res, total = generate(pol, tokenizer, prompts, cfg, ref=ref)
+    enc = encode_prompts(tokenizer, prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    logp, reward = score_sequences(pol, ref, enc, [r.token_ids for r in res], pad, 0.3)
+    torch.testing.assert_close(torch.tensor([r.logp for r in res]), torch.tensor(logp), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([r.reward for r in res]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+    # rescoring forwards are counted: beam never runs the reference (one pass to score it), MCTS keeps no
+    # per-path log-probs (one pass per model); every other method carries both
+    searched = generate_ids(pol, enc, cfg, [eos], pad, ref=ref, tokenizer=tokenizer,
+                            generator=torch.Generator().manual_seed(1))[1]
+    rescoring = {"beam": 1, "mcts": 2}.get(method, 0)
+    assert total["forward_passes"] == searched.forward_passes + rescoring

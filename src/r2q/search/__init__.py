@@ -17,7 +17,7 @@ from ..config import check_options, option
 from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
-from ..rewards import implicit_rewards, likelihood_score, sequence_rewards, token_rewards
+from ..rewards import likelihood_score, sequence_rewards, token_rewards
 from ..tokens import build_batch, completion_logps
 from .beam import beam_search
 from .bon import RANKINGS, checked_scores, load_external_scorer, sample_scores
@@ -102,29 +102,39 @@ def validate(cfg: GenerateConfig, ref, base) -> None:
         raise UserError("--base is chunk-beam's proposer; other methods do not use it")
 
 
+Decoded = tuple[list[int], float, list[float | None]]  # tokens, score, [log pi(y|x), log pi_ref(y|x) or None]
+
+
 @torch.no_grad()
 def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
                  ref=None, base=None, tokenizer=None, scorer=None,
-                 generator: torch.Generator | None = None) -> tuple[list[tuple[list[int], float]], Compute]:
-    """One batch: (tokens, score) per prompt and the compute spent by the search."""
+                 generator: torch.Generator | None = None) -> tuple[list[Decoded], Compute]:
+    """One batch: (tokens, score, [log pi(y|x), log pi_ref(y|x)]) per prompt and the compute the search spent.
+    The log-probs are the ones the search computed on the way (None where it did not run that model)."""
     m = cfg.method
     compute = Compute()
     with_ref = [policy] + ([ref] if ref is not None else [])
-    if m in ("greedy", "sample"):
-        s = sample(Lockstep([policy], compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, greedy=m == "greedy",
+
+    def lps(sums: Sequence[float], models: int) -> list[float | None]:
+        return [float(x) for x in sums[:2]] + [None] * (2 - min(models, 2))
+
+    if m in ("greedy", "sample"):  # the reference scores each token as it is drawn: no second pass
+        s = sample(Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, greedy=m == "greedy",
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-        out = [(t, float(lp.sum())) for t, lp in zip(s.tokens, s.logps[0])]
+        out = [(t, float(s.logps[0][i].sum()), lps([x[i].sum() for x in s.logps], len(with_ref)))
+               for i, t in enumerate(s.tokens)]
     elif m in ("beam", "reward-beam"):
         if m == "beam":
-            lock, fn, mono = Lockstep([policy], compute), likelihood_score, True
+            models, fn, mono = [policy], likelihood_score, True
         else:
             def fn(logps, b=cfg.beta, with_ref=cfg.ref_term):
                 return token_rewards(logps[0], logps[1], b, with_ref)
 
-            lock, mono = Lockstep([policy, ref], compute), False
-        hyps = beam_search(lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.max_new_tokens, fn,
-                           cfg.length_penalty, _early(cfg.early_stopping), monotone=mono)
-        out = [h[0] if h else ([], float("-inf")) for h in hyps]
+            models, mono = [policy, ref], False
+        hyps = beam_search(Lockstep(models, compute), prompts, pad_id, eos_ids, cfg.num_beams, cfg.max_new_tokens,
+                           fn, cfg.length_penalty, _early(cfg.early_stopping), monotone=mono, model_logps=True)
+        out = [(h[0][0], h[0][1], lps(h[0][2], len(models))) if h else ([], float("-inf"), [0.0, None])
+               for h in hyps]
     elif m == "best-of-n":
         N = cfg.num_samples
         s = sample(Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens,
@@ -136,38 +146,59 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
         else:
             scores = sample_scores(s.tokens, s.logps[0], s.logps[1] if ref is not None else None, cfg.beta,
                                    cfg.ranking, tokenizer, cfg.delimiter, [p for p in prompts for _ in range(N)])
-        best = scores.view(len(prompts), N).argmax(-1)
-        out = [(s.tokens[b * N + int(k)], float(scores[b * N + int(k)])) for b, k in enumerate(best)]
+        best = (scores.view(len(prompts), N).argmax(-1) + torch.arange(len(prompts)) * N).tolist()
+        out = [(s.tokens[i], float(scores[i]), lps([x[i].sum() for x in s.logps], len(with_ref))) for i in best]
     elif m == "chunk-beam":
         lock = Lockstep([base if base is not None else ref, policy, ref], compute)
-        out = chunk_beam_search(lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.num_samples, cfg.chunk_len,
-                                cfg.max_new_tokens, cfg.beta, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-    else:
-        out = mcts(Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, cfg.beta,
-                   cfg.simulations, cfg.c_puct, cfg.expand_top_k, cfg.ref_term or ref is None, cfg.rollout,
-                   cfg.backup)
+        out = [(t, sc, lps(lp, 2)) for t, sc, lp in chunk_beam_search(
+            lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.num_samples, cfg.chunk_len, cfg.max_new_tokens,
+            cfg.beta, cfg.temperature, cfg.top_k, cfg.top_p, generator)]
+    else:  # the tree keeps values, not each path's log-probs: generate rescores MCTS's outputs (counted)
+        out = [(t, sc, [None, None]) for t, sc in mcts(
+            Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, cfg.beta, cfg.simulations,
+            cfg.c_puct, cfg.expand_top_k, cfg.ref_term or ref is None, cfg.rollout, cfg.backup)]
     return out, compute.stop()
 
 
 @torch.no_grad()
-def score_sequences(policy, ref, prompts, completions, pad_id: int, beta: float):
-    """log pi(y|x) and beta * log pi/pi_ref of finished outputs, with the training code path."""
+def sequence_logps(model, prompts, completions, pad_id: int, compute: Compute | None = None) -> list[float]:
+    """log p(y|x) of finished outputs under one model, with the training code path (0 for an empty output);
+    the forward is counted in `compute` when given."""
     keep = [i for i, c in enumerate(completions) if len(c)]
-    logp = [0.0] * len(completions)
-    reward: list[float | None] = [None] * len(completions)
+    out = [0.0] * len(completions)
     if keep:
         b = build_batch([prompts[i] for i in keep], [completions[i] for i in keep], pad_id)
-        b = b.to(next(policy.parameters()).device)
-        mask = b.completion_mask()
-        lp = completion_logps(policy, b)
-        s = sequence_rewards(lp, mask).tolist()
-        r = sequence_rewards(implicit_rewards(lp, completion_logps(ref, b), mask, beta), mask).tolist() \
-            if ref is not None else None
+        b = b.to(next(model.parameters()).device)
+        s = sequence_rewards(completion_logps(model, b), b.completion_mask()).tolist()
         for j, i in enumerate(keep):
-            logp[i] = s[j]
-            if r is not None:
-                reward[i] = r[j]
-    return logp, reward
+            out[i] = s[j]
+        if compute is not None:
+            compute.forward_passes += 1
+            compute.tokens_processed += sum(len(prompts[i]) + len(completions[i]) for i in keep)
+    return out
+
+
+@torch.no_grad()
+def score_sequences(policy, ref, prompts, completions, pad_id: int, beta: float):
+    """log pi(y|x) and beta * log pi/pi_ref (None without a reference) of finished outputs, rescored."""
+    logp = sequence_logps(policy, prompts, completions, pad_id)
+    if ref is None:
+        return logp, [None] * len(completions)
+    ref_lp = sequence_logps(ref, prompts, completions, pad_id)
+    return logp, [token_rewards(a, b, beta) for a, b in zip(logp, ref_lp)]
+
+
+def _complete_logps(out: list[Decoded], prompts, policy, ref, pad: int, compute: Compute):
+    """log pi(y|x) and log pi_ref(y|x) of each output: carried from the search where it ran the model, else one
+    rescoring forward over the outputs, added to the compute."""
+    toks = [t for t, _, _ in out]
+    logp = [lp[0] for _, _, lp in out]
+    if any(x is None for x in logp):
+        logp = sequence_logps(policy, prompts, toks, pad, compute)
+    ref_lp = [lp[1] for _, _, lp in out]
+    if ref is not None and any(x is None for x in ref_lp):
+        ref_lp = sequence_logps(ref, prompts, toks, pad, compute)
+    return logp, ref_lp
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -199,13 +230,13 @@ def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref
         for i in range(0, len(prompts), cfg.batch_size):
             chunk = enc[i : i + cfg.batch_size]
             out, compute = generate_ids(policy, chunk, cfg, eos_ids, pad, ref, base, tokenizer, scorer, g)
+            logp, ref_lp = _complete_logps(out, chunk, policy, ref, pad, compute)
             for k, v in compute.as_dict().items():
                 total[k] += v
-            toks = [t for t, _ in out]
-            logp, reward = score_sequences(policy, ref, chunk, toks, pad, cfg.beta)
             share = {f"compute_{k}": v / len(chunk) for k, v in compute.as_dict().items()}
-            for j, (t, sc) in enumerate(out):
+            for j, (t, sc, _) in enumerate(out):
+                reward = token_rewards(logp[j], ref_lp[j], cfg.beta) if ref is not None else None
                 results.append(Generation(prompts[i + j], tokenizer.decode(t, skip_special_tokens=True), t,
-                                          logp[j], reward[j], sc, len(t), share))
+                                          logp[j], reward, sc, len(t), share))
             bar.update(task, advance=len(chunk))
     return results, total

@@ -33,8 +33,10 @@ def beam_search(
     early_stopping: bool | str = False,
     monotone: bool = True,
     num_return: int = 1,
-) -> list[list[tuple[list[int], float]]]:
-    """Best `num_return` (generated tokens, score) per prompt, best first.
+    model_logps: bool = False,
+) -> list[list[tuple]]:
+    """Best `num_return` (generated tokens, score) per prompt, best first; with model_logps, (tokens, score,
+    [log p(tokens | prompt) under each model of the lockstep]), summed as the search went (no rescoring).
 
     score_fn maps the models' next-token log-probs [(N, V), ...] to a per-token score (N, V).
     monotone=True says scores never increase with length (log-probs), which makes the early-stopping
@@ -60,6 +62,9 @@ def beam_search(
     finished = torch.full((B, K, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     finished_scores = torch.full((B, K), NEG, device=dev)
     finished_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    M = len(logps)  # every model's summed log-prob of each hypothesis, carried along with it
+    running_lp = torch.zeros(B, K, M, device=dev)
+    finished_lp = torch.zeros(B, K, M, device=dev)
     is_finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
     batch_offset = torch.arange(B, device=dev)[:, None] * K
@@ -73,6 +78,8 @@ def beam_search(
         tok = top_idx % V
         cand = torch.take_along_dim(running, src_beam[:, :, None], dim=1)
         cand[:, :, t] = tok
+        tok_lp = torch.stack([lp.float().view(B, K * V).gather(1, top_idx) for lp in logps], dim=-1)
+        cand_lp = torch.take_along_dim(running_lp, src_beam[:, :, None], dim=1) + tok_lp
         hits = torch.isin(tok, eos) | (t + 1 >= max_new_tokens)
 
         # live beams for the next step: the best K candidates that did not just finish
@@ -80,6 +87,7 @@ def beam_search(
         nxt = torch.topk(alive_scores, K).indices
         running = torch.take_along_dim(cand, nxt[:, :, None], dim=1)
         running_scores = torch.take_along_dim(alive_scores, nxt, dim=1)
+        running_lp = torch.take_along_dim(cand_lp, nxt[:, :, None], dim=1)
         beam_idx = (torch.take_along_dim(src_beam, nxt, dim=1) + batch_offset).view(-1)
 
         # finished hypotheses: only the top K candidates may enter, scored with the length penalty
@@ -95,6 +103,7 @@ def beam_search(
         finished = torch.take_along_dim(m_seq, best[:, :, None], dim=1)
         finished_scores = torch.take_along_dim(m_scores, best, dim=1)
         finished_len = torch.take_along_dim(m_len, best, dim=1)
+        finished_lp = torch.take_along_dim(torch.cat([finished_lp, cand_lp], dim=1), best[:, :, None], dim=1)
         is_finished = torch.take_along_dim(m_fin, best, dim=1)
 
         if monotone:
@@ -119,6 +128,7 @@ def beam_search(
             if finished_scores[b, k] <= NEG / 2:  # nothing finished for this slot
                 continue
             n = int(finished_len[b, k])
-            hyps.append((finished[b, k, :n].tolist(), float(finished_scores[b, k])))
+            hyp = (finished[b, k, :n].tolist(), float(finished_scores[b, k]))
+            hyps.append((*hyp, finished_lp[b, k].tolist()) if model_logps else hyp)
         out.append(hyps)
     return out

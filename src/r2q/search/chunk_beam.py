@@ -31,8 +31,9 @@ def chunk_beam_search(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> list[tuple[list[int], float]]:
-    """Best (tokens, implicit-reward score) per prompt. lock.models = [base, tuned, untuned]."""
+) -> list[tuple[list[int], float, list[float]]]:
+    """Best (tokens, implicit-reward score, [log p under tuned, under untuned]) per prompt, the log-probs summed
+    as the search went. lock.models = [base, tuned, untuned]."""
     if len(lock.models) != 3:
         raise ValueError("chunk beam search needs three models: base, tuned, untuned")
     B, W, K = len(prompts), beam_width, samples_per_beam
@@ -47,6 +48,7 @@ def chunk_beam_search(
     N = B * W * K
     seqs = torch.full((N, 0), pad_id, dtype=torch.long, device=dev)
     score = torch.zeros(N, device=dev)
+    lp_sum = torch.zeros(N, 2, device=dev)  # log p of each prefix under the tuned and the untuned model
     alive = torch.ones(N, dtype=torch.bool, device=dev)
     first_copy = torch.ones(N, dtype=torch.bool, device=dev)  # among K copies of a finished beam, one competes
     t = 0
@@ -55,8 +57,10 @@ def chunk_beam_search(
             w = torch.softmax(filter_logits(logps[0], temperature, top_k, top_p), dim=-1)
             nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-            gain = token_rewards(logps[1].gather(-1, nxt[:, None]), logps[2].gather(-1, nxt[:, None]), beta).squeeze(-1)
-            score = score + torch.where(alive, gain, torch.zeros_like(gain))
+            tok_lp = torch.cat([logps[1].gather(-1, nxt[:, None]), logps[2].gather(-1, nxt[:, None])], dim=-1)
+            tok_lp = torch.where(alive[:, None], tok_lp.float(), torch.zeros_like(tok_lp, dtype=torch.float))
+            lp_sum = lp_sum + tok_lp
+            score = score + token_rewards(tok_lp[:, 0], tok_lp[:, 1], beta)
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
             step_alive = alive
             alive = alive & ~torch.isin(nxt, eos)
@@ -72,7 +76,7 @@ def chunk_beam_search(
         idx = best.reshape(-1).repeat_interleave(K)
         lock.select(idx)
         logps = [lp.index_select(0, idx) for lp in logps]
-        seqs, score, alive = seqs[idx], score[idx], alive[idx]
+        seqs, score, alive, lp_sum = seqs[idx], score[idx], alive[idx], lp_sum[idx]
         first_copy = alive | (torch.arange(N, device=dev) % K == 0)
     ranked = torch.where(first_copy, score, torch.full_like(score, float("-inf"))).view(B, W * K)
     best = ranked.argmax(-1) + torch.arange(B, device=dev) * (W * K)
@@ -80,5 +84,5 @@ def chunk_beam_search(
     for i in best.tolist():
         row = seqs[i].tolist()
         n = next((j + 1 for j, x in enumerate(row) if x in eos_ids), len(row))
-        out.append((row[:n], float(score[i])))
+        out.append((row[:n], float(score[i]), lp_sum[i].tolist()))
     return out
