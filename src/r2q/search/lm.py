@@ -39,6 +39,16 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _last_logits_kwarg(model) -> dict[str, int]:
+    """Ask for the last position's logits only (the LM head over a whole prompt is wasted work, and with a large
+    vocabulary the biggest part of the prefill), under the name this transformers version uses."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) left-padded ids and their attention mask, as generation expects."""
     T = max(len(p) for p in prompts)
@@ -58,6 +68,7 @@ class Lockstep:
     def __init__(self, models: Sequence[torch.nn.Module], compute: Compute | None = None):
         self.models = list(models)
         self.keys = [_cache_kwarg(m) for m in self.models]
+        self.last_only = [_last_logits_kwarg(m) for m in self.models]
         self.caches: list = [None] * len(self.models)
         self.mask: torch.Tensor | None = None
         self.compute = compute or Compute()
@@ -66,7 +77,8 @@ class Lockstep:
     def _run(self, i: int, ids: torch.Tensor) -> torch.Tensor:
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -ids.shape[1]:]
         kw = {self.keys[i]: self.caches[i]} if self.caches[i] is not None else {}
-        out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw)
+        out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw,
+                             **self.last_only[i])
         self.caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         self.compute.forward_passes += 1
         self.compute.tokens_processed += int(self.mask[:, -ids.shape[1]:].sum())

@@ -1,0 +1,140 @@
+"""r2q's search against transformers' `generate`, on the same model, prompts and thread count.
+
+    python benchmarks/search_vs_hf.py [--repeats 3] [--threads 1 2] [--out search_vs_hf.json]
+
+For each shape (a ~10M-parameter Llama with short prompts; a 32k-vocabulary model with 256-token prompts), each
+thread count and each width K (1 = greedy, 4, 16): r2q's `beam` (generate_ids) and `model.generate(num_beams=K)`
+run interleaved, `repeats` times each; the outputs must be identical token for token (the script stops if not).
+Also reward-beam against beam, best-of-n (N = 4) against one sample, and MCTS's cost per simulation with and
+without rollouts. Reported: medians and their ratios (r2q's speed over transformers': > 1 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from r2q.search import GenerateConfig, generate_ids
+from r2q.search.lm import left_pad
+
+PAD, EOS = 0, 1
+SHAPES = {
+    "10M, short prompts": dict(vocab=4096, hidden=384, layers=6, heads=6, prompts=8, prompt_len=(1, 8)),
+    "32k vocab, 256-token prompts": dict(vocab=32000, hidden=256, layers=4, heads=4, prompts=8, prompt_len=(256, 256)),
+}
+
+
+def model_of(s: dict, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["hidden"] * 2,
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                      max_position_embeddings=1024, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
+                      tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaky, so that beams rarely tie and the parity check is meaningful
+        m.lm_head.weight.mul_(8.0)
+    m.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    return m
+
+
+def prompts_of(s: dict, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    lo, hi = s["prompt_len"]
+    return [[rng.randrange(2, s["vocab"]) for _ in range(rng.randint(lo, hi))] for _ in range(s["prompts"])]
+
+
+@torch.no_grad()
+def hf_generate(model, prompts, K: int, new: int) -> list[list[int]]:
+    ids, mask = left_pad(prompts, PAD)
+    gc = GenerationConfig(num_beams=K, do_sample=False, length_penalty=0.0, early_stopping=False,
+                          max_new_tokens=new, pad_token_id=PAD, eos_token_id=EOS)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
+    res = []
+    for row in out.tolist():
+        n = next((i + 1 for i, x in enumerate(row) if x == EOS), len(row))
+        res.append(row[:n])
+    return res
+
+
+def r2q_generate(model, prompts, K: int, new: int, method: str = "beam", ref=None, **kw):
+    cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=new, length_penalty=0.0, **kw)
+    out, compute = generate_ids(model, prompts, cfg, [EOS], PAD, ref=ref, generator=torch.Generator().manual_seed(0))
+    return [t for t, _, _ in out], compute
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def median_pair(repeats: int, a, b) -> tuple[float, float]:
+    """Interleaved runs of a and b (a, b, a, b, ...); their median seconds."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a)[0])
+        tb.append(timed(b)[0])
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--widths", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default="search_vs_hf.json")
+    a = ap.parse_args()
+    rows = []
+    for shape, s in SHAPES.items():
+        pol, ref = model_of(s, 0), model_of(s, 1)
+        prompts = prompts_of(s)
+        params = sum(p.numel() for p in pol.parameters())
+        for threads in a.threads:
+            torch.set_num_threads(threads)
+            for K in a.widths:
+                ours, _ = r2q_generate(pol, prompts, K, a.new_tokens, "greedy" if K == 1 else "beam")
+                theirs = hf_generate(pol, prompts, K, a.new_tokens)
+                if ours != theirs:
+                    raise SystemExit(f"{shape}, K={K}: r2q and transformers disagree; no timing reported")
+                m = "greedy" if K == 1 else "beam"
+                t_r2q, t_hf = median_pair(a.repeats, lambda: r2q_generate(pol, prompts, K, a.new_tokens, m),
+                                          lambda: hf_generate(pol, prompts, K, a.new_tokens))
+                rows.append(dict(shape=shape, params=params, threads=threads, K=K, what="beam vs generate",
+                                 r2q_s=t_r2q, other_s=t_hf, speedup=t_hf / t_r2q, identical=True))
+                print(rows[-1], flush=True)
+            K = 4
+            t_rb, t_b = median_pair(a.repeats, lambda: r2q_generate(pol, prompts, K, a.new_tokens, "reward-beam", ref),
+                                    lambda: r2q_generate(pol, prompts, K, a.new_tokens, "beam"))
+            rows.append(dict(shape=shape, params=params, threads=threads, K=K, what="reward-beam / beam",
+                             r2q_s=t_rb, other_s=t_b, ratio=t_rb / t_b))
+            print(rows[-1], flush=True)
+            t_bon, t_s = median_pair(a.repeats, lambda: r2q_generate(pol, prompts, 1, a.new_tokens, "best-of-n", ref,
+                                                                     num_samples=4),
+                                     lambda: r2q_generate(pol, prompts, 1, a.new_tokens, "sample", ref))
+            rows.append(dict(shape=shape, params=params, threads=threads, K=4, what="best-of-n (N=4) / sample",
+                             r2q_s=t_bon, other_s=t_s, ratio=t_bon / t_s))
+            print(rows[-1], flush=True)
+        torch.set_num_threads(a.threads[0])
+        for rollout in (False, True):
+            sims = 8
+            _, c = r2q_generate(pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=sims, rollout=rollout)
+            _, g = r2q_generate(pol, prompts, 1, a.new_tokens, "greedy", ref)
+            rows.append(dict(shape=shape, params=params, threads=a.threads[0], what=f"mcts rollout={rollout}",
+                             simulations=sims, forwards_per_sim=c.forward_passes / sims,
+                             tokens_per_sim_per_prompt=c.tokens_processed / sims / len(prompts),
+                             tokens_vs_greedy=c.tokens_processed / g.tokens_processed, seconds=c.wall_time_s))
+            print(rows[-1], flush=True)
+    with open(a.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
