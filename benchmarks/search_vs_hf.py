@@ -16,6 +16,7 @@ import json
 import random
 import statistics
 import time
+from functools import partial
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -104,20 +105,20 @@ def main() -> None:
                 if ours != theirs:
                     raise SystemExit(f"{shape}, K={K}: r2q and transformers disagree; no timing reported")
                 m = "greedy" if K == 1 else "beam"
-                t_r2q, t_hf = median_pair(a.repeats, lambda: r2q_generate(pol, prompts, K, a.new_tokens, m),
-                                          lambda: hf_generate(pol, prompts, K, a.new_tokens))
+                t_r2q, t_hf = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, m),
+                                          partial(hf_generate, pol, prompts, K, a.new_tokens))
                 rows.append(dict(shape=shape, params=params, threads=threads, K=K, what="beam vs generate",
                                  r2q_s=t_r2q, other_s=t_hf, speedup=t_hf / t_r2q, identical=True))
                 print(rows[-1], flush=True)
             K = 4
-            t_rb, t_b = median_pair(a.repeats, lambda: r2q_generate(pol, prompts, K, a.new_tokens, "reward-beam", ref),
-                                    lambda: r2q_generate(pol, prompts, K, a.new_tokens, "beam"))
+            t_rb, t_b = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, "reward-beam", ref),
+                                    partial(r2q_generate, pol, prompts, K, a.new_tokens, "beam"))
             rows.append(dict(shape=shape, params=params, threads=threads, K=K, what="reward-beam / beam",
                              r2q_s=t_rb, other_s=t_b, ratio=t_rb / t_b))
             print(rows[-1], flush=True)
-            t_bon, t_s = median_pair(a.repeats, lambda: r2q_generate(pol, prompts, 1, a.new_tokens, "best-of-n", ref,
-                                                                     num_samples=4),
-                                     lambda: r2q_generate(pol, prompts, 1, a.new_tokens, "sample", ref))
+            t_bon, t_s = median_pair(a.repeats, partial(r2q_generate, pol, prompts, 1, a.new_tokens, "best-of-n", ref,
+                                                        num_samples=4),
+                                     partial(r2q_generate, pol, prompts, 1, a.new_tokens, "sample", ref))
             rows.append(dict(shape=shape, params=params, threads=threads, K=4, what="best-of-n (N=4) / sample",
                              r2q_s=t_bon, other_s=t_s, ratio=t_bon / t_s))
             print(rows[-1], flush=True)
