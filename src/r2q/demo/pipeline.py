@@ -58,8 +58,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         bon_n=4, mcts_sims=8, n_ref_samples=256, edit_words=12, n_boot=1000,
     ),
 }
-# a step up from quick: 2.4x the compute per token, 1.4x the LM text, 1.5x the pairs, three betas and more widths;
-# sized to about 45 minutes on 2 cores (measured time in the README)
+# a step up from quick: 2.4x the compute per token, 1.4x the LM text, 1.5x the pairs, three betas and more widths
+# (measured: README, "full profile")
 PROFILES["full"] = dict(PROFILES["quick"], n_lm_reviews=16500, vocab=8192, hidden=160, layers=6, heads=4, lm_len=96,
                         sft_steps=1500, sft_lr=2e-3, judge_layers=3, judge_steps=400, pair_tokens=64, n_pairs=3000,
                         n_eval_pairs=512, chosen_sft_steps=100, dpo_warmup=20, betas=(0.1, 0.05, 0.5),
