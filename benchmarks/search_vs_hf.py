@@ -2,7 +2,7 @@
 
     python benchmarks/search_vs_hf.py [--repeats 3] [--threads 1 2] [--out search_vs_hf.json]
 
-For each shape (a ~10M-parameter Llama with short prompts; a 32k-vocabulary model with 256-token prompts), each
+For each shape (a 12M-parameter Llama with short prompts; a 32k-vocabulary model with 256-token prompts), each
 thread count and each width K (1 = greedy, 4, 16): r2q's `beam` (generate_ids) and `model.generate(num_beams=K)`
 run interleaved, `repeats` times each; the outputs must be identical token for token (the script stops if not).
 Also reward-beam against beam, best-of-n (N = 4) against one sample, and MCTS's cost per simulation with and
@@ -26,7 +26,7 @@ from r2q.search.lm import left_pad
 
 PAD, EOS = 0, 1
 SHAPES = {
-    "10M, short prompts": dict(vocab=4096, hidden=384, layers=6, heads=6, prompts=8, prompt_len=(1, 8)),
+    "12M, short prompts": dict(vocab=4096, hidden=384, layers=6, heads=6, prompts=8, prompt_len=(1, 8)),
     "32k vocab, 256-token prompts": dict(vocab=32000, hidden=256, layers=4, heads=4, prompts=8, prompt_len=(256, 256)),
 }
 
