@@ -123,11 +123,13 @@ def main() -> None:
                              r2q_s=t_bon, other_s=t_s, ratio=t_bon / t_s))
             print(rows[-1], flush=True)
         torch.set_num_threads(a.threads[0])
-        for rollout in (False, True):
+        for rollout, cap in ((False, 0), (True, 0), (True, 8)):
             sims = 8
-            _, c = r2q_generate(pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=sims, rollout=rollout)
+            _, c = r2q_generate(pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=sims, rollout=rollout,
+                                rollout_len=cap)
             _, g = r2q_generate(pol, prompts, 1, a.new_tokens, "greedy", ref)
-            rows.append(dict(shape=shape, params=params, threads=a.threads[0], what=f"mcts rollout={rollout}",
+            rows.append(dict(shape=shape, params=params, threads=a.threads[0],
+                             what=f"mcts rollout={rollout}" + (f" rollout_len={cap}" if cap else ""),
                              simulations=sims, forwards_per_sim=c.forward_passes / sims,
                              tokens_per_sim_per_prompt=c.tokens_processed / sims / len(prompts),
                              tokens_vs_greedy=c.tokens_processed / g.tokens_processed, seconds=c.wall_time_s))

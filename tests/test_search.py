@@ -262,3 +262,16 @@ def test_generate_carries_the_log_probs_the_search_computed(method, tokenizer):
                             generator=torch.Generator().manual_seed(1))[1]
     rescoring = {"beam": 1, "mcts": 2}.get(method, 0)
     assert total["forward_passes"] == searched.forward_passes + rescoring
+
+
+def test_mcts_rollout_len_caps_the_cost_per_simulation():
+    pol, ref = sharp_model("llama", seed=40, scale=2.0, eos_bias=-3.0), sharp_model("llama", seed=41, scale=2.0)
+    prompts = prompts_of(3, seed=9)
+    base = dict(method="mcts", max_new_tokens=12, simulations=6, expand_top_k=4, beta=0.3)
+    full, c_full = generate_ids(pol, prompts, GenerateConfig(**base), [EOS], PAD, ref=ref)
+    same, _ = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=12), [EOS], PAD, ref=ref)
+    assert same == full  # a cap at the length limit changes nothing
+    capped, c_cap = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=2), [EOS], PAD, ref=ref)
+    # prefill, then per simulation one expansion step and at most one more rollout step, for both models
+    assert c_cap.forward_passes <= 2 + 6 * 2 * 2 < c_full.forward_passes
+    assert all(len(t) >= 1 for t, _, _ in capped)  # an answer is still returned for every prompt

@@ -55,6 +55,8 @@ class GenerateConfig:
     c_puct: float = option(1.0, "mcts: exploration constant", ge=0)
     expand_top_k: int = option(16, "mcts: children per node (most likely tokens)", ge=1)
     rollout: bool = option(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
+    rollout_len: int = option(0, "mcts: cap on each rollout's tokens (0 = to EOS or --max-new-tokens); a capped "
+                              "rollout values its leaf by the rewards it collected", ge=0)
     backup: str = option("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
     seed: int = option(0, "Seed for sampling", ge=0)
     batch_size: int = option(8, "Prompts decoded together", ge=1)
@@ -156,7 +158,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
     else:  # the tree keeps values, not each path's log-probs: generate rescores MCTS's outputs (counted)
         out = [(t, sc, [None, None]) for t, sc in mcts(
             Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, cfg.beta, cfg.simulations,
-            cfg.c_puct, cfg.expand_top_k, cfg.ref_term or ref is None, cfg.rollout, cfg.backup)]
+            cfg.c_puct, cfg.expand_top_k, cfg.ref_term or ref is None, cfg.rollout, cfg.backup, cfg.rollout_len)]
     return out, compute.stop()
 
 

@@ -5,8 +5,9 @@ beta * log pi_ref(a|s) when ref_term (then the return of a full sequence is beta
 the paper's Eq. 13). Selection is PUCT, a = argmax_a Qn(s,a) + c * P(a|s) * sqrt(N(s)) / (1 + N(s,a)), with
 P the policy and Qn the edge value min-max normalised over the tree (as MuZero does, so c is scale-free).
 The environment is deterministic, so by default an edge's value is the best return seen through it
-(backup="max"; "mean" averages instead). A leaf is valued by a greedy policy rollout to the end (rollout=True)
-or by the rewards collected so far (rollout=False). The answer is the best complete sequence found.
+(backup="max"; "mean" averages instead). A leaf is valued by a greedy policy rollout to the end (rollout=True;
+rollout_len caps it, then the leaf is valued by the rewards the rollout collected) or by the rewards collected so far
+(rollout=False). The answer is the best complete sequence found.
 
 Tree nodes keep the keys and values of their own token only; expanding a batch of leaves (one per prompt
 per simulation) stacks the cached KV of each leaf's path, so no prefix is ever recomputed.
@@ -77,8 +78,11 @@ def mcts(
     ref_term: bool = True,
     rollout: bool = True,
     backup: str = "max",
+    rollout_len: int = 0,
 ) -> list[tuple[list[int], float]]:
-    """Best (tokens, return) per prompt. lock.models = [policy, ref] (or [policy] for reference-free)."""
+    """Best (tokens, return) per prompt. lock.models = [policy, ref] (or [policy] for reference-free).
+    rollout_len caps each rollout (0: to EOS or max_new_tokens); a capped rollout values its leaf by the
+    rewards it collected, and only complete rollouts are offered as answers."""
     if backup not in ("max", "mean"):
         raise ValueError("backup must be 'max' or 'mean'")
     B = len(prompts)
@@ -129,15 +133,15 @@ def mcts(
         for i, (_, node) in enumerate(leaves):
             node.kv = [row_kv(c, i, c.get_seq_length() - 1) for c in lock.caches]
             _expand(node, [lp[i] for lp in logps], beta, expand_top_k, ref_term, eos, max_new_tokens)
-        values = _rollout(lock, leaves, logps, beta, ref_term, eos, max_new_tokens, pad_id) if rollout \
-            else [(0.0, []) for _ in leaves]
-        for (b, node), (v, tail) in zip(leaves, values):
+        values = _rollout(lock, leaves, logps, beta, ref_term, eos, max_new_tokens, pad_id, rollout_len) if rollout \
+            else [(0.0, [], False) for _ in leaves]
+        for (b, node), (v, tail, complete) in zip(leaves, values):
             node.visits += 1
             _backup(node, v, backup)
-            if rollout:
+            if complete:
                 offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
     for b, root in enumerate(roots):
-        if not best[b][0]:  # nothing complete found (rollout=False, few simulations): the most visited path
+        if not best[b][0]:  # nothing complete found (no or capped rollouts, few simulations): the most visited path
             node = root
             while node.children and any(c.visits for c in node.children.values()):
                 node = max(node.children.values(), key=lambda c: c.visits)
@@ -195,13 +199,15 @@ def _backup(node: Node, value: float, backup: str) -> None:
 
 
 @torch.no_grad()
-def _rollout(lock: Lockstep, leaves, logps, beta, ref_term, eos, max_depth, pad_id):
-    """Greedy policy continuation of every non-terminal leaf; returns (sum of edge rewards, tokens) each."""
+def _rollout(lock: Lockstep, leaves, logps, beta, ref_term, eos, max_depth, pad_id, max_steps: int = 0):
+    """Greedy policy continuation of every non-terminal leaf, for at most max_steps tokens (0: to EOS or the
+    length cap); returns (sum of edge rewards, tokens, whether the continuation is complete) each."""
     n = len(leaves)
     value = torch.zeros(n)
     tails: list[list[int]] = [[] for _ in range(n)]
     alive = torch.tensor([not node.terminal for _, node in leaves])
     depth = torch.tensor([node.depth for _, node in leaves])
+    steps = 0
     while alive.any():
         pol = logps[0]
         nxt = pol.argmax(-1).cpu()
@@ -212,9 +218,10 @@ def _rollout(lock: Lockstep, leaves, logps, beta, ref_term, eos, max_depth, pad_
         for i in torch.nonzero(alive).flatten().tolist():
             tails[i].append(int(nxt[i]))
         depth = depth + 1
+        steps += 1
         step_alive = alive
         alive = alive & ~torch.tensor([int(x) in eos for x in nxt]) & (depth < max_depth)
-        if not alive.any():
+        if not alive.any() or steps == max_steps:
             break
         logps = lock.step(torch.where(step_alive, nxt, torch.full_like(nxt, pad_id)), alive=step_alive)
-    return list(zip(value.tolist(), tails))
+    return list(zip(value.tolist(), tails, (~alive).tolist()))
