@@ -94,7 +94,6 @@ def credit(d: Path, runs: dict, sft: Path, gold_path: Path, data: Path, p: dict,
 def heldout(runs: dict, tok, load, p: dict, kw: dict, quiet: bool, scored: dict) -> dict[str, Any]:
     """Final held-out DPO loss, pair accuracy and rewards of every run, per pair, with intervals. `scored`: the
     reports of runs already scored on their held-out pairs with these settings."""
-
     out = {}
     for name, r in runs.items():
         rep = scored.get(name)
@@ -127,7 +126,6 @@ def sentiment_swaps(tok, gold, k: int) -> list[tuple[int, int, str, str]]:
 def _edit_sources(tok, rows: list[dict], data: Path, kw: dict) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of held-out text: both sides of the held-out pairs (SFT samples) and the
     human continuations of the search prompts."""
-
     ex, _ = preference_examples_from_rows(rows, tok, kw["max_length"], kw["max_prompt_length"])
     out = [(e.prompt_ids, c) for e in ex for c in (e.chosen_ids, e.rejected_ids)]
     human = read_jsonl(data / "search_prompts.jsonl")
@@ -156,7 +154,6 @@ def edit_test(policy, ref, tok, edits: list[dict], beta: float, n_boot: int) -> 
     """The paper's test: score each completion and its one-word edit; per token, delta = r(edited) - r(original).
     A hit: the most negative delta (positive word -> negative) or the most positive (negative -> positive) is at
     the edited token. Tokens before the edit have delta 0 exactly (same prefix), so 'unedited' means after it."""
-
     if not edits:
         return {"edits": 0}
     ex = [SFTExample(e["prompt"], c, i) for i, e in enumerate(edits) for c in (e["orig"], e["edited"])]
@@ -186,7 +183,6 @@ def edit_test(policy, ref, tok, edits: list[dict], beta: float, n_boot: int) -> 
 def _per_prompt(texts: list[str], toks: list[list[int]], logp: list[float], reward: list[float], enc, pad_id,
                 gold, judge, beta) -> dict[str, np.ndarray]:
     """Per-prompt measures of one method's outputs; log pi and the implicit reward come from the caller."""
-
     n = np.array([len(t) for t in toks], dtype=float)
     lp_j, _ = score_sequences(judge, None, enc, toks, pad_id, beta)
     return {"gold": gold(texts), "length": n, "eos": np.array([bool(t) and t[-1] == pad_id for t in toks], float),
@@ -254,7 +250,6 @@ def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_pa
 def dynamics(d: Path, runs: dict, p: dict, seed: int, quiet: bool) -> dict[str, Any]:
     """Held-out implicit rewards along training (from the trainer's metrics, step 0 measured before the first
     update) and E_{y~pi_ref}[beta log pi/pi_ref] at every checkpoint, from samples of the reference."""
-
     load = _Loader()
     out: dict[str, Any] = {}
     for name in ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt"):

@@ -180,7 +180,6 @@ def stage_gold(d: Path, data: Path, seed: int) -> dict[str, Any]:
 
 def stage_lm(d: Path, data: Path, rows: str, p: dict, seed: int, quiet: bool, layers: int, steps: int) -> dict:
     """A small Llama-style LM trained from scratch on `rows` (`r2q sft` on {"text"} rows), 5% held out."""
-
     tok = load_tokenizer(data / "tokenizer")
     init = save_model(tiny_model("llama", len(tok), seed=seed, hidden=p["hidden"], layers=layers,
                                  heads=p["heads"], max_positions=256), tok, d / "init")

@@ -226,7 +226,6 @@ def r2q_search(tree: TokenTree, model, ref, beta: float, method: str) -> SearchF
     """A SearchFn running r2q.search on the transformer policy: likelihood beam search as wide as the tree,
     reward-beam on beta log pi/pi_ref + beta log pi_ref, or MCTS with enough simulations to cover the tree.
     The horizon's forced EOS is appended (the tree gives it log-prob 0)."""
-
     n = tree.per_prompt
     cfg = {"beam": GenerateConfig(method="beam", num_beams=n, max_new_tokens=tree.horizon - 1),
            "reward-beam + beta log pi_ref": GenerateConfig(method="reward-beam", num_beams=n, beta=beta,
