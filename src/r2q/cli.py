@@ -21,7 +21,7 @@ from .data import InspectConfig, read_rows
 from .data import inspect_data as _inspect
 from .demo import DemoConfig
 from .demo import run as run_demo
-from .errors import UserError
+from .errors import UserError, note
 from .models import check_vocab, load_model, load_reference, load_tokenizer
 from .paths import check_out_file, write_atomic
 from .search import GenerateConfig, generate, validate
@@ -88,7 +88,6 @@ def _options_from(cls):
 def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
     """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to
     `run` by name): `run(cls(**fields), **extra)`."""
-
     names = {f.name for f in dataclasses.fields(cls)}
     extra = extra or []
     assert not names & {p.name for p in extra}
@@ -112,14 +111,10 @@ def _train(cfg, name: str, mode: str) -> None:
         out.print("  ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:8]), highlight=False)
 
 
-def _train_commands() -> None:
-    _config_command("train", TrainConfig, "Token-level DPO training of a causal LM on preference pairs.",
-                    lambda cfg: _train(cfg, "train", "dpo"))
-    _config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prompt/completion, text, messages "
-                    "or chosen).", lambda cfg: _train(cfg, "sft", "sft"))
-
-
-_train_commands()
+_config_command("train", TrainConfig, "Token-level DPO training of a causal LM on preference pairs.",
+                lambda cfg: _train(cfg, "train", "dpo"))
+_config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prompt/completion, text, messages or "
+                "chosen).", lambda cfg: _train(cfg, "sft", "sft"))
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -152,12 +147,7 @@ def _read_prompts(path: Path) -> list[str]:
 def _generate_command() -> None:
     def command(cfg: GenerateConfig, model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str,
                 quiet: bool, trust_remote_code: bool) -> None:
-
-
-        if cfg.method in ("reward-beam", "chunk-beam") and not ref:
-            raise UserError(f"{cfg.method} needs a reference model (--ref)")
-        if base and cfg.method != "chunk-beam":
-            raise UserError("--base is chunk-beam's proposer; other methods do not use it")
+        validate(cfg, ref or None, base or None)  # before loading: validate asks only whether each model is given
         check_out_file(out_path, "--out")
         texts = _read_prompts(prompts)
         tok = load_tokenizer(model, trust_remote_code)
@@ -165,7 +155,6 @@ def _generate_command() -> None:
         check_vocab(tok, policy)
         others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name)
                   for name, path in (("reference", ref), ("base", base)) if path}
-        validate(cfg, others.get("reference"), others.get("base"))
         results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
                                   progress=not quiet)
         write_atomic(out_path, "".join(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n" for r in results))
@@ -199,14 +188,8 @@ def _generate_command() -> None:
 _generate_command()
 
 
-def _credit_command() -> None:
-    _config_command("credit", CreditConfig, "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, "
-                    "PNG and JSON.", lambda cfg: run_credit(cfg))
-
-
 def _recorded_reference(model: str) -> tuple[str, float | None]:
     """The reference and beta that `r2q train` recorded in MODEL/r2q_config.json ('' and None if none)."""
-
     p = Path(model) / "r2q_config.json"
     if not p.is_file():
         return "", None
@@ -227,7 +210,6 @@ def _recorded_reference(model: str) -> tuple[str, float | None]:
 def run_credit(cfg, console: Console | None = None) -> dict:
     """`r2q credit`: check, load, score, print the terminal view, write the requested files; returns the JSON
     dict. --ref / --beta default to what `r2q train` recorded with the model, else beta 0.1."""
-
     console = console or Console()
     if not cfg.model:
         raise UserError("--model is required")
@@ -256,9 +238,8 @@ def run_credit(cfg, console: Console | None = None) -> dict:
               min_count=cfg.min_count or None, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     if cfg.data:
         report = credit_from_file(policy, ref_model, tokenizer, cfg.data, beta, skip_bad=cfg.skip_bad, **kw)
-        d = report.data
-        if d.n_skipped or d.n_prompt_truncated or d.n_completion_truncated or d.n_identical:
-            sys.stderr.write(f"r2q: {d.summary()}\n")
+        for line in report.data.notes():
+            note(line)
     else:
         report = score_texts(policy, ref_model, tokenizer, [cfg.prompt], [cfg.response], beta, **kw)
     report.meta.update(model=str(cfg.model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
@@ -267,17 +248,12 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     if cfg.json:
         written.append(report.to_json(cfg.json))
     if cfg.html:
-
         written.append(write_html(report, cfg.html))
     if cfg.png:
-
         written.append(plot_credit(report, cfg.png))
     for p in written:
         console.print(f"wrote {p}", highlight=False, markup=False)
     return report.to_dict()
-
-
-_credit_command()
 
 
 def _theory(cfg: TheoryConfig) -> None:
@@ -286,16 +262,10 @@ def _theory(cfg: TheoryConfig) -> None:
         raise UserError(f"some theory checks failed; see {Path(cfg.out) / 'report.html'}")
 
 
-def _demo(cfg) -> None:
-    run_demo(cfg)
-
-
-def _demo_command() -> None:
-    _config_command("demo", DemoConfig, "The paper's three findings on the built-in imdb-sentiment task, from "
-                    "scratch, with a report.", _demo)
-
-
-_demo_command()
+_config_command("credit", CreditConfig, "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, PNG "
+                "and JSON.", run_credit)
+_config_command("demo", DemoConfig, "The paper's three findings on the built-in imdb-sentiment task, from scratch, "
+                "with a report.", run_demo)
 _config_command("theory", TheoryConfig, "Exact checks of the paper's identities on a token-level MDP where Q* is "
                 "known.", _theory)
 _config_command("inspect-data", InspectConfig, "Counts, token length percentiles, truncation and bad rows of a data "

@@ -39,6 +39,13 @@ def check_options(cfg: Any) -> None:
             raise UserError(f"{flag(f.name)} {problem}")
 
 
+def check_prompt_fits(max_length: int, max_prompt_length: int) -> None:
+    """--max-prompt-length must leave room for a completion within --max-length (train, sft, credit)."""
+    if max_prompt_length >= max_length:
+        raise UserError(f"--max-prompt-length ({max_prompt_length}) must be less than --max-length "
+                        f"({max_length}), to leave room for the completion")
+
+
 def _problem(v: Any, meta: Any) -> str | None:
     if isinstance(v, bool) or v is None:
         return None

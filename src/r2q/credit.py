@@ -18,7 +18,6 @@ from the `r2q train --precompute-ref` cache when it has this data (same key), ot
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from . import refcache
-from .config import check_options, option
+from .config import check_options, check_prompt_fits, option
 from .data import (
     DataReport,
     PreferenceExample,
@@ -74,9 +73,7 @@ class CreditConfig:
 
     def __post_init__(self):
         check_options(self)
-        if self.max_prompt_length >= self.max_length:
-            raise UserError(f"--max-prompt-length ({self.max_prompt_length}) must be less than --max-length "
-                            f"({self.max_length}), to leave room for the completion")
+        check_prompt_fits(self.max_length, self.max_prompt_length)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -190,14 +187,10 @@ def _prompt_text(tokenizer, ids: Sequence[int]) -> str:
 def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | None:
     seqs = refcache.completion_sequences(examples)
     path = refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples)
-    logps = refcache.try_load(path, len(seqs), _note)
+    logps = refcache.try_load(path, len(seqs))
     if logps is None or [len(x) for x in logps] != [len(c) for _, c in seqs]:
         return None  # not ours after all (a hash collision or a damaged file): score the reference
     return logps
-
-
-def _note(msg: str) -> None:
-    print(f"r2q: {msg}", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()

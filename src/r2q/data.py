@@ -94,6 +94,13 @@ class DataReport:
             parts.append(f"{self.n_identical} with chosen identical to rejected")
         return f"{self.source}: " + ", ".join(parts)
 
+    def notes(self, max_skipped: int = 3) -> list[str]:
+        """What a command says about loading (the summary and the first skipped rows), or nothing when every row
+        was used whole: skipped, cut or identical rows change what is trained or scored."""
+        if not (self.n_skipped or self.n_prompt_truncated or self.n_completion_truncated or self.n_identical):
+            return []
+        return [self.summary()] + [f"  skipped: {msg}" for msg in self.skipped[:max_skipped]]
+
 
 class _RowError(Exception):
     """A problem with one row; becomes a UserError naming the row, or a skipped row with skip_bad."""

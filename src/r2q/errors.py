@@ -1,4 +1,12 @@
-"""Errors meant for the user: one clear sentence, printed by the CLI without a traceback."""
+"""Errors meant for the user: one clear sentence, printed by the CLI without a traceback; and notes, one line
+each on stderr, for what the user should know but is not an error (rows skipped, a checkpoint passed over)."""
+
+import sys
+
+
+def note(msg: str) -> None:
+    """Tell the user something on one stderr line, prefixed `r2q:` (stdout stays for results)."""
+    print(f"r2q: {msg}", file=sys.stderr, flush=True)
 
 
 class UserError(Exception):

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import note
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("R2Q_CACHE", Path.home() / ".cache" / "r2q")) / "ref_logps"
@@ -71,7 +73,7 @@ def save(path: Path, logps: Sequence[torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def try_load(path: Path, n: int, note=print) -> list[torch.Tensor] | None:
+def try_load(path: Path, n: int, note=note) -> list[torch.Tensor] | None:
     """The cached log-probs if the file exists and holds n sequences; a damaged file is said and ignored
     (scored again and rewritten)."""
     if not path.exists():

@@ -9,12 +9,12 @@ The data order is a function of (seed, epoch) only, so resuming needs nothing bu
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 
 from . import refcache
 from .checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint, verify
-from .config import check_options, flag, option
+from .config import check_options, check_prompt_fits, flag, option
 from .data import load_preferences, load_sft
-from .errors import UserError
+from .errors import UserError, note
 from .losses import LOSS_TYPES, dpo_loss, sft_loss
 from .models import check_model_path, check_vocab, load_model, load_reference, load_tokenizer, pad_id
 from .paths import check_out_dir, write_atomic
@@ -271,10 +271,12 @@ class Trainer:
         report = None
         if train_examples is None:
             train_examples, report = load(cfg.data, self.tokenizer, **kw)
-            _note_report(report, self._note)
+            for line in report.notes():
+                self._note(line)
         if eval_examples is None and cfg.eval_data:
             eval_examples, eval_report = load(cfg.eval_data, self.tokenizer, **kw)
-            _note_report(eval_report, self._note)
+            for line in eval_report.notes():
+                self._note(line)
         elif eval_examples is None and cfg.eval_fraction > 0:
             g = torch.Generator().manual_seed(cfg.seed)
             perm = torch.randperm(len(train_examples), generator=g).tolist()
@@ -427,7 +429,7 @@ class Trainer:
         unwrapped = self.lm()
         save_checkpoint(self.out, self.step, unwrapped, self.tokenizer, self.opt, self.sched,
                         {"config": self._recorded(), "mode": self.mode, "total_steps": self.total_steps,
-                         "data_hash": self._data_hash()},
+                         "data_hash": self._data_hash},
                         self.cfg.keep_last, self.acc.is_main_process, self.acc.process_index,
                         self.acc.wait_for_everyone)
 
@@ -440,12 +442,14 @@ class Trainer:
                 d[k] = str(Path(d[k]).resolve())
         return d
 
+    @functools.cached_property
     def _data_hash(self) -> str:
+        """The training tokens' hash, recorded in every checkpoint (computed once: it reads every token)."""
         return refcache.data_hash(refcache.completion_sequences(self.train_ex))
 
     def _note(self, msg: str) -> None:
-        if self.acc.is_main_process:
-            print(f"r2q: {msg}", file=sys.stderr, flush=True)
+        if self.acc.is_main_process:  # one line per run, not one per process
+            note(msg)
 
     def _resume(self) -> None:
         """Load the newest checkpoint that verifies and was written by this same run (settings and data);
@@ -454,7 +458,6 @@ class Trainer:
         if not found:
             self._note(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting at step 0")
             return
-        skipped = []
         for ck in reversed(found):
             why = verify(ck)
             if why is None:
@@ -465,7 +468,6 @@ class Trainer:
                     why = f"cannot be loaded ({' '.join(str(e).split())[:200]})"
             if why is not None:
                 self._note(f"skipping damaged checkpoint {ck}: {why}")
-                skipped.append(ck.name)
                 continue
             self.step = state["step"]
             self._note(f"resuming from {ck} (step {self.step} of {self.total_steps})")
@@ -482,7 +484,7 @@ class Trainer:
             self._note("--resume: " + ", ".join(f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in longer)
                        + f"; the run now ends at step {self.total_steps}")
         diff = [f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k not in longer]
-        if state.get("data_hash") not in (None, self._data_hash()):
+        if state.get("data_hash") not in (None, self._data_hash):
             diff.append("the training data (its tokens differ)")
         if diff:
             raise UserError(f"--resume: {ck} was written by a run with other settings: {'; '.join(diff)}. Resume "
@@ -541,7 +543,7 @@ FREE_ON_RESUME = {"resume", "overwrite", "quiet", "eval_every", "eval_on_start",
                   "log_every", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data", "out"}
 
 
-def _truncate_metrics(path: Path, step: int, is_main: bool, note=print) -> None:
+def _truncate_metrics(path: Path, step: int, is_main: bool, note=note) -> None:
     """Drop lines logged after the checkpoint being resumed, so the file reads as one clean run; a line cut
     short (the process was killed while writing it) is dropped with a note."""
     if not is_main or not path.exists():
@@ -560,20 +562,13 @@ def _truncate_metrics(path: Path, step: int, is_main: bool, note=print) -> None:
     write_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
-def _note_report(report, note) -> None:
-    """Rows skipped, cut or identical change what is trained on: always said, never only in inspect-data."""
-    if report.n_skipped or report.n_prompt_truncated or report.n_completion_truncated or report.n_identical:
-        note(report.summary())
-        for msg in report.skipped[:3]:
-            note(f"  skipped: {msg}")
-
-
 def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
     """A fresh run must not mix with (or silently delete) an earlier run's checkpoints and metrics."""
     if cfg.resume or cfg.overwrite or not out.is_dir():
         return
-    found = [n for n in ("checkpoints", "metrics.jsonl") if (out / n).exists()]
-    if found and (list_checkpoints(out) or (out / "metrics.jsonl").exists()):
+    found = (["checkpoints"] if list_checkpoints(out) else []) + \
+        (["metrics.jsonl"] if (out / "metrics.jsonl").exists() else [])
+    if found:
         raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}); continue it with --resume, "
                         "start over with --overwrite, or choose another --out")
 
@@ -587,9 +582,7 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
         raise UserError("--out is required")
     if cfg.label_smoothing and cfg.loss != "cdpo":
         raise UserError(f"--label-smoothing is for --loss cdpo (got --loss {cfg.loss})")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be less than --max-length "
-                        f"({cfg.max_length}), to leave room for the completion")
+    check_prompt_fits(cfg.max_length, cfg.max_prompt_length)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
     if mode == "sft":
@@ -601,7 +594,6 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
 def _fast_adamw() -> dict[str, bool]:
     """The fused AdamW kernel (one call for all tensors) where this torch has it; the loop over tensors is
     several times slower on CPU."""
-
     return {"fused": True} if "fused" in inspect.signature(torch.optim.AdamW).parameters else {}
 
 

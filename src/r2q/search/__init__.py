@@ -117,13 +117,14 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
     compute = Compute()
     with_ref = [policy] + ([ref] if ref is not None else [])
 
-    def lps(sums: Sequence[float], models: int) -> list[float | None]:
-        return [float(x) for x in sums[:2]] + [None] * (2 - min(models, 2))
+    def lps(sums: Sequence[float]) -> list[float | None]:  # [policy, reference]; None for a model not run
+        got: list[float | None] = [float(x) for x in sums[:2]]
+        return got + [None] * (2 - len(got))
 
     if m in ("greedy", "sample"):  # the reference scores each token as it is drawn: no second pass
         s = sample(Lockstep(with_ref, compute), prompts, pad_id, eos_ids, cfg.max_new_tokens, greedy=m == "greedy",
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-        out = [(t, float(s.logps[0][i].sum()), lps([x[i].sum() for x in s.logps], len(with_ref)))
+        out = [(t, float(s.logps[0][i].sum()), lps([x[i].sum() for x in s.logps]))
                for i, t in enumerate(s.tokens)]
     elif m in ("beam", "reward-beam"):
         if m == "beam":
@@ -135,7 +136,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
             models, mono = [policy, ref], False
         hyps = beam_search(Lockstep(models, compute), prompts, pad_id, eos_ids, cfg.num_beams, cfg.max_new_tokens,
                            fn, cfg.length_penalty, _early(cfg.early_stopping), monotone=mono, model_logps=True)
-        out = [(h[0][0], h[0][1], lps(h[0][2], len(models))) if h else ([], float("-inf"), [0.0, None])
+        out = [(h[0][0], h[0][1], lps(h[0][2])) if h else ([], float("-inf"), [0.0, None])
                for h in hyps]
     elif m == "best-of-n":
         N = cfg.num_samples
@@ -149,10 +150,10 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
             scores = sample_scores(s.tokens, s.logps[0], s.logps[1] if ref is not None else None, cfg.beta,
                                    cfg.ranking, tokenizer, cfg.delimiter, [p for p in prompts for _ in range(N)])
         best = (scores.view(len(prompts), N).argmax(-1) + torch.arange(len(prompts)) * N).tolist()
-        out = [(s.tokens[i], float(scores[i]), lps([x[i].sum() for x in s.logps], len(with_ref))) for i in best]
+        out = [(s.tokens[i], float(scores[i]), lps([x[i].sum() for x in s.logps])) for i in best]
     elif m == "chunk-beam":
         lock = Lockstep([base if base is not None else ref, policy, ref], compute)
-        out = [(t, sc, lps(lp, 2)) for t, sc, lp in chunk_beam_search(
+        out = [(t, sc, lps(lp)) for t, sc, lp in chunk_beam_search(
             lock, prompts, pad_id, eos_ids, cfg.num_beams, cfg.num_samples, cfg.chunk_len, cfg.max_new_tokens,
             cfg.beta, cfg.temperature, cfg.top_k, cfg.top_p, generator)]
     else:  # the tree keeps values, not each path's log-probs: generate rescores MCTS's outputs (counted)
