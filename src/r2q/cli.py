@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .credit import CreditConfig, credit_from_file, score_texts
-from .data import InspectConfig, read_rows
+from .data import InspectConfig, read_rows, read_text
 from .data import inspect_data as _inspect
 from .demo import DemoConfig
 from .demo import run as run_demo
@@ -122,13 +122,7 @@ def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".txt":
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise UserError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        lines = [ln for ln in read_text(path).splitlines() if ln.strip()]
         if not lines:
             raise UserError(f"{path}: no prompts")
         return lines

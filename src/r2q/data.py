@@ -39,7 +39,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .config import check_options, option
-from .errors import UserError
+from .errors import UserError, first_line
 from .progress import progress_bar
 
 MAX_SKIPPED_MESSAGES = 20
@@ -151,6 +151,12 @@ def _not_utf8(e: UnicodeDecodeError, offset: int, line_offset: int | None = None
     return f"not UTF-8 text: {e.reason} {e.object[e.start:e.end]!r} at byte offset {where}"
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A text file (a prompts list, say) as UTF-8 without a leading BOM; a byte that is not UTF-8, or a file that
+    cannot be read, is a UserError naming the file and the line."""
+    return _text(Path(path), str(path))
+
+
 def _text(p: Path, source: str) -> str:
     """The file as UTF-8 text without a leading BOM; a byte that is not UTF-8 is a UserError naming its line."""
     data = _bytes(p, source)
@@ -196,7 +202,7 @@ def _jsonl_row(line: bytes, offset: int, first: bool) -> dict | _RowError | None
     except json.JSONDecodeError as e:  # the text has no newline, so e.colno is the column in the line
         return _RowError(f"malformed JSON at column {e.colno}: {e.msg}")
     except ValueError as e:
-        return _RowError(f"cannot read JSON: {_first_line(e)}")
+        return _RowError(f"cannot read JSON: {first_line(e)}")
     return obj if isinstance(obj, dict) else _not_object(obj)
 
 
@@ -209,7 +215,7 @@ def _read_json(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     except json.JSONDecodeError as e:
         raise UserError(f"{source}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except ValueError as e:
-        raise UserError(f"{source}: cannot read JSON: {_first_line(e)}") from e
+        raise UserError(f"{source}: cannot read JSON: {first_line(e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -269,7 +275,7 @@ def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
         table.validate(full=True)  # damaged data (bad offsets, text that is not UTF-8) fails here, not later
         rows = table.to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{source}: cannot read parquet: {_first_line(e)}") from e
+        raise UserError(f"{source}: cannot read parquet: {first_line(e)}") from e
     return list(enumerate(rows, start=1))
 
 
@@ -283,7 +289,7 @@ def _read_dataset_dir(p: Path, source: str) -> list[tuple[int, dict | _RowError]
     # dataset_info.json (bad JSON, or JSON of the wrong shape)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
         raise UserError(f"{source}: a directory, but not a dataset saved with datasets' save_to_disk "
-                        f"({type(e).__name__}: {_first_line(e)})") from e
+                        f"({type(e).__name__}: {first_line(e)})") from e
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise UserError(f"{source}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
@@ -292,7 +298,7 @@ def _read_dataset_dir(p: Path, source: str) -> list[tuple[int, dict | _RowError]
         ds.data.validate(full=True)  # damaged arrow data can crash the process when read unchecked
         rows = ds.to_list()
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{source}: a damaged dataset: {_first_line(e)}") from e
+        raise UserError(f"{source}: a damaged dataset: {first_line(e)}") from e
     return list(enumerate(rows, start=1))
 
 
@@ -304,11 +310,6 @@ def _tname(x: Any) -> str:
 
 def _not_object(x: Any) -> _RowError:
     return _RowError(f"expected a JSON object, got {_tname(x)}")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _is_missing(x: Any) -> bool:
@@ -443,7 +444,7 @@ def _render(tokenizer, prompt: list[dict], completions: list[list[dict]], names:
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         fulls = [tokenizer.apply_chat_template(prompt + c, tokenize=False) for c in completions]
     except (TemplateError, ValueError) as e:  # raised by the template itself, e.g. "roles must alternate"
-        raise _RowError(f"the chat template failed: {_first_line(e)}") from e
+        raise _RowError(f"the chat template failed: {first_line(e)}") from e
     out = [prompt_text]
     for full, name in zip(fulls, names, strict=True):
         if not full.startswith(prompt_text):

@@ -4,6 +4,12 @@ each on stderr, for what the user should know but is not an error (rows skipped,
 import sys
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first non-blank line of text (its type name if it has none): for one-line messages."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def note(msg: str) -> None:
     """Tell the user something on one stderr line, prefixed `r2q:` (stdout stays for results)."""
     print(f"r2q: {msg}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -48,13 +48,8 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
             str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
-        raise UserError(f"cannot load a model from {path}: {_first_line(e)}") from e
+        raise UserError(f"cannot load a model from {path}: {first_line(e)}") from e
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def vocab_size(model) -> int:
@@ -93,7 +88,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:  # TypeError: a tokenizer file of the wrong shape
-        raise UserError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from e
+        raise UserError(f"cannot load a tokenizer from {path}: {first_line(e)}") from e
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer at {path} has no EOS token; completions need one to end")
     if tok.pad_token_id is None:
