@@ -39,9 +39,20 @@ def test_summary_has_every_finding_with_measured_points(demo_run):
     methods = [r["method"] for r in rows]
     assert methods[:2] == ["sample (1 beam)", "greedy"] and methods[-1] == "human continuation"
     assert {"beam 2 lp 0", "beam 2 lp 1", "beam 4 lp 0", "beam 4 lp 1"} <= set(methods)
-    for r in rows[1:]:
+    assert {"guided alpha 2", "mcts 4 sims (full rollouts)"} <= set(methods)
+    ec = saved["search"]["equal_compute"]
+    for r in rows[1:] + ec["rows"]:
         assert r["win_rate_vs_sample"][1] <= r["win_rate_vs_sample"][0] <= r["win_rate_vs_sample"][2]
         assert 0.0 <= r["eos_share"] <= 1.0 and r["judge_nll"][0] > 0
+    # every method with a width at every budget, spending no more than the budget, wider at larger budgets
+    assert {(r["family"], r["budget"]) for r in ec["rows"]} == {(m, b) for m in
+                                                                ("best-of-n", "beam", "reward-beam", "chunk-beam",
+                                                                 "mcts") for b in ec["budgets"]}
+    for r in ec["rows"]:
+        assert 0 < r["tokens_per_prompt"] <= r["budget"] and r["width"] >= 1
+    for m in ("best-of-n", "beam", "mcts"):
+        w = [r["width"] for r in sorted((r for r in ec["rows"] if r["family"] == m), key=lambda r: r["budget"])]
+        assert w == sorted(w) and w[-1] > w[0]
     for name in ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt"):
         dyn = saved["dynamics"][name]
         # step 0 is measured before the first update, where the policy is the reference: 0 up to float noise
@@ -86,7 +97,7 @@ def test_report_is_self_contained_and_renders(demo_run, tmp_path):
         pytest.skip("chromium is not installed (apt-get install chromium)")
     shot = tmp_path / "shot.png"
     # tall enough for the whole page: the claims and setup tables come before the first figure
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,8000",
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,14000",
                     f"--screenshot={shot}", (out / "report.html").as_uri()], capture_output=True, timeout=120)
     import matplotlib.image as mpimg
     import numpy as np

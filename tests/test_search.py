@@ -240,7 +240,56 @@ def test_wide_beam_finds_the_exhaustive_optimum():
         assert hyps[0][0][0] == best
 
 
-@pytest.mark.parametrize("method", ["greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "mcts"])
+def _direct_guided_logps(base, tuned, ref, seq, alpha):
+    """Eq. 14 written out for one sequence without caches: log of pi_base * (pi_tuned/pi_ref)^alpha / Z at its
+    last position, from one full forward of each model."""
+    x = torch.tensor([seq])
+    lp = [torch.log_softmax(m(input_ids=x).logits[0, -1].double(), -1) for m in (base, tuned, ref)]
+    w = lp[0].exp() * (lp[1].exp() / lp[2].exp()) ** alpha
+    return (w / w.sum()).log()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.5])
+def test_guided_greedy_follows_the_combined_distribution(alpha):
+    base, tuned, ref = (sharp_model("llama", seed=s, scale=2.0) for s in (50, 51, 52))
+    prompts = prompts_of(4, seed=12)
+    cfg = GenerateConfig(method="guided", alpha=alpha, max_new_tokens=6)
+    with torch.no_grad():
+        out, compute = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=ref, base=base)
+        for p, (toks, score, (lp_tuned, lp_ref)) in zip(prompts, out):
+            total = 0.0
+            for t, a in enumerate(toks):
+                d = _direct_guided_logps(base, tuned, ref, p + toks[:t], alpha)
+                assert a == int(d.argmax())  # each token is the argmax of the combined distribution
+                total += float(d[a])
+            assert score == pytest.approx(total, abs=1e-4)  # score: log of the steered probability of y
+            lt, lr = score_sequences(tuned, ref, [p], [toks], PAD, 1.0)
+            assert lp_tuned == pytest.approx(lt[0], abs=1e-4)
+            assert lp_tuned - lp_ref == pytest.approx(lr[0], abs=1e-4)
+    if alpha == 0.0:  # alpha = 0 is the base alone
+        g, _ = generate_ids(base, prompts, GenerateConfig(method="greedy", max_new_tokens=6), [EOS], PAD)
+        assert [t for t, _, _ in out] == [t for t, _, _ in g]
+    assert compute.forward_passes == 3 * max(len(t) for t, _, _ in out)  # three models in lockstep, one pass a step
+
+
+def test_guided_sampling_draws_from_the_combined_distribution():
+    """Sampled first tokens follow pi_base * (pi_tuned/pi_ref)^alpha: their frequencies over many draws match it."""
+    base, tuned, ref = (sharp_model("llama", seed=s, scale=1.5) for s in (53, 54, 55))
+    prompt, n, alpha = [5, 9], 4000, 1.5
+    cfg = GenerateConfig(method="guided", alpha=alpha, do_sample=True, max_new_tokens=1, batch_size=n)
+    with torch.no_grad():
+        out, _ = generate_ids(tuned, [prompt] * n, cfg, [EOS], PAD, ref=ref, base=base,
+                              generator=torch.Generator().manual_seed(0))
+        want = _direct_guided_logps(base, tuned, ref, prompt, alpha).exp()
+        tuned_alone = torch.softmax(tuned(input_ids=torch.tensor([prompt])).logits[0, -1].double(), -1)
+    freq = torch.bincount(torch.tensor([t[0] for t, _, _ in out]), minlength=V).double() / n
+    tol = 4 * (want * (1 - want) / n).sqrt().max() + 1e-3
+    assert (freq - want).abs().max() < tol
+    assert (freq - tuned_alone).abs().max() > 3 * tol  # a test that could tell the combined law from the tuned one
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "guided",
+                                    "mcts"])
 def test_generate_carries_the_log_probs_the_search_computed(method, tokenizer):
     """log pi(y|x) and the implicit reward come from the search itself (no rescoring pass, except where the search
     never ran a model, which is counted), and equal a fresh rescoring of the returned tokens."""
@@ -268,10 +317,61 @@ def test_mcts_rollout_len_caps_the_cost_per_simulation():
     pol, ref = sharp_model("llama", seed=40, scale=2.0, eos_bias=-3.0), sharp_model("llama", seed=41, scale=2.0)
     prompts = prompts_of(3, seed=9)
     base = dict(method="mcts", max_new_tokens=12, simulations=6, expand_top_k=4, beta=0.3)
-    full, c_full = generate_ids(pol, prompts, GenerateConfig(**base), [EOS], PAD, ref=ref)
+    full, c_full = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=0), [EOS], PAD, ref=ref)
     same, _ = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=12), [EOS], PAD, ref=ref)
     assert same == full  # a cap at the length limit changes nothing
     capped, c_cap = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=2), [EOS], PAD, ref=ref)
     # prefill, then per simulation one expansion step and at most one more rollout step, for both models
     assert c_cap.forward_passes <= 2 + 6 * 2 * 2 < c_full.forward_passes
     assert all(len(t) >= 1 for t, _, _ in capped)  # an answer is still returned for every prompt
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "guided", "best-of-n", "beam", "reward-beam", "chunk-beam",
+                                    "mcts"])
+def test_cost_per_prompt_is_what_a_search_spends_when_nothing_ends_early(method, tokenizer):
+    """The cost model --budget solves is exact when no output ends before --max-new-tokens (an upper bound for
+    MCTS, whose simulations can end on already-expanded terminal nodes), rescoring passes included."""
+    from r2q.search import cost_per_prompt, encode_prompts, generate
+
+    pol, ref = tiny_model("llama", len(tokenizer), seed=60), tiny_model("llama", len(tokenizer), seed=61)
+    prompts = ["the film was", "a", "12+30="]
+    cfg = GenerateConfig(method=method, max_new_tokens=5, num_beams=3, num_samples=2, simulations=4, beta=0.3)
+    res, total = generate(pol, tokenizer, prompts, cfg, ref=ref)
+    assert all(len(r.token_ids) == 5 and tokenizer.eos_token_id not in r.token_ids for r in res)  # none ended early
+    enc = encode_prompts(tokenizer, prompts)
+    width = getattr(cfg, {"mcts": "simulations", "best-of-n": "num_samples"}.get(method, "num_beams"))
+    want = sum(a + b * width for a, b in (cost_per_prompt(cfg, len(p), True) for p in enc))
+    if method == "mcts":
+        assert 0 < total["tokens_processed"] <= want
+    else:
+        assert total["tokens_processed"] == want
+
+
+@pytest.mark.parametrize("method", ["best-of-n", "beam", "reward-beam", "chunk-beam", "mcts"])
+def test_budget_sets_the_widest_search_that_fits(method, tokenizer):
+    from r2q.errors import UserError
+    from r2q.search import WIDTH, cost_per_prompt, encode_prompts, generate
+
+    pol, ref = tiny_model("llama", len(tokenizer), seed=60), tiny_model("llama", len(tokenizer), seed=61)
+    prompts = ["the film was", "a", "12+30="]
+    enc = encode_prompts(tokenizer, prompts)
+    P = sum(map(len, enc)) / len(enc)
+    for budget in (150, 400):
+        cfg = GenerateConfig(method=method, max_new_tokens=5, num_samples=2, rollout_len=3, beta=0.3, budget=budget)
+        res, total = generate(pol, tokenizer, prompts, cfg, ref=ref)
+        a, b = cost_per_prompt(cfg, P, True)
+        w = total["width"]
+        assert a + b * w <= budget < a + b * (w + 1)  # the widest that fits
+        assert total["tokens_processed"] <= budget * len(prompts)
+    assert total["width"] > 1  # the larger budget buys a real search
+    with pytest.raises(UserError, match="below the cost"):
+        generate(pol, tokenizer, prompts, GenerateConfig(method=method, max_new_tokens=5, budget=3), ref=ref)
+    assert WIDTH[method] in GenerateConfig.__dataclass_fields__
+
+
+def test_budget_is_refused_for_methods_without_a_width():
+    from r2q.errors import UserError
+    from r2q.search import validate
+
+    with pytest.raises(UserError, match="greedy has none"):
+        validate(GenerateConfig(method="greedy", budget=100), None, None)

@@ -164,10 +164,12 @@ def _generate_command() -> None:
         inspect.Parameter("out_path", inspect.Parameter.KEYWORD_ONLY,
                           annotation=Annotated[Path, typer.Option("--out", help="Output .jsonl, one line per prompt")]),
         inspect.Parameter("ref", inspect.Parameter.KEYWORD_ONLY, default="",
-                          annotation=Annotated[str, typer.Option(help="Reference model (implicit rewards, "
-                                                                 "reward-beam, chunk-beam's untuned scorer)")]),
+                          annotation=Annotated[str, typer.Option(
+                              help="Reference model (implicit rewards, reward-beam, chunk-beam and guided's untuned "
+                                   "model)")]),
         inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, default="",
-                          annotation=Annotated[str, typer.Option(help="chunk-beam proposer (default: the reference)")]),
+                          annotation=Annotated[str, typer.Option(
+                              help="The model chunk-beam and guided decode from (default: the reference)")]),
         inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, default="fp32",
                           annotation=Annotated[str, typer.Option(help="fp32, bf16 or fp16 weights")]),
         inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,

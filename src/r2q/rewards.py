@@ -31,6 +31,17 @@ def likelihood_score(logps: Sequence[T]) -> T:
     return logps[0]
 
 
+def guided_logps(base_logps: torch.Tensor, tuned_logps: torch.Tensor, ref_logps: torch.Tensor,
+                  alpha: float = 1.0) -> torch.Tensor:
+    """The paper's Eq. 14 (proxy tuning): log pi(a|s) for pi(a|s) proportional to
+    pi_base(a|s) * (pi_tuned(a|s) / pi_ref(a|s))^alpha, normalised over the vocabulary.  (N, V) -> (N, V)
+
+    alpha * log pi_tuned/pi_ref is the tuned pair's token reward at beta = alpha (`token_rewards`), so this is
+    pi_base re-weighted by exp(r(s, a)): alpha = 1 gives pi_tuned itself when the base is the reference.
+    """
+    return torch.log_softmax(base_logps.float() + token_rewards(tuned_logps.float(), ref_logps.float(), alpha), -1)
+
+
 def implicit_rewards(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor, beta: float
 ) -> torch.Tensor:

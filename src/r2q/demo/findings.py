@@ -211,8 +211,17 @@ def search_plan(p: dict, main: bool) -> list[tuple[str, dict]]:
     if main:
         plan += [("reward-beam 4", dict(method="reward-beam", num_beams=4)),
                  (f"best-of-{p['bon_n']} (implicit reward)", dict(method="best-of-n", num_samples=p["bon_n"])),
-                 (f"mcts {p['mcts_sims']} sims", dict(method="mcts", simulations=p["mcts_sims"], expand_top_k=8))]
+                 (f"mcts {p['mcts_sims']} sims (full rollouts)",
+                  dict(method="mcts", simulations=p["mcts_sims"], expand_top_k=8, rollout_len=0))]
+        # Eq. 14 with the SFT model as the base (the policy's own reference): alpha = 1 would be the policy itself
+        plan += [(f"guided alpha {a:g}", dict(method="guided", alpha=a)) for a in p["guided_alphas"]]
     return plan
+
+
+# the methods with a width, as the equal-compute sweep runs them (--budget sets the width)
+SWEEP = [("best-of-n", dict(method="best-of-n")), ("beam", dict(method="beam")),
+         ("reward-beam", dict(method="reward-beam")), ("chunk-beam", dict(method="chunk-beam", num_samples=2)),
+         ("mcts", dict(method="mcts", expand_top_k=8))]
 
 
 def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_path: Path, p: dict, seed: int,
@@ -230,17 +239,32 @@ def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_pa
         base = dict(max_new_tokens=p["search_tokens"], beta=beta, seed=seed, batch_size=16)
         human = _per_prompt([r["human"] for r in rows], human_toks,
                             *score_sequences(policy, ref, enc, human_toks, pad, beta), enc, pad, gold, judge, beta)
-        cells, sample = [], None
-        for label, kw in search_plan(p, name == "dpo-b"):
-            gens, compute = generate(policy, tok, prompts, GenerateConfig(**base, **kw), ref=ref, progress=not quiet)
+        cells: list[dict] = []
+        sample = None
+
+        def measure(label: str, cfg: GenerateConfig, extra: dict | None = None) -> dict:
+            nonlocal sample
+            gens, compute = generate(policy, tok, prompts, cfg, ref=ref, progress=not quiet)  # noqa: B023
             m = _per_prompt([g.text for g in gens], [g.token_ids for g in gens], [g.logp for g in gens],
-                            [g.reward for g in gens], enc, pad, gold, judge, beta)
+                            [g.reward for g in gens], enc, pad, gold, judge, beta)  # noqa: B023
             sample = m if label.startswith("sample") else sample
-            cells.append(_cell(label, m, sample, p["n_boot"], {
-                "tokens_per_prompt": compute["tokens_processed"] / len(prompts), "example": gens[0].text}))
-            write_jsonl(d / f"{name}-{label.replace(' ', '_')}.jsonl", [g.as_dict() for g in gens])
+            write_jsonl(d / f"{name}-{label.replace(' ', '_')}.jsonl", [g.as_dict() for g in gens])  # noqa: B023
+            width = {"width": compute["width"]} if "width" in compute else {}  # what --budget chose
+            return _cell(label, m, sample, p["n_boot"], {
+                "tokens_per_prompt": compute["tokens_processed"] / len(prompts), "example": gens[0].text,
+                **width, **(extra or {})})
+
+        for label, kw in search_plan(p, name == "dpo-b"):
+            cells.append(measure(label, GenerateConfig(**base, **kw)))
         cells.append(_cell("human continuation", human, sample, p["n_boot"], {"example": rows[0]["human"]}))
         out["by_beta"][f"{beta:g}"] = {"run": name, "rows": cells}
+        if name == "dpo-b":  # every method with a width, at the same tokens processed per prompt
+            sweep = []
+            for budget in p["budgets"]:
+                for method, kw in SWEEP:
+                    sweep.append(measure(f"{method} at {budget}", GenerateConfig(**base, **kw, budget=budget),
+                                         {"budget": budget, "family": method}))
+            out["equal_compute"] = {"run": name, "budgets": list(p["budgets"]), "rows": sweep}
     return out
 
 

@@ -11,7 +11,8 @@ Stages (each cached under DIR/<stage>/ with the settings that made it; a second 
   dpo-*     a: SFT on the chosen side, then DPO with it as reference; b: DPO from the SFT policy (the main policy);
             shuffled: b on shuffled labels (a null); a-rt / b-rt: a and b on the Rotten Tomatoes pairs
   credit    per-token rewards against gold word weights (with nulls and intervals), the edit test, held-out pairs
-  search    sampling, greedy, beam K at length penalty 0 and 1, reward-beam, best-of-N, MCTS on DPO (b)
+  search    sampling, greedy, beam K at length penalty 0 and 1, reward-beam, best-of-N, guided, MCTS on DPO (b);
+            and every searching method at equal compute (tokens processed per prompt: `budgets`)
   dynamics  implicit rewards along training, and E_{y~pi_ref}[beta log pi/pi_ref] = -beta KL(pi_ref||pi)
 Then DIR/summary.json (with the computed `claims`), DIR/report.html and the key tables in the terminal.
 """
@@ -55,7 +56,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         pair_tokens=48, n_pairs=2048, n_eval_pairs=256, n_rt_pairs=1024, n_rt_eval=256, rt_candidates=4200,
         rt_epochs=2, rt_tokens=64, chosen_sft_steps=60, dpo_epochs=1, dpo_batch=16, dpo_lr=1e-3, dpo_warmup=10,
         betas=(0.1,), eval_every=16, n_search=128, search_tokens=64, beams=(2, 4, 8, 16), length_penalties=(0.0, 1.0),
-        bon_n=4, mcts_sims=8, n_ref_samples=256, edit_words=12, n_boot=1000,
+        bon_n=4, mcts_sims=8, n_ref_samples=256, edit_words=12, n_boot=1000, budgets=(500, 1000, 2000),
+        guided_alphas=(2.0, 4.0),
     ),
 }
 # a step up from quick: 2.4x the compute per token, 1.4x the LM text, 1.5x the pairs, three betas and more widths
@@ -69,7 +71,8 @@ PROFILES["tiny"] = dict(PROFILES["quick"], n_gold=2000, n_lm_reviews=3000, vocab
                         lm_len=48, sft_steps=200, judge_layers=1, judge_steps=60, pair_samples=2, pair_tokens=16,
                         n_pairs=384, n_eval_pairs=64, n_rt_pairs=192, n_rt_eval=64, rt_candidates=600,
                         chosen_sft_steps=10, dpo_lr=3e-3, eval_every=8, n_search=24, search_tokens=20, beams=(2, 4),
-                        bon_n=2, mcts_sims=4, n_ref_samples=24, edit_words=8, n_boot=100)
+                        bon_n=2, mcts_sims=4, n_ref_samples=24, edit_words=8, n_boot=100, budgets=(200, 400, 800),
+                        guided_alphas=(2.0,))
 
 
 @dataclass

@@ -50,6 +50,41 @@ def fig_search(search: dict, lps: tuple[float, ...]) -> bytes:
     return png_bytes(fig)
 
 
+FIXED_COST = ("sample", "greedy", "guided")  # methods without a width: one point each on the equal-compute figure
+
+
+def fig_equal_compute(search: dict) -> bytes:
+    """Gold reward (95% CI) against tokens processed per prompt: each method with a width at every budget, and
+    the fixed-cost methods of the main table as single points."""
+    from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
+    from matplotlib.ticker import FuncFormatter
+
+    ec = search["equal_compute"]
+    main = next(b for b in search["by_beta"].values() if b["run"] == ec["run"])
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
+    families = dict.fromkeys(r["family"] for r in ec["rows"])
+    for fam in families:
+        rows = sorted((r for r in ec["rows"] if r["family"] == fam), key=lambda r: r["tokens_per_prompt"])
+        g = [r["gold"] for r in rows]
+        ax.errorbar([r["tokens_per_prompt"] for r in rows], [x[0] for x in g],
+                    yerr=[[x[0] - x[1] for x in g], [x[2] - x[0] for x in g]], fmt="o-", capsize=2, label=fam)
+    for r in main["rows"]:
+        if r["method"].startswith(FIXED_COST):
+            x = r["gold"]
+            ax.errorbar([r["tokens_per_prompt"]], [x[0]], yerr=[[x[0] - x[1]], [x[2] - x[0]]], fmt="s", capsize=2,
+                        label=r["method"])
+    for b in ec["budgets"]:
+        ax.axvline(b, color="#ccc", lw=0.8, zorder=0)
+    ax.set(xscale="log", xlabel="tokens processed per prompt (every model; grey: the budgets)",
+           ylabel="gold reward (95% CI)", title="search at equal compute")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
 def fig_dynamics(dyn: dict) -> bytes:
     from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
 
@@ -155,6 +190,21 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     fig = fig_search(se, tuple(p["length_penalties"]))
     (out / "search.png").write_bytes(fig)
     body.append(img(fig, "win rate, gold reward and length against the number of beams"))
+    if "equal_compute" in se:
+        ec = se["equal_compute"]
+        body.append("<h3>Equal compute</h3><p>Every method with a width (samples, beams, simulations) run with "
+                    f"<code>--budget</code> at {', '.join(str(b) for b in ec['budgets'])} tokens processed per "
+                    "prompt: the width is the largest whose cost fits when no output ends early, so the spend "
+                    "(tokens/prompt) is at most the budget. chunk-beam: 2 samples per beam, chunks of 8 tokens, "
+                    "the SFT model proposing; MCTS: 8 children per node, rollouts capped at 8 tokens.</p>")
+        body.append(table(["method", "budget", "width", "tokens/prompt", "gold [CI]", "gold - sample [CI]",
+                           "win rate vs sample [CI]", "length", "judge NLL/token [CI]"],
+                          [[r["family"], r["budget"], r["width"], r["tokens_per_prompt"], _ci(r["gold"]),
+                            _ci(r.get("gold_vs_sample")), _ci(r.get("win_rate_vs_sample")), r["length"],
+                            _ci(r["judge_nll"])] for r in ec["rows"]]))
+        fig = fig_equal_compute(se)
+        (out / "equal_compute.png").write_bytes(fig)
+        body.append(img(fig, "gold reward against tokens processed per prompt"))
     body.append("<h2>3. Implicit rewards during training</h2><p>Held-out chosen and rejected rewards at every "
                 "evaluation (step 0 measured before the first update). a: reference = SFT on the chosen side; "
                 "b: reference = the SFT policy; -rt: human Rotten Tomatoes snippets, off the SFT policy's "

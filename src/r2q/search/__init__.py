@@ -2,13 +2,14 @@
 
 Methods: greedy, sample, beam (likelihood search, the paper's search over Q*), reward-beam (beam search on
 the implicit reward beta * log pi/pi_ref, optionally + beta * log pi_ref), best-of-n, chunk-beam
-(weak-to-strong), mcts. All are batched over prompts with KV caches; all report their compute.
+(weak-to-strong), guided (Eq. 14: a base model steered token by token by the policy/reference ratio), mcts.
+All are batched over prompts with KV caches; all report their compute.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from ..config import check_options, option
 from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
-from ..rewards import likelihood_score, sequence_rewards, token_rewards
+from ..rewards import guided_logps, likelihood_score, sequence_rewards, token_rewards
 from ..tokens import build_batch, completion_logps
 from .beam import beam_search
 from .bon import RANKINGS, checked_scores, load_external_scorer, sample_scores
@@ -26,7 +27,7 @@ from .lm import Compute, Lockstep
 from .mcts import mcts
 from .sampling import sample
 
-METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "mcts")
+METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "guided", "mcts")
 
 
 @dataclass
@@ -50,14 +51,21 @@ class GenerateConfig:
                            "which imports and RUNS that Python code (the current directory is searched); it is "
                            "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
     delimiter: str = option("\n", "Step delimiter for reward-min / reward-last")
+    alpha: float = option(1.0, "guided: decode from pi_base * (pi / pi_ref)**alpha, normalised (Eq. 14)", ge=0)
+    do_sample: bool = option(False, "guided: sample from that distribution (with --temperature, --top-k, --top-p) "
+                             "instead of taking its argmax")
     chunk_len: int = option(8, "chunk-beam: tokens per chunk", ge=1)
     simulations: int = option(64, "mcts: simulations per prompt", ge=1)
     c_puct: float = option(1.0, "mcts: exploration constant", ge=0)
     expand_top_k: int = option(16, "mcts: children per node (most likely tokens)", ge=1)
     rollout: bool = option(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
-    rollout_len: int = option(0, "mcts: cap on each rollout's tokens (0 = to EOS or --max-new-tokens); a capped "
-                              "rollout values its leaf by the rewards it collected", ge=0)
+    rollout_len: int = option(8, "mcts: cap on each rollout's tokens, so a simulation costs at most this many "
+                              "forward positions per model (0 = to EOS or --max-new-tokens); a capped rollout values "
+                              "its leaf by the rewards it collected", ge=0)
     backup: str = option("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
+    budget: int = option(0, "Tokens processed per prompt (every model, prompt included, at most): sets the width, "
+                         "--num-samples (best-of-n), --num-beams (beam, reward-beam, chunk-beam) or --simulations "
+                         "(mcts), to the largest that fits when nothing ends early (0: use those options)", ge=0)
     seed: int = option(0, "Seed for sampling", ge=0)
     batch_size: int = option(8, "Prompts decoded together", ge=1)
 
@@ -94,14 +102,52 @@ def _early(v: str | bool) -> bool | str:
 def validate(cfg: GenerateConfig, ref, base) -> None:
     """What the ranges of single options cannot say (those are checked when the config is made)."""
     check_options(cfg)
-    if cfg.method in ("reward-beam", "chunk-beam") and ref is None:
+    if cfg.method in ("reward-beam", "chunk-beam", "guided") and ref is None:
         raise UserError(f"{cfg.method} needs a reference model (--ref)")
     if cfg.method == "best-of-n" and cfg.ranking == "external" and not cfg.scorer:
         raise UserError("--ranking external needs --scorer")
     if cfg.scorer and not (cfg.method == "best-of-n" and cfg.ranking == "external"):
         raise UserError("--scorer is used by --method best-of-n --ranking external only")
-    if base is not None and cfg.method != "chunk-beam":
-        raise UserError("--base is chunk-beam's proposer; other methods do not use it")
+    if cfg.budget and cfg.method not in WIDTH:
+        raise UserError(f"--budget sets a search width; {cfg.method} has none (its cost is fixed by --max-new-tokens)")
+    if base is not None and cfg.method not in ("chunk-beam", "guided"):
+        raise UserError("--base is the model chunk-beam and guided decode from; other methods do not use it")
+
+
+WIDTH = {"best-of-n": "num_samples", "beam": "num_beams", "reward-beam": "num_beams", "chunk-beam": "num_beams",
+         "mcts": "simulations"}  # what --budget sets for each method
+
+
+def cost_per_prompt(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> tuple[float, float]:
+    """(a, b): a prompt of prompt_len tokens costs at most a + b * width tokens processed (every model's forward
+    positions, as `Compute` counts them, rescoring included), reached when no output ends before
+    --max-new-tokens. Width is WIDTH[cfg.method]; b = 0 for methods without one."""
+    P, L, M = prompt_len, cfg.max_new_tokens, 1 + with_ref
+    m = cfg.method
+    if m in ("greedy", "sample"):
+        return M * (P + L - 1), 0.0
+    if m == "guided":
+        return 3 * (P + L - 1), 0.0
+    if m == "best-of-n":
+        return M * P, M * (L - 1)
+    if m == "beam":  # the reference scores the outputs afterwards (one counted pass)
+        return P + with_ref * (P + L), L - 1
+    if m == "reward-beam":
+        return 2 * P, 2 * (L - 1)
+    if m == "chunk-beam":
+        return 3 * P, 3 * cfg.num_samples * (L - 1)
+    per_sim = 1 + (min(cfg.rollout_len, L - 1) - 1 if cfg.rollout_len else L - 2) if cfg.rollout else 1
+    return M * P + M * (P + L), M * max(per_sim, 1)  # prefill, the rescoring of the answer; per simulation
+
+
+def with_budget(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> GenerateConfig:
+    """cfg with its width (WIDTH) set to the largest whose worst-case cost per prompt fits cfg.budget."""
+    a, b = cost_per_prompt(cfg, prompt_len, with_ref)
+    width = int((cfg.budget - a) // b) if b else 0
+    if width < 1:
+        raise UserError(f"--budget {cfg.budget} is below the cost of the narrowest {cfg.method} "
+                        f"({a + b:.0f} tokens per prompt here)")
+    return replace(cfg, **{WIDTH[cfg.method]: width})
 
 
 Decoded = tuple[list[int], float, list[float | None]]  # tokens, score, [log pi(y|x), log pi_ref(y|x) or None]
@@ -151,6 +197,15 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
                                    cfg.ranking, tokenizer, cfg.delimiter, [p for p in prompts for _ in range(N)])
         best = (scores.view(len(prompts), N).argmax(-1) + torch.arange(len(prompts)) * N).tolist()
         out = [(s.tokens[i], float(scores[i]), lps([x[i].sum() for x in s.logps])) for i in best]
+    elif m == "guided":  # Eq. 14 at every token; the three caches advance together
+        def steer(logps, a=cfg.alpha):
+            return guided_logps(logps[0], logps[1], logps[2], a)
+
+        lock = Lockstep([base if base is not None else ref, policy, ref], compute)
+        s = sample(lock, prompts, pad_id, eos_ids, cfg.max_new_tokens, greedy=not cfg.do_sample,
+                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, proposal=steer)
+        out = [(t, float(s.drawn_from[i].sum()), lps([x[i].sum() for x in s.logps[1:]]))
+               for i, t in enumerate(s.tokens)]  # score: log of the steered distribution's probability of y
     elif m == "chunk-beam":
         lock = Lockstep([base if base is not None else ref, policy, ref], compute)
         out = [(t, sc, lps(lp)) for t, sc, lp in chunk_beam_search(
@@ -224,9 +279,11 @@ def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref
     eos_ids = [tokenizer.eos_token_id]
     pad = pad_id(tokenizer)
     enc = encode_prompts(tokenizer, prompts)
+    if cfg.budget:
+        cfg = with_budget(cfg, sum(map(len, enc)) / len(enc), ref is not None)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    total = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}
+    total: dict[str, float] = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}
     results: list[Generation] = []
     with progress_bar(progress) as bar:
         task = bar.add_task(cfg.method, total=len(prompts), info="")
@@ -242,4 +299,6 @@ def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref
                 results.append(Generation(prompts[i + j], tokenizer.decode(t, skip_special_tokens=True), t,
                                           logp[j], reward, sc, len(t), share))
             bar.update(task, advance=len(chunk))
+    if cfg.budget:
+        total["width"] = getattr(cfg, WIDTH[cfg.method])
     return results, total

@@ -6,7 +6,7 @@ reward beta * log pi/pi_ref of a sample is exact whatever temperature or top-k/t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ class Samples:
 
     tokens: list[list[int]]
     logps: list[list[torch.Tensor]]  # logps[m][row]: (len,) float, model m
+    drawn_from: list[torch.Tensor]  # per row: (len,) log-probs of the tokens under the distribution decoded from
 
 
 def filter_logits(logps: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -48,11 +49,12 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    proposal: int = 0,
+    proposal: int | Callable[[list[torch.Tensor]], torch.Tensor] = 0,
     repeat: int = 1,
 ) -> Samples:
-    """Decode `repeat` continuations per prompt (rows prompt-major) with model `proposal` of the lockstep;
-    every model of the lockstep scores each token. The prompt is run once and its cache copied."""
+    """Decode `repeat` continuations per prompt (rows prompt-major) from model `proposal` of the lockstep, or from
+    proposal(every model's log-probs) -> (N, V) log-probs (guided decoding); every model of the lockstep scores
+    each token. The prompt is run once and its cache copied."""
     ids, mask = left_pad(prompts, pad_id)
     dev = lock.device
     eos = torch.tensor(list(eos_ids), device=dev)
@@ -63,9 +65,9 @@ def sample(
         logps = [lp.index_select(0, idx) for lp in logps]
     N = len(prompts) * repeat
     alive = torch.ones(N, dtype=torch.bool, device=dev)
-    toks, lps = [], [[] for _ in lock.models]
+    toks, lps, drawn = [], [[] for _ in lock.models], []
     for t in range(max_new_tokens):
-        lp = logps[proposal]
+        lp = proposal(logps) if callable(proposal) else logps[proposal]
         if greedy:
             nxt = lp.argmax(-1)
         else:
@@ -73,6 +75,7 @@ def sample(
             nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
         toks.append(nxt)
+        drawn.append(lp.gather(-1, nxt[:, None]).squeeze(-1).float())
         for m, l in enumerate(logps):
             lps[m].append(l.gather(-1, nxt[:, None]).squeeze(-1))
         step_alive = alive.clone()
@@ -82,7 +85,8 @@ def sample(
         logps = lock.step(nxt, alive=step_alive)
     tok = torch.stack(toks, 1).cpu()
     lp_all = [torch.stack(x, 1).cpu() for x in lps]
-    out_tokens, out_lps = [], [[] for _ in lock.models]
+    drawn_all = torch.stack(drawn, 1).cpu()
+    out_tokens, out_lps, out_drawn = [], [[] for _ in lock.models], []
     for i in range(N):
         row = tok[i].tolist()
         n = len(row)
@@ -91,6 +95,7 @@ def sample(
                 n = j + 1
                 break
         out_tokens.append(row[:n])
+        out_drawn.append(drawn_all[i, :n])
         for m in range(len(lock.models)):
             out_lps[m].append(lp_all[m][i, :n])
-    return Samples(out_tokens, out_lps)
+    return Samples(out_tokens, out_lps, out_drawn)
