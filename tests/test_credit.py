@@ -282,3 +282,84 @@ def test_best_of_n_cuts_steps_where_credit_does(llama_dir, llama_ref_dir, tokeni
         want = [pick(c.step_rewards) for c in rep.completions]
         assert got.tolist() == pytest.approx(want, abs=1e-5)
     assert [len(c.step_rewards) for c in rep.completions] == [4, 3, 1]
+
+
+CONVERSATION = [
+    {"prompt": [{"role": "user", "content": "was the film good?"}],
+     "completion": [{"role": "assistant", "content": "it was good, the acting was great"},
+                    {"role": "user", "content": "and the plot?"},
+                    {"role": "assistant", "content": "the plot was very good too"}]},
+]
+
+
+def test_credit_is_summed_per_turn_in_conversations(models, tokenizer, tmp_path):
+    """A conversation of several messages: each message is a step (per-turn credit). The turns partition the
+    tokens (they sum to R, and each turn's tokens spell that message), and editing the last assistant turn leaves
+    the earlier turns' rewards exactly as they were (rewards are causal) while its own reward changes."""
+    from rich.console import Console
+
+    from r2q.views.html import render_html
+    from r2q.views.terminal import render_terminal
+
+    policy, ref = models
+    edited = json.loads(json.dumps(CONVERSATION))
+    edited[0]["completion"][2]["content"] = "the plot was bad and dull, the worst"
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATION + edited))
+    rep = credit_from_file(policy, ref, tokenizer, data, 0.5, use_cache=False)
+    a, b = rep.completions
+    for c, msgs in ((a, CONVERSATION[0]["completion"]), (b, edited[0]["completion"])):
+        assert c.step_roles == ["assistant", "user", "assistant"]
+        assert sum(c.step_rewards) == pytest.approx(c.reward, abs=1e-5)
+        starts = [0] + [e + 1 for e in c.step_ends[:-1]]
+        spans = ["".join(c.tokens[s : e + 1]) for s, e in zip(starts, c.step_ends)]
+        for span, m in zip(spans, msgs):
+            assert m["content"] in span  # the step holds its message
+        assert msgs[1]["content"] not in spans[0] and msgs[0]["content"] not in spans[1]
+        # the step reward is the plain sum of its tokens' rewards
+        assert c.step_rewards == pytest.approx([sum(c.rewards[s : e + 1]) for s, e in zip(starts, c.step_ends)],
+                                               abs=1e-5)
+    assert a.step_rewards[:2] == pytest.approx(b.step_rewards[:2], abs=1e-5)  # the unedited turns
+    assert a.step_ends[:2] == b.step_ends[:2]
+    assert abs(a.step_rewards[2] - b.step_rewards[2]) > 1e-3  # the edited turn
+    # one message (the usual completion) keeps delimiter steps: no roles
+    single = credit_from_file(policy, ref, tokenizer, _rows(tmp_path, [{
+        "prompt": [{"role": "user", "content": "hi"}],
+        "completion": [{"role": "assistant", "content": "a\nb"}]}]), 0.5, use_cache=False)
+    assert single.completions[0].step_roles is None
+    # JSON, terminal and HTML show the turns with their roles
+    saved = json.loads(rep.to_json(tmp_path / "c.json").read_text())
+    assert saved["completions"][0]["step_roles"] == ["assistant", "user", "assistant"]
+    console = Console(record=True, width=200)
+    render_terminal(rep, console, max_items=2)
+    assert "turns: assistant " in console.export_text()
+    assert "turns: assistant " in render_html(rep)
+
+
+def _rows(tmp_path, rows):
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_best_of_n_takes_turns_as_steps_at_an_end_of_turn_token(tokenizer):
+    """With a chat template that closes each message with an end-of-turn token that is also the EOS (as chat models
+    stop), --delimiter set to that token makes best-of-n's reward-min / reward-last rank by the same per-turn
+    rewards credit reports."""
+    from r2q.search.bon import sample_scores
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.eos_token = "<|end|>"
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    policy, ref = tiny_model("llama", len(tok), seed=70).eval(), tiny_model("llama", len(tok), seed=71).eval()
+    ex, _ = sft_examples_from_rows(CONVERSATION, tok)
+    rep = score_examples(policy, ref, tok, ex, 0.5, use_cache=False)
+    c = rep.completions[0]
+    assert c.step_roles == ["assistant", "user", "assistant"]
+    toks = [ex[0].completion_ids]
+    pol, refl = [torch.tensor(c.logps)], [torch.tensor(c.ref_logps)]
+    for how, pick in (("reward-min", min), ("reward-last", lambda s: s[-1])):
+        got = sample_scores(toks, pol, refl, 0.5, how, tok, "<|end|>", [ex[0].prompt_ids])
+        assert float(got[0]) == pytest.approx(pick(c.step_rewards), abs=1e-5)

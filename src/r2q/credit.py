@@ -5,7 +5,8 @@ For a completion a_0..a_{L-1} (EOS included) of a prompt x, with states s_t = (x
     r_t  = beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))     token reward (Eq. 10, up to V* shaping)
     q_t  = sum_{i<=t} r_i                                      cumulative reward: the implicit Q up to shaping
     R    = q_{L-1} = sum_t r_t                                 sequence reward (what DPO compares)
-    step_k = sum of r_t over the tokens of step k              steps end at tokens containing the delimiter
+    step_k = sum of r_t over the tokens of step k              steps end at tokens containing the delimiter, or,
+                                                               for conversations, at the end of each message
 
 and for a pair: margin = R_chosen - R_rejected, correct = margin > 0, loss = -log sigmoid(margin).
 
@@ -57,7 +58,8 @@ class CreditConfig:
     html: str = option("", "Write a self-contained HTML heatmap here")
     json: str = option("", "Write the per-token numbers as JSON here")
     png: str = option("", "Write a PNG figure here")
-    delimiter: str = option("\n", "Step delimiter for per-step sums")
+    delimiter: str = option("\n", "Step delimiter for per-step sums (a conversation of several messages is "
+                            "summed per message instead: per-turn credit)")
     batch_size: int = option(16, "Pairs per forward", ge=1)
     max_length: int = option(1024, "Max tokens of prompt + completion", ge=2)
     max_prompt_length: int = option(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
@@ -85,7 +87,9 @@ class CompletionCredit:
 
     rewards[t] = r_t, logps[t] = log pi(a_t|s_t), ref_logps[t] = log pi_ref(a_t|s_t) (None when the
     reference is left out: r_t = beta * log pi), cumulative[t] = q_t. step_rewards[k] is the reward of the
-    k-th step, which ends at token step_ends[k] (inclusive). ''.join(tokens) is the decoded completion.
+    k-th step, which ends at token step_ends[k] (inclusive). When the completion is a conversation of several
+    messages, each message is a step (the paper's per-turn credit) and step_roles[k] is its role; otherwise steps
+    are cut at the delimiter and step_roles is None. ''.join(tokens) is the decoded completion.
     """
 
     row: int
@@ -100,6 +104,7 @@ class CompletionCredit:
     step_rewards: list[float]
     step_ends: list[int]
     reward: float
+    step_roles: list[str] | None = None  # conversations: the role of each step (a step is a message, a turn)
 
 
 @dataclass
@@ -223,6 +228,7 @@ def score_examples(
     pad = pad_id(tokenizer)
     per = 2 if pairs else 1
     pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
+    turns = [turn_steps(pieces[s], (examples[s // per].turns or [None] * per)[s % per]) for s in range(len(seqs))]
     out: list[CompletionCredit] = [None] * len(seqs)  # type: ignore[list-item]  # filled batch by batch
     pair_loss: dict[int, float] = {}
     # length-sorted batches pad little; results go back to their slots
@@ -245,7 +251,8 @@ def score_examples(
                     ref_lp = pad_rows([ref_logps[s].float().cpu() for s in slots], b.max_len)
                 else:
                     ref_lp = None if ref is None else _logps(ref, b)
-                made, R = _credits(b, pol, ref_lp, beta, [pieces[s] for s in slots], delimiter)
+                made, R = _credits(b, pol, ref_lp, beta, [pieces[s] for s in slots], delimiter,
+                                   [turns[s] for s in slots])
                 for s, (tokens, fields) in zip(slots, made):
                     prompt_ids, ids = seqs[s]
                     out[s] = CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, prompt_ids),
@@ -276,9 +283,26 @@ def _logps(model, b: TokenBatch) -> torch.Tensor:
     return completion_logps(model, b.to(model.device)).float().cpu()
 
 
-def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter) -> tuple[list[tuple[list[str], dict]], torch.Tensor]:
+def turn_steps(pieces: Sequence[str], turns) -> tuple[list[bool], list[str]] | None:
+    """A conversational completion of several messages as steps: which tokens end a message (its last token, the
+    one whose text reaches the message's end) and each message's role; None for one message or no turns."""
+    if not turns or len(turns) < 2:
+        return None
+    ends, reached, k = [False] * len(pieces), 0, 0
+    for t, piece in enumerate(pieces):
+        reached += len(piece)  # characters of the completion's text up to the end of token t
+        while k < len(turns) - 1 and reached >= turns[k][1]:
+            ends[t] = True  # this token reaches the end of message k (a token spanning two ends closes both)
+            k += 1
+    roles = [r for r, _ in turns]
+    n_steps = sum(ends) + (not ends or not ends[-1])  # a completion cut short keeps the messages it reaches
+    return ends, roles[:n_steps]
+
+
+def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter, turns=None
+             ) -> tuple[list[tuple[list[str], dict]], torch.Tensor]:
     """Per-completion fields of one batch from the (S, L) tensors of `r2q.rewards` (rewards computed once), and
-    the (S,) sequence rewards."""
+    the (S,) sequence rewards. Steps are messages where `turns` gives them (turn_steps), else cut at delimiter."""
     mask = b.completion_mask()
     r = implicit_rewards(pol, ref_lp, mask, beta)
     q = cumulative_rewards(r, mask)
@@ -288,6 +312,11 @@ def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter) -> tuple[list[t
         ends = torch.nn.functional.pad(ends, (0, b.max_len - ends.shape[1]))
     else:
         ends = torch.zeros_like(mask)
+    turns = turns or [None] * len(texts)
+    for row, ts in enumerate(turns):
+        if ts is not None:
+            ends[row] = False
+            ends[row, : len(ts[0])] = torch.tensor(ts[0], dtype=torch.bool)
     steps, step_mask = step_rewards(r, ends, mask)
     made = []
     for row in range(len(texts)):
@@ -297,7 +326,8 @@ def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter) -> tuple[list[t
         made.append((texts[row], dict(
             rewards=r[row, :n].tolist(), logps=pol[row, :n].tolist(),
             ref_logps=None if ref_lp is None else ref_lp[row, :n].tolist(), cumulative=q[row, :n].tolist(),
-            step_rewards=steps[row, :k].tolist(), step_ends=(marks + [n - 1])[:k], reward=float(R[row]))))
+            step_rewards=steps[row, :k].tolist(), step_ends=(marks + [n - 1])[:k], reward=float(R[row]),
+            step_roles=None if turns[row] is None else turns[row][1][:k])))
     return made, R
 
 

@@ -48,6 +48,9 @@ _CSV_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 FORMATS_HELP = ".jsonl, .json, .parquet, .csv or a directory saved with datasets' save_to_disk"
 
 
+Turns = list[tuple[str, int]]  # the messages of a conversational completion: (role, where it ends in the text)
+
+
 @dataclass
 class PreferenceExample:
     """One tokenised preference pair; `chosen_ids` / `rejected_ids` end with EOS unless truncated or flagged
@@ -57,6 +60,7 @@ class PreferenceExample:
     chosen_ids: list[int]
     rejected_ids: list[int]
     row: int
+    turns: list[Turns] | None = None  # chosen's and rejected's turns, for conversational rows
 
 
 @dataclass
@@ -67,6 +71,7 @@ class SFTExample:
     prompt_ids: list[int]
     completion_ids: list[int]
     row: int
+    turns: list[Turns] | None = None  # the completion's turns, for conversational rows
 
 
 @dataclass
@@ -438,20 +443,41 @@ def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | l
 
 # ---- tokenising
 
-def _render(tokenizer, prompt: list[dict], completions: list[list[dict]], names: Sequence[str]) -> list[str]:
-    """[prompt text, completion texts...] from the chat template; each completion continues the prompt."""
+def _render(tokenizer, prompt: list[dict], completions: list[list[dict]], names: Sequence[str]
+            ) -> tuple[list[str], list[Turns | None]]:
+    """[prompt text, completion texts...] from the chat template, each completion continuing the prompt, and
+    each completion's turns: (role, offset in its text where the message ends), or None where the template does
+    not render the conversation message by message as prefixes of the whole."""
     try:
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         fulls = [tokenizer.apply_chat_template(prompt + c, tokenize=False) for c in completions]
     except (TemplateError, ValueError) as e:  # raised by the template itself, e.g. "roles must alternate"
         raise _RowError(f"the chat template failed: {first_line(e)}") from e
-    out = [prompt_text]
-    for full, name in zip(fulls, names, strict=True):
+    out, turns = [prompt_text], []
+    for full, c, name in zip(fulls, completions, names, strict=True):
         if not full.startswith(prompt_text):
             raise _RowError(f"the chat template's rendering of prompt + {name!r} does not start with its "
                             "rendering of the prompt, so the prompt/completion boundary is unclear")
         out.append(full[len(prompt_text):])
-    return out
+        turns.append(_turns(tokenizer, prompt, c, prompt_text, full))
+    return out, turns
+
+
+def _turns(tokenizer, prompt: list[dict], completion: list[dict], prompt_text: str, full: str) -> Turns | None:
+    """Where each message of a completion ends in its rendered text (the template run on every prefix)."""
+    if len(completion) < 2:
+        return [(m["role"], len(full) - len(prompt_text)) for m in completion]
+    ends = []
+    try:
+        for k in range(1, len(completion)):
+            part = tokenizer.apply_chat_template(prompt + completion[:k], tokenize=False)
+            if not (part.startswith(prompt_text) and full.startswith(part)):
+                return None
+            ends.append(len(part) - len(prompt_text))
+    except (TemplateError, ValueError):  # e.g. a template that needs the conversation to end with the assistant
+        return None
+    ends.append(len(full) - len(prompt_text))
+    return [(m["role"], e) for m, e in zip(completion, ends)] if ends == sorted(ends) else None
 
 
 def _tokens(tokenizer, text: str, name: str, special: bool) -> list[int]:
@@ -502,8 +528,8 @@ def _encode_text(tokenizer, text: str, ended: bool = True) -> tuple[list[int], l
     return ids[:1], _with_eos(ids[1:], tokenizer.eos_token_id, ended)
 
 
-def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[list[int]]]:
-    """(format, prompt ids, [completion ids]) of one row, before truncation."""
+def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[list[int]], list[Turns | None] | None]:
+    """(format, prompt ids, [completion ids], each completion's turns or None) of one row, before truncation."""
     if not isinstance(row, Mapping):
         raise _RowError(f"expected an object with named fields, got {_tname(row)}")
     if kind == "preference":
@@ -515,20 +541,21 @@ def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[li
     ended = [_eos_flag(row, n) for n in names]
     if prompt is None:
         p, c = _encode_text(tokenizer, comps[0], ended[0])  # type: ignore[arg-type]
-        return fmt, p, [c]
+        return fmt, p, [c], None
+    turns = None
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("the data is conversational (lists of messages) but the tokenizer has no "
                             "chat template")
-        prompt, *comps = _render(tokenizer, prompt, comps, names)  # type: ignore[arg-type]
+        (prompt, *comps), turns = _render(tokenizer, prompt, comps, names)  # type: ignore[arg-type]
     completions = [_encode_completion(tokenizer, c, n, e)  # type: ignore[arg-type]
                    for c, n, e in zip(comps, names, ended, strict=True)]
-    return fmt, _encode_prompt(tokenizer, prompt), completions  # type: ignore[arg-type]
+    return fmt, _encode_prompt(tokenizer, prompt), completions, turns  # type: ignore[arg-type]
 
 
 def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source: str, unit: str,
                  skip_bad: bool, progress: bool = False) -> tuple[list, DataReport]:
-    """[(row, format, prompt ids, [completion ids])] before truncation, and a report of rows / skips."""
+    """[(row, format, prompt ids, [completion ids], turns)] before truncation, and a report of rows / skips."""
     report = DataReport(source=source, kind=kind)
     encoded = []
     items = list(items)
@@ -540,7 +567,7 @@ def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source:
             try:
                 if isinstance(row, _RowError):
                     raise row
-                fmt, prompt, comps = _encode_row(row, tokenizer, kind)
+                fmt, prompt, comps, turns = _encode_row(row, tokenizer, kind)
             except _RowError as e:
                 msg = f"{source} {unit} {n}: {e}"
                 if not skip_bad:
@@ -549,7 +576,7 @@ def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source:
                 if len(report.skipped) < MAX_SKIPPED_MESSAGES:
                     report.skipped.append(msg)
                 continue
-            encoded.append((n, fmt, prompt, comps))
+            encoded.append((n, fmt, prompt, comps, turns))
             report.formats[fmt] = report.formats.get(fmt, 0) + 1
             if kind == "preference" and comps[0] == comps[1]:
                 report.n_identical += 1
@@ -588,14 +615,14 @@ def _numbered(rows: Iterable[Mapping | tuple[int, Mapping]]) -> list[tuple[int, 
 
 def _examples(encoded, report: DataReport, max_length: int, max_prompt_length: int) -> list:
     out: list = []
-    for n, _fmt, prompt, comps in encoded:
+    for n, _fmt, prompt, comps, turns in encoded:
         prompt, comps, p_cut, c_cut = _truncate(prompt, comps, max_length, max_prompt_length)
         report.n_prompt_truncated += p_cut
         report.n_completion_truncated += c_cut
         if report.kind == "preference":
-            out.append(PreferenceExample(prompt, comps[0], comps[1], n))
+            out.append(PreferenceExample(prompt, comps[0], comps[1], n, turns))
         else:
-            out.append(SFTExample(prompt, comps[0], n))
+            out.append(SFTExample(prompt, comps[0], n, turns))
     return out
 
 
@@ -689,9 +716,9 @@ def inspect_data(
     encoded, report = _encode_rows(items, tokenizer, kind, source, unit, skip_bad)
     _examples(encoded, report, max_length, max_prompt_length)  # fills the truncation counts
     names = ("chosen", "rejected") if kind == "preference" else ("completion",)
-    lengths = {"prompt": _percentiles([len(p) for _, _, p, _ in encoded])}
+    lengths = {"prompt": _percentiles([len(p) for _, _, p, _, _ in encoded])}
     for i, name in enumerate(names):
-        lengths[name] = _percentiles([len(c[i]) for _, _, _, c in encoded])
+        lengths[name] = _percentiles([len(c[i]) for _, _, _, c, _ in encoded])
     formats = report.formats
     return {
         "source": source,

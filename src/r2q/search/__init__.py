@@ -50,7 +50,8 @@ class GenerateConfig:
     scorer: str = option("", "External scorer for --ranking external: a reward-model directory, or module:function, "
                            "which imports and RUNS that Python code (the current directory is searched); it is "
                            "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
-    delimiter: str = option("\n", "Step delimiter for reward-min / reward-last")
+    delimiter: str = option("\n", "Step delimiter for reward-min / reward-last (a chat model's end-of-turn token, "
+                            "e.g. <|im_end|>, makes each turn a step)")
     alpha: float = option(1.0, "guided: decode from pi_base * (pi / pi_ref)**alpha, normalised (Eq. 14)", ge=0)
     do_sample: bool = option(False, "guided: sample from that distribution (with --temperature, --top-k, --top-p) "
                              "instead of taking its argmax")

@@ -58,3 +58,13 @@ def display_piece(piece: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def step_line(item, digits: int = 3) -> str:
+    """A completion's step rewards as one line: "turns: assistant +0.120  user -0.030 ..." for a conversation,
+    "steps: +0.120  -0.030 ..." for delimiter steps; "" for a single step."""
+    if len(item.step_rewards) <= 1:
+        return ""
+    if item.step_roles:
+        return "turns: " + "  ".join(f"{r} {s:+.{digits}f}" for r, s in zip(item.step_roles, item.step_rewards))
+    return "steps: " + "  ".join(f"{s:+.{digits}f}" for s in item.step_rewards)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..credit import CompletionCredit, CreditReport, PairCredit, completions_of
 from ..paths import write_atomic
-from . import NEGATIVE, NEUTRAL, POSITIVE, css_rgb, display_piece, reward_rgb, text_rgb, vmax_of
+from . import NEGATIVE, NEUTRAL, POSITIVE, css_rgb, display_piece, reward_rgb, step_line, text_rgb, vmax_of
 from .report import esc
 
 CSS = """
@@ -61,9 +61,8 @@ def tokens_html(item: CompletionCredit, start: int, stop: int, vmax: float, mark
 
 
 def _steps(item: CompletionCredit) -> str:
-    if len(item.step_rewards) <= 1:
-        return ""
-    return '<div class="steps">steps: ' + " ".join(f"{s:+.4f}" for s in item.step_rewards) + "</div>"
+    line = step_line(item, 4)
+    return f'<div class="steps">{esc(line)}</div>' if line else ""
 
 
 def pair_html(p: PairCredit, vmax: float) -> str:

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..credit import CompletionCredit, CreditReport, PairCredit, completions_of
-from . import css_rgb, display_piece, reward_rgb, text_rgb, vmax_of
+from . import css_rgb, display_piece, reward_rgb, step_line, text_rgb, vmax_of
 
 
 def heat_text(item: CompletionCredit, vmax: float) -> Text:
@@ -35,10 +35,8 @@ def legend(vmax: float, width: int = 21) -> Text:
 def _line(label: str, item: CompletionCredit, vmax: float) -> Text:
     head = Text(f"{label} R={item.reward:+.4f}  ", style="bold")
     body = heat_text(item, vmax)
-    steps = ""
-    if len(item.step_rewards) > 1:
-        steps = "\n  steps: " + "  ".join(f"{s:+.3f}" for s in item.step_rewards)
-    return Text.assemble(head, body, steps)
+    steps = step_line(item)
+    return Text.assemble(head, body, "\n  " + steps if steps else "")
 
 
 def _prompt(prompt: str, limit: int = 240) -> Text:
