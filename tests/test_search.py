@@ -321,9 +321,10 @@ def test_mcts_rollout_len_caps_the_cost_per_simulation():
     same, _ = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=12), [EOS], PAD, ref=ref)
     assert same == full  # a cap at the length limit changes nothing
     capped, c_cap = generate_ids(pol, prompts, GenerateConfig(**base, rollout_len=2), [EOS], PAD, ref=ref)
-    # prefill, then per simulation one expansion step and at most one more rollout step, for both models
-    assert c_cap.forward_passes <= 2 + 6 * 2 * 2 < c_full.forward_passes
-    assert all(len(t) >= 1 for t, _, _ in capped)  # an answer is still returned for every prompt
+    # prefill, per simulation one expansion step and at most one more rollout step, and one greedy finish of an
+    # answer that is still incomplete (at most 11 steps), for both models
+    assert c_cap.forward_passes <= 2 + 6 * 2 * 2 + 2 * 11 < c_full.forward_passes
+    assert all(t[-1] == EOS or len(t) == 12 for t, _, _ in capped)  # every answer is a complete sequence
 
 
 @pytest.mark.parametrize("method", ["greedy", "sample", "guided", "best-of-n", "beam", "reward-beam", "chunk-beam",

@@ -138,7 +138,8 @@ def cost_per_prompt(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> t
     if m == "chunk-beam":
         return 3 * P, 3 * cfg.num_samples * (L - 1)
     per_sim = 1 + (min(cfg.rollout_len, L - 1) - 1 if cfg.rollout_len else L - 2) if cfg.rollout else 1
-    return M * P + M * (P + L), M * max(per_sim, 1)  # prefill, the rescoring of the answer; per simulation
+    # prefill, finishing an incomplete answer greedily, rescoring the answer; per simulation
+    return M * P + M * (L - 1) + M * (P + L), M * max(per_sim, 1)
 
 
 def with_budget(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> GenerateConfig:

@@ -54,8 +54,8 @@ def _last_logits_kwarg(model) -> dict[str, int]:
 def _buffered_layer():
     """A full-attention KV cache layer that writes each new position into preallocated room (doubling when full)
     instead of concatenating the whole cache every step, and reorders for beam search into a second buffer of the
-    same size (no allocation per step, the filled part only). `keys` / `values` are views of the filled part, as a DynamicLayer's tensors would be. (Made on first
-    use, so that importing r2q does not import transformers.)"""
+    same size (no allocation per step, the filled part only). `keys` / `values` are views of the filled part, as
+    a DynamicLayer's tensors would be. (Made on first use, so that importing r2q does not import transformers.)"""
     from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):

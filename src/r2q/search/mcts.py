@@ -7,7 +7,8 @@ P the policy and Qn the edge value min-max normalised over the tree (as MuZero d
 The environment is deterministic, so by default an edge's value is the best return seen through it
 (backup="max"; "mean" averages instead). A leaf is valued by a greedy policy rollout to the end (rollout=True;
 rollout_len caps it, then the leaf is valued by the rewards the rollout collected) or by the rewards collected so far
-(rollout=False). The answer is the best complete sequence found.
+(rollout=False). The answer is the best complete sequence found (or, when none was, the most visited path
+finished greedily).
 
 Tree nodes keep the keys and values of their own token only; expanding a batch of leaves (one per prompt
 per simulation) stacks the cached KV of each leaf's path, so no prefix is ever recomputed.
@@ -82,7 +83,8 @@ def mcts(
 ) -> list[tuple[list[int], float]]:
     """Best (tokens, return) per prompt. lock.models = [policy, ref] (or [policy] for reference-free).
     rollout_len caps each rollout (0: to EOS or max_new_tokens); a capped rollout values its leaf by the
-    rewards it collected, and only complete rollouts are offered as answers."""
+    rewards it collected, and only complete rollouts are offered as answers. A prompt whose search found no
+    complete sequence gets its most visited path finished by a greedy rollout (counted in the compute)."""
     if backup not in ("max", "mean"):
         raise ValueError("backup must be 'max' or 'mean'")
     B = len(prompts)
@@ -140,12 +142,25 @@ def mcts(
             _backup(node, v, backup)
             if complete:
                 offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
+    # a prompt with no complete sequence found (capped rollouts, few simulations) gets its most visited path,
+    # finished by one greedy rollout: the answer is always a complete sequence
+    unfinished = []
     for b, root in enumerate(roots):
-        if not best[b][0]:  # nothing complete found (no or capped rollouts, few simulations): the most visited path
+        if not best[b][0]:
             node = root
             while node.children and any(c.visits for c in node.children.values()):
                 node = max(node.children.values(), key=lambda c: c.visits)
-            best[b] = (node.tokens(), sum(n.reward for n in node.path()))
+            if node.terminal or node is root:
+                best[b] = (node.tokens(), sum(n.reward for n in node.path()))
+            else:
+                unfinished.append((b, node))
+    if unfinished:
+        stacked = [stack_kv([_path_kv(n.parent, m) for _, n in unfinished]) for m in range(len(lock.models))]
+        lock.attach([c for c, _ in stacked], stacked[0][1])
+        logps = lock.step(torch.tensor([n.token for _, n in unfinished]))
+        tails = _rollout(lock, unfinished, logps, beta, ref_term, eos, max_new_tokens, pad_id)
+        for (b, node), (v, tail, _) in zip(unfinished, tails):
+            best[b] = (node.tokens() + tail, sum(n.reward for n in node.path()) + v)
     return best
 
 
