@@ -5,8 +5,9 @@
 For each shape (a 12M-parameter Llama with short prompts; a 32k-vocabulary model with 256-token prompts), each
 thread count and each width K (1 = greedy, 4, 16): r2q's `beam` (generate_ids) and `model.generate(num_beams=K)`
 run interleaved, `repeats` times each; the outputs must be identical token for token (the script stops if not).
-Also reward-beam against beam, best-of-n (N = 4) against one sample, and MCTS's cost per simulation with and
-without rollouts. Reported: medians and their ratios (r2q's speed over transformers': > 1 is faster).
+Also reward-beam against beam, best-of-n (N = 4) against one sample, and MCTS's cost per simulation (16 simulations
+minus 8, so the once-per-prompt costs cancel) without rollouts, with full rollouts and with the default 8-token cap.
+Reported: medians and their ratios (r2q's speed over transformers': > 1 is faster).
 """
 
 from __future__ import annotations
@@ -124,15 +125,20 @@ def main() -> None:
             print(rows[-1], flush=True)
         torch.set_num_threads(a.threads[0])
         for rollout, cap in ((False, 0), (True, 0), (True, 8)):
-            sims = 8
-            _, c = r2q_generate(pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=sims, rollout=rollout,
-                                rollout_len=cap)
+            # the cost of a simulation is the difference between 16 and 8 simulations (the prefill, finishing an
+            # incomplete answer and rescoring the answer are paid once per prompt, not per simulation)
+            cost = {}
+            for sims in (8, 16):
+                _, cost[sims] = r2q_generate(pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=sims,
+                                             rollout=rollout, rollout_len=cap)
             _, g = r2q_generate(pol, prompts, 1, a.new_tokens, "greedy", ref)
+            c8, c16 = cost[8], cost[16]
             rows.append(dict(shape=shape, params=params, threads=a.threads[0],
-                             what=f"mcts rollout={rollout}" + (f" rollout_len={cap}" if cap else ""),
-                             simulations=sims, forwards_per_sim=c.forward_passes / sims,
-                             tokens_per_sim_per_prompt=c.tokens_processed / sims / len(prompts),
-                             tokens_vs_greedy=c.tokens_processed / g.tokens_processed, seconds=c.wall_time_s))
+                             what=f"mcts rollout={rollout} rollout_len={cap}" + (" (default)" if cap == 8 else ""),
+                             forwards_per_sim=(c16.forward_passes - c8.forward_passes) / 8,
+                             tokens_per_sim_per_prompt=(c16.tokens_processed - c8.tokens_processed) / 8 / len(prompts),
+                             tokens_vs_greedy_at_16=c16.tokens_processed / g.tokens_processed,
+                             seconds_at_16=c16.wall_time_s))
             print(rows[-1], flush=True)
     with open(a.out, "w") as f:
         json.dump(rows, f, indent=1)

@@ -50,6 +50,7 @@ def test_summary_has_every_finding_with_measured_points(demo_run):
                                                                  "mcts") for b in ec["budgets"]}
     for r in ec["rows"]:
         assert 0 < r["tokens_per_prompt"] <= r["budget"] and r["width"] >= 1
+        assert r["gold_vs_greedy"][1] <= r["gold_vs_greedy"][0] <= r["gold_vs_greedy"][2]
     for m in ("best-of-n", "beam", "mcts"):
         w = [r["width"] for r in sorted((r for r in ec["rows"] if r["family"] == m), key=lambda r: r["budget"])]
         assert w == sorted(w) and w[-1] > w[0]

@@ -264,6 +264,10 @@ def search(d: Path, runs: dict, data: Path, sft: Path, judge_path: Path, gold_pa
                 for method, kw in SWEEP:
                     sweep.append(measure(f"{method} at {budget}", GenerateConfig(**base, **kw, budget=budget),
                                          {"budget": budget, "family": method}))
+            # where a search finds nothing better than greedy decoding: gold - greedy's gold, paired by prompt
+            greedy = np.array(next(c for c in cells if c["method"] == "greedy")["per_prompt"]["gold"])
+            for c in cells[2:-1] + sweep:
+                c["gold_vs_greedy"] = paired_diff_ci(np.array(c["per_prompt"]["gold"]), greedy, p["n_boot"])
             out["equal_compute"] = {"run": name, "budgets": list(p["budgets"]), "rows": sweep}
     return out
 

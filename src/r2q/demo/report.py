@@ -137,9 +137,11 @@ def _claims_table(claims: list[dict]) -> str:
 
 
 def _search_table(rows: list[dict]) -> str:
-    return table(["method", "gold [CI]", "gold - sample [CI]", "win rate vs sample [CI]", "length", "ends in EOS",
-                  "distinct-2", "judge NLL/token [CI]", "log pi", "log pi/pi_ref", "tokens/prompt"],
-                 [[r["method"], _ci(r["gold"]), _ci(r.get("gold_vs_sample")), _ci(r.get("win_rate_vs_sample")),
+    return table(["method", "gold [CI]", "gold - greedy [CI]", "gold - sample [CI]", "win rate vs sample [CI]",
+                  "length", "ends in EOS", "distinct-2", "judge NLL/token [CI]", "log pi", "log pi/pi_ref",
+                  "tokens/prompt"],
+                 [[r["method"], _ci(r["gold"]), _ci(r.get("gold_vs_greedy")), _ci(r.get("gold_vs_sample")),
+                   _ci(r.get("win_rate_vs_sample")),
                    r["length"], r["eos_share"], r["distinct2"], _ci(r["judge_nll"]), r["logp"], r["log_ratio"],
                    r.get("tokens_per_prompt", "")] for r in rows])
 
@@ -197,11 +199,19 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                     "prompt: the width is the largest whose cost fits when no output ends early, so the spend "
                     "(tokens/prompt) is at most the budget. chunk-beam: 2 samples per beam, chunks of 8 tokens, "
                     "the SFT model proposing; MCTS: 8 children per node, rollouts capped at 8 tokens.</p>")
-        body.append(table(["method", "budget", "width", "tokens/prompt", "gold [CI]", "gold - sample [CI]",
-                           "win rate vs sample [CI]", "length", "judge NLL/token [CI]"],
+        body.append(table(["method", "budget", "width", "tokens/prompt", "gold [CI]", "gold - greedy [CI]",
+                           "gold - sample [CI]", "length", "ends in EOS", "judge NLL/token [CI]"],
                           [[r["family"], r["budget"], r["width"], r["tokens_per_prompt"], _ci(r["gold"]),
-                            _ci(r.get("gold_vs_sample")), _ci(r.get("win_rate_vs_sample")), r["length"],
-                            _ci(r["judge_nll"])] for r in ec["rows"]]))
+                            _ci(r.get("gold_vs_greedy")), _ci(r.get("gold_vs_sample")), r["length"],
+                            r["eos_share"], _ci(r["judge_nll"])] for r in ec["rows"]]))
+        main = next(b for b in se["by_beta"].values() if b["run"] == ec["run"])
+        greedy_tokens = next(r for r in main["rows"] if r["method"] == "greedy")["tokens_per_prompt"]
+        none_better = [f"{r['method']} ({r['tokens_per_prompt'] / greedy_tokens:.1f}x greedy's tokens: "
+                       f"{_ci(r['gold_vs_greedy'])})" for r in main["rows"] + ec["rows"]
+                       if "gold_vs_greedy" in r and r["gold_vs_greedy"][1] <= 0]
+        body.append("<p><b>Searches that find nothing better than greedy decoding</b> (the interval of gold - "
+                    "greedy's gold, paired by prompt, reaches 0 or below): "
+                    + (esc("; ".join(none_better)) if none_better else "none") + ".</p>")
         fig = fig_equal_compute(se)
         (out / "equal_compute.png").write_bytes(fig)
         body.append(img(fig, "gold reward against tokens processed per prompt"))
