@@ -53,17 +53,24 @@ def hf_beams(model, prompts, K, lp, es, max_new):
 def test_beam_matches_transformers_generate(arch):
     model = sharp_model(arch, seed=3)
     prompts = prompts_of(5, seed=1)
-    finished_early = 0
+    finished_early = dropped = 0
     for K, lp, es in [(1, 0.0, False), (2, 0.0, False), (4, 0.0, False), (4, 1.0, False), (3, 1.0, True),
                       (4, -0.5, "never"), (6, 0.0, "never"), (5, 2.0, "never")]:
         with torch.no_grad():
             hf = hf_beams(model, prompts, K, lp, es, max_new=10)
-        ours = beam_search(Lockstep([model]), prompts, PAD, [EOS], K, 10, lambda l: l[0], length_penalty=lp,
+        lock = Lockstep([model])
+        ours = beam_search(lock, prompts, PAD, [EOS], K, 10, lambda l: l[0], length_penalty=lp,
                            early_stopping=es, num_return=K)
         for b in range(len(prompts)):
             assert [t for t, _ in ours[b]] == hf[b], (K, lp, es, b)
             finished_early += sum(len(t) < 10 for t, _ in ours[b])
+        # every step after the prefill runs K rows per prompt still searching: fewer once a prompt is done
+        steps = lock.compute.forward_passes - 1
+        decoded = lock.compute.tokens_processed - sum(map(len, prompts))
+        dropped += decoded < steps * K * len(prompts)
     assert finished_early > 20  # EOS paths are exercised, not only max-length ones
+    if arch == "llama":  # (this GPT-2 keeps a beam of every prompt alive to the cap: nothing can leave early)
+        assert dropped >= 3  # prompts that finished left the batch while others went on
 
 
 def test_beam_scores_are_sum_of_logps():

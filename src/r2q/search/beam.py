@@ -68,6 +68,16 @@ def beam_search(
     is_finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
     batch_offset = torch.arange(B, device=dev)[:, None] * K
+    # a prompt whose search is over (nothing it has left can beat its finished hypotheses) leaves the batch: its
+    # results are stored here under its original index, and its rows cost nothing more
+    prompt_of = torch.arange(B, device=dev)
+    done = {"seq": finished.clone(), "scores": finished_scores.clone(), "len": finished_len.clone(),
+            "lp": finished_lp.clone()}
+
+    def store(rows: torch.Tensor) -> None:
+        at = prompt_of[rows]
+        for key, v in (("seq", finished), ("scores", finished_scores), ("len", finished_len), ("lp", finished_lp)):
+            done[key][at] = v[rows]
 
     for t in range(max_new_tokens):
         scores = score_fn(logps).float()
@@ -118,17 +128,28 @@ def beam_search(
         all_full = is_finished.all() and early_stopping is True
         if not can_improve.any() or all_full or bool(hits.all()) or t + 1 >= max_new_tokens:
             break
+        if not can_improve.all():  # drop the prompts that are done (only a monotone score ends one early)
+            over, stay = (~can_improve[:, 0]).nonzero().squeeze(1), can_improve[:, 0].nonzero().squeeze(1)
+            store(over)
+            beam_idx = beam_idx.view(B, K)[stay].reshape(-1)
+            running, running_scores, running_lp = running[stay], running_scores[stay], running_lp[stay]
+            finished, finished_scores, finished_len = finished[stay], finished_scores[stay], finished_len[stay]
+            finished_lp, is_finished, can_improve = finished_lp[stay], is_finished[stay], can_improve[stay]
+            prompt_of = prompt_of[stay]
+            B = len(stay)
+            batch_offset = torch.arange(B, device=dev)[:, None] * K
         lock.select(beam_idx)
         logps = lock.step(running[:, :, t].reshape(-1))
 
+    store(torch.arange(B, device=dev))
     out = []
-    for b in range(B):
+    for b in range(len(prompts)):
         hyps = []
         for k in range(num_return):
-            if finished_scores[b, k] <= NEG / 2:  # nothing finished for this slot
+            if done["scores"][b, k] <= NEG / 2:  # nothing finished for this slot
                 continue
-            n = int(finished_len[b, k])
-            hyp = (finished[b, k, :n].tolist(), float(finished_scores[b, k]))
-            hyps.append((*hyp, finished_lp[b, k].tolist()) if model_logps else hyp)
+            n = int(done["len"][b, k])
+            hyp = (done["seq"][b, k, :n].tolist(), float(done["scores"][b, k]))
+            hyps.append((*hyp, done["lp"][b, k].tolist()) if model_logps else hyp)
         out.append(hyps)
     return out
