@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -49,6 +50,20 @@ def prompts_of(s: dict, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     lo, hi = s["prompt_len"]
     return [[rng.randrange(2, s["vocab"]) for _ in range(rng.randint(lo, hi))] for _ in range(s["prompts"])]
+
+
+def demo_shape(d: str, n: int = 16):
+    """The demo's DPO (b) policy and its reference (an SFT-trained 1.6M Llama on IMDb reviews, whose outputs end
+    at EOS), on the first n held-out search prompts of an `r2q demo` directory."""
+    from r2q.models import load_model, load_tokenizer
+    from r2q.search import encode_prompts
+
+    root = Path(d)
+    cfg = json.loads((root / "dpo-b" / "model" / "r2q_config.json").read_text())
+    tok = load_tokenizer(root / "sft" / "model")
+    rows = [json.loads(x) for x in (root / "data" / "search_prompts.jsonl").read_text().splitlines()[:n]]
+    pol, ref = load_model(root / "dpo-b" / "model").eval(), load_model(cfg["model"]).eval()
+    return pol, ref, encode_prompts(tok, [r["prompt"] for r in rows]), tok.eos_token_id
 
 
 @torch.no_grad()
@@ -91,12 +106,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--widths", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--demo", default="", help="an r2q demo directory: adds its DPO policy and prompts as a shape")
     ap.add_argument("--out", default="search_vs_hf.json")
     a = ap.parse_args()
+    global PAD, EOS
     rows = []
-    for shape, s in SHAPES.items():
-        pol, ref = model_of(s, 0), model_of(s, 1)
-        prompts = prompts_of(s)
+    shapes = list(SHAPES.items()) + ([("demo policy (1.6M), outputs end at EOS", None)] if a.demo else [])
+    for shape, s in shapes:
+        if s is None:
+            pol, ref, prompts, PAD = demo_shape(a.demo)
+            EOS = PAD
+            pol.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+        else:
+            pol, ref = model_of(s, 0), model_of(s, 1)
+            prompts = prompts_of(s)
+            PAD, EOS = 0, 1
         params = sum(p.numel() for p in pol.parameters())
         for threads in a.threads:
             torch.set_num_threads(threads)
@@ -109,7 +133,8 @@ def main() -> None:
                 t_r2q, t_hf = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, m),
                                           partial(hf_generate, pol, prompts, K, a.new_tokens))
                 rows.append(dict(shape=shape, params=params, threads=threads, K=K, what="beam vs generate",
-                                 r2q_s=t_r2q, other_s=t_hf, speedup=t_hf / t_r2q, identical=True))
+                                 r2q_s=t_r2q, other_s=t_hf, speedup=t_hf / t_r2q, identical=True,
+                                 mean_output_tokens=sum(map(len, ours)) / len(ours)))
                 print(rows[-1], flush=True)
             K = 4
             t_rb, t_b = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, "reward-beam", ref),

@@ -163,3 +163,14 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of the model off: nn.Dropout modules and the attention dropout rates that attention layers
+    keep as numbers (as TRL's disable_dropout)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)

@@ -30,7 +30,15 @@ from .config import check_options, check_prompt_fits, flag, option
 from .data import load_preferences, load_sft
 from .errors import UserError, note
 from .losses import LOSS_TYPES, dpo_loss, sft_loss
-from .models import check_model_path, check_vocab, load_model, load_reference, load_tokenizer, pad_id
+from .models import (
+    check_model_path,
+    check_vocab,
+    disable_dropout,
+    load_model,
+    load_reference,
+    load_tokenizer,
+    pad_id,
+)
 from .paths import check_out_dir, write_atomic
 from .progress import progress_bar
 from .rewards import implicit_rewards, sequence_rewards
@@ -63,6 +71,12 @@ class TrainConfig:
     share_prefix: bool = option(True, "One row per pair: run the prompt once for chosen and rejected")
     precompute_ref: bool = option(False, "Run the reference once, cache per-token log-probs on disk, free it")
     cache_dir: str = option("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
+    gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass: "
+                                          "activation memory of one layer instead of all, for about a third more "
+                                          "compute")
+    keep_dropout: bool = option(False, "Keep the model's dropout on in DPO (off by default, as TRL's "
+                                "disable_dropout: with dropout the policy's log-probs are noisy and the reference's "
+                                "are not, which biases the implicit rewards)")
     dtype: str = option("fp32", "fp32, or bf16 autocast (weights stay fp32)",
                     choices=("fp32", "float32", "bf16", "bfloat16"))
     seed: int = option(0, "Seed for data order, initialisation of the run and dropout", ge=0)
@@ -235,6 +249,12 @@ class Trainer:
 
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False
+        if mode == "dpo" and not cfg.keep_dropout:
+            disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # DDP/FSDP wrap the scorer, so head-only scoring runs inside the wrapped forward
         self.model = TokenScorer(model).train()
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
@@ -573,7 +593,7 @@ def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
                         "start over with --overwrite, or choose another --out")
 
 
-DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref")
+DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dropout")
 
 
 def _validate(cfg: TrainConfig, mode: str) -> None:
