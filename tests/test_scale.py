@@ -77,3 +77,75 @@ def test_train_with_gradient_checkpointing_matches_plain(pairs, llama_dir, tmp_p
     for a, b in zip(plain.model.state_dict().values(), ckpt.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert ckpt.model.is_gradient_checkpointing
+
+
+def test_lora_reference_is_the_model_with_adapters_off(pairs, llama_dir, tmp_path):
+    """LoRA DPO with the adapters-disabled reference trains exactly as with an explicit frozen copy of the base, live
+    or precomputed; only the adapters train."""
+    from r2q.models import load_model
+
+    lora = dict(max_steps=3, lora_r=4, lora_alpha=8.0)
+    base = train(cfg(llama_dir, pairs, tmp_path / "off", **lora))
+    explicit = train(cfg(llama_dir, pairs, tmp_path / "copy", ref=str(llama_dir), **lora))
+    cached = train(cfg(llama_dir, pairs, tmp_path / "pre", precompute_ref=True, **lora))
+    for a, b, c in zip(base.metrics, explicit.metrics, cached.metrics):
+        for k in ("loss", "rewards/chosen", "rewards/rejected"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6) and a[k] == pytest.approx(c[k], abs=1e-6), k
+    assert base.metrics[-1]["rewards/margin"] != 0.0  # the adapters learned something
+    start = load_model(llama_dir).state_dict()
+    merged = base.model.merge_and_unload().state_dict()
+    assert any(not torch.equal(start[k], merged[k]) for k in start)
+    trainable = [n for n, p in explicit.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_dir, tmp_path, tokenizer):
+    from r2q.models import load_model
+    from r2q.tokens import completion_logps
+
+    res = train(cfg(llama_dir, pairs, tmp_path / "a", max_steps=2, lora_r=4, lr=1e-2, save_every=1))
+    out = tmp_path / "a"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()  # the adapter only, in PEFT's format
+    ex, _ = preference_examples_from_rows(pref_rows(6, 9), tokenizer)
+    b = examples_batch(ex, tokenizer.pad_token_id)
+    with torch.no_grad():
+        live = completion_logps(res.model.eval(), b)
+        loaded = completion_logps(load_model(out).eval(), b)  # base + adapter, merged on load
+        base = completion_logps(load_model(llama_dir).eval(), b)
+    torch.testing.assert_close(loaded, live, atol=1e-5, rtol=1e-5)
+    assert (loaded - base).abs().max() > 1e-3
+    # credit and generate take the adapter directory as --model; credit's reference is its base
+    from r2q.cli import run_credit
+    from r2q.credit import CreditConfig
+    from r2q.search import GenerateConfig, generate
+
+    rep = run_credit(CreditConfig(model=str(out), prompt="the film", response=" was good", quiet=True, show=0))
+    assert rep["meta"]["ref"] == str(llama_dir.resolve())
+    gens, _ = generate(load_model(out), tokenizer, ["the film"], GenerateConfig(method="greedy", max_new_tokens=4))
+    assert gens[0].num_tokens > 0
+    merged = train(cfg(llama_dir, pairs, tmp_path / "m", max_steps=2, lora_r=4, lr=1e-2, merge=True))
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "adapter" / "adapter_config.json"
+                                                                 ).is_file()
+    with torch.no_grad():
+        full = completion_logps(load_model(tmp_path / "m").eval(), b)
+        adapter = completion_logps(load_model(tmp_path / "m" / "adapter").eval(), b)
+    torch.testing.assert_close(full, adapter, atol=1e-5, rtol=1e-5)
+    # a run resumed from an adapter checkpoint ends with the uninterrupted run's adapter
+    kw = dict(lora_r=4, lr=1e-2, save_every=1, schedule="constant")
+    whole = train(cfg(llama_dir, pairs, tmp_path / "whole", max_steps=3, **kw))
+    train(cfg(llama_dir, pairs, tmp_path / "part", max_steps=1, **kw))
+    resumed = train(cfg(llama_dir, pairs, tmp_path / "part", max_steps=3, resume=True, **kw))
+    assert resumed.steps == 3
+    for (n, a), (_, c) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        if "lora_" in n:
+            torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_options_need_lora_r(pairs, llama_dir, tmp_path):
+    with pytest.raises(UserError, match="--lora-alpha is a LoRA option"):
+        train(cfg(llama_dir, pairs, tmp_path / "x", lora_alpha=4.0))
+    with pytest.raises(UserError, match="--lora-target-modules nope"):
+        train(cfg(llama_dir, pairs, tmp_path / "y", lora_r=2, lora_target_modules="nope", max_steps=1))
+    with pytest.raises(UserError, match="add --keep-dropout"):
+        train(cfg(llama_dir, pairs, tmp_path / "z", lora_r=2, lora_dropout=0.1))

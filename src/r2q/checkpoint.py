@@ -86,8 +86,8 @@ def verify(d: Path) -> str | None:
             return f"{name} has {p.stat().st_size} bytes, the manifest says {want['bytes']}"
         if _sha256(p) != want["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
-    if not any(n.startswith("model") and n.endswith(".safetensors") for n in files):
-        return "no model*.safetensors weights"
+    if not any(n.startswith(("model", "adapter_model")) and n.endswith(".safetensors") for n in files):
+        return "no model*.safetensors (or LoRA adapter_model.safetensors) weights"
     return None
 
 
@@ -131,6 +131,8 @@ def load_weights(model, d: Path) -> None:
     """Load model*.safetensors of d into model, strictly: every tensor the model has (tied copies aside) must be
     there with its shape, and nothing else. Checked before anything is copied; raises ValueError saying what
     is wrong."""
+    if hasattr(model, "get_base_model"):  # a PEFT model: its checkpoints hold the adapters only
+        return _load_adapter(model, Path(d))
     files = sorted(Path(d).glob("model*.safetensors"))
     if not files:
         raise ValueError("no model*.safetensors weights")
@@ -148,6 +150,24 @@ def load_weights(model, d: Path) -> None:
         if own[k].shape != v.shape:
             raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
     model.load_state_dict(sd, strict=False)
+
+
+def _load_adapter(model, d: Path) -> None:
+    """A PEFT model's adapter weights from d/adapter_model.safetensors, as strictly as `load_weights`."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    f = d / "adapter_model.safetensors"
+    if not f.is_file():
+        raise ValueError("no adapter_model.safetensors (a LoRA run's checkpoint)")
+    sd, own = load_file(str(f)), get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"the adapter does not fit the model: {len(missing)} tensors missing {missing[:2]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:2]}")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    set_peft_model_state_dict(model, sd)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:

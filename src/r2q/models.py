@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,6 +44,8 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     check_model_path(path)
+    if (Path(path) / "adapter_config.json").is_file():
+        return _load_adapter_model(Path(path), dtype, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
@@ -50,6 +53,29 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
         raise UserError(f"cannot load a model from {path}: {first_line(e)}") from e
     return model
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model a PEFT adapter directory was trained on (its adapter_config.json)."""
+    try:
+        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: adapter_config.json does not name its base model ({first_line(e)})") from e
+    if not base:
+        raise UserError(f"{path}: adapter_config.json does not name its base model")
+    return base
+
+
+def _load_adapter_model(path: Path, dtype: str, trust_remote_code: bool):
+    """A LoRA adapter directory as a plain causal LM: its base with the adapter merged in (for scoring and search,
+    where the merged weights run as fast as the base)."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(path), dtype, trust_remote_code)
+    try:
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load the adapter in {path}: {first_line(e)}") from e
 
 
 def vocab_size(model) -> int:

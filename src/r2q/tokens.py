@@ -204,6 +204,8 @@ def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     Runs the transformer body once over the rows, then the LM head and the log-softmax only on the
     N positions (src_index into the flattened rows) that predict a completion token (targets).
     """
+    if hasattr(model, "get_base_model"):  # PEFT: its adapters live inside the HF model it wraps
+        model = model.get_base_model()
     hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
     mask = attention_mask
     if mask.dim() == 4:

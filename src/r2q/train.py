@@ -28,7 +28,7 @@ from . import refcache
 from .checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint, verify
 from .config import check_options, check_prompt_fits, flag, option
 from .data import load_preferences, load_sft
-from .errors import UserError, note
+from .errors import UserError, first_line, note
 from .losses import LOSS_TYPES, dpo_loss, sft_loss
 from .models import (
     check_model_path,
@@ -71,6 +71,14 @@ class TrainConfig:
     share_prefix: bool = option(True, "One row per pair: run the prompt once for chosen and rejected")
     precompute_ref: bool = option(False, "Run the reference once, cache per-token log-probs on disk, free it")
     cache_dir: str = option("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
+    lora_r: int = option(0, "LoRA rank (0: train every weight). With LoRA and --ref init the reference is the same "
+                         "model with its adapters off, not a second copy", ge=0)
+    lora_alpha: float = option(16.0, "LoRA alpha: the adapter's update is scaled by alpha / r", gt=0)
+    lora_dropout: float = option(0.0, "Dropout on the adapters' input (DPO: needs --keep-dropout)", ge=0, le=0.9)
+    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but "
+                                      "the output head) or comma-separated names, e.g. q_proj,v_proj")
+    merge: bool = option(False, "With LoRA: write the merged full weights to --out, the adapter to --out/adapter "
+                         "(without: --out holds the adapter, in PEFT's format)")
     gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass: "
                                           "activation memory of one layer instead of all, for about a third more "
                                           "compute")
@@ -235,7 +243,11 @@ class Trainer:
         self.ref = None
         self.ref_logps: dict[str, list[torch.Tensor]] = {}
         self.ref_cache_hits = 0
-        if mode == "dpo" and cfg.ref != "none":
+        self.ref_is_base = bool(cfg.lora_r) and mode == "dpo" and cfg.ref == "init" and ref_model is None
+        if self.ref_is_base:  # the reference is the model with its adapters off: no copy
+            if cfg.precompute_ref:
+                self._precompute(model)  # the base weights, before any adapter exists
+        elif mode == "dpo" and cfg.ref != "none":
             if cfg.ref == "init":
                 ref_model = ref_model or copy.deepcopy(model)
             elif ref_model is None:
@@ -249,6 +261,8 @@ class Trainer:
 
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False
+        if cfg.lora_r:
+            model = with_lora(model, cfg)
         if mode == "dpo" and not cfg.keep_dropout:
             disable_dropout(model)
         if cfg.gradient_checkpointing:
@@ -346,6 +360,10 @@ class Trainer:
         elif self.ref is not None:
             with torch.no_grad():
                 ref = completion_logps(self.ref, b)
+        elif self.ref_is_base and split not in self.ref_logps:
+            lm = self.lm()
+            with torch.no_grad(), lm.disable_adapter():
+                ref = completion_logps(lm, b)
         else:
             cached = self.ref_logps[split]
             rows = [cached[2 * i] for i in idx] + [cached[2 * i + 1] for i in idx]
@@ -551,6 +569,11 @@ class Trainer:
             self._log({"step": self.step, "split": "eval", **self.evaluate()})
         final = self.lm()
         if self.acc.is_main_process:
+            if cfg.lora_r:
+                final.peft_config["default"].base_model_name_or_path = self._recorded()["model"]
+            if cfg.lora_r and cfg.merge:
+                final.save_pretrained(self.out / "adapter", safe_serialization=True)
+                final = final.merge_and_unload()
             final.save_pretrained(self.out, safe_serialization=True)
             self.tokenizer.save_pretrained(self.out)
         self.acc.wait_for_everyone()
@@ -605,10 +628,29 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
     check_prompt_fits(cfg.max_length, cfg.max_prompt_length)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
+    lora_set = [n for n in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge")
+                if getattr(cfg, n) != getattr(TrainConfig, n)]
+    if lora_set and not cfg.lora_r:
+        raise UserError(f"{flag(lora_set[0])} is a LoRA option; give --lora-r too")
+    if cfg.lora_dropout and mode == "dpo" and not cfg.keep_dropout:
+        raise UserError("--lora-dropout would be turned off with the rest of the dropout in DPO; add --keep-dropout")
     if mode == "sft":
         for name in DPO_ONLY:
             if getattr(cfg, name) != getattr(TrainConfig, name):
                 raise UserError(f"{flag(name)} is a DPO option (r2q train); r2q sft does not use it")
+
+
+def with_lora(model, cfg: TrainConfig):
+    """The model with LoRA adapters (PEFT) on cfg.lora_target_modules; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    target: str | list[str] = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    try:
+        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                target_modules=target, task_type="CAUSAL_LM"))
+    except ValueError as e:  # e.g. a target module the model does not have
+        raise UserError(f"--lora-target-modules {targets}: {first_line(e)}") from e
 
 
 def _fast_adamw() -> dict[str, bool]:
