@@ -130,7 +130,9 @@ def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_
     with torch.no_grad():
         full = completion_logps(load_model(tmp_path / "m").eval(), b)
         adapter = completion_logps(load_model(tmp_path / "m" / "adapter").eval(), b)
+        returned = completion_logps(merged.model.eval(), b)
     torch.testing.assert_close(full, adapter, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, returned, atol=1e-5, rtol=1e-5)
     # a run resumed from an adapter checkpoint ends with the uninterrupted run's adapter
     kw = dict(lora_r=4, lr=1e-2, save_every=1, schedule="constant")
     whole = train(cfg(llama_dir, pairs, tmp_path / "whole", max_steps=3, **kw))
