@@ -36,13 +36,13 @@ from .data import (
     preference_examples_from_rows,
     sft_examples_from_rows,
 )
-from .errors import UserError
+from .errors import UserError, note
 from .losses import dpo_loss
 from .models import pad_id
 from .paths import write_atomic
 from .progress import progress_bar
 from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
-from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, pad_rows, token_pieces
+from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, pad_rows, shared_layout, token_pieces
 
 
 @dataclass
@@ -227,6 +227,7 @@ def score_examples(
             raise ValueError(f"{len(ref_logps)} reference rows for {len(seqs)} completions")
     pad = pad_id(tokenizer)
     per = 2 if pairs else 1
+    share_prefix = shared_layout(share_prefix, policy, ref, say=note)
     pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
     turns = [turn_steps(pieces[s], (examples[s // per].turns or [None] * per)[s % per]) for s in range(len(seqs))]
     out: list[CompletionCredit] = [None] * len(seqs)  # type: ignore[list-item]  # filled batch by batch

@@ -154,10 +154,18 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, eos: str = 
     return fast
 
 
+# the architectures tested (tests/test_architectures.py): HF model_type -> config fields beyond the shared ones
+ARCHITECTURES = {
+    "llama": {}, "gpt2": {}, "gpt_neox": {}, "mistral": {"sliding_window": 64}, "qwen2": {}, "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 64}, "gemma3_text": {"head_dim": 16, "sliding_window": 64},
+    "phi3": {}, "opt": {},
+}
+
+
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                 max_positions: int = 512):
-    """Config of a small Llama-style or GPT-2-style causal LM."""
-    from transformers import GPT2Config, LlamaConfig
+    """Config of a small causal LM of one of ARCHITECTURES (random weights come from `tiny_model`)."""
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
 
     if arch == "llama":
         return LlamaConfig(
@@ -170,7 +178,14 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
             vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-    raise UserError(f"unknown architecture {arch!r}; use llama or gpt2")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}")
+    ids = dict(vocab_size=vocab_size, max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=0,
+               pad_token_id=0, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden)
+    if arch == "opt":
+        return AutoConfig.for_model("opt", ffn_dim=hidden * 2, word_embed_proj_dim=hidden, **ids)
+    kv = {} if arch == "gpt_neox" else {"num_key_value_heads": max(1, heads // 2)}
+    return AutoConfig.for_model(arch, intermediate_size=hidden * 2, **kv, **ids, **ARCHITECTURES[arch])
 
 
 def tiny_model(arch: str, vocab_size: int, seed: int = 0, **kw):

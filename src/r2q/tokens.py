@@ -197,6 +197,26 @@ def _wrapped(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def can_share_prefix(*models) -> bool:
+    """Whether every model's attention takes the 4D (per-row, per-query) mask that prefix-shared rows need:
+    flash-attention kernels take only padding masks."""
+    for m in models:
+        if m is not None and "flash" in (getattr(getattr(m, "config", None), "_attn_implementation", None) or ""):
+            return False
+    return True
+
+
+def shared_layout(share_prefix: bool, *models, say=None) -> bool:
+    """share_prefix if the models can take it; else False, said once through `say` (one line)."""
+    if share_prefix and not can_share_prefix(*models):
+        if say is not None:
+            impls = {m.config._attn_implementation for m in models if m is not None}
+            say(f"prefix sharing needs a 4D attention mask, which {', '.join(sorted(impls))} cannot take: "
+                "pairs run in the plain layout (one row per completion)")
+        return False
+    return share_prefix
+
+
 def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor, src_index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log pi(a_t | s_t) for every scored token of a batch (a TokenBatch's fields): (N,) float32.

@@ -42,7 +42,7 @@ from .models import (
 from .paths import check_out_dir, write_atomic
 from .progress import progress_bar
 from .rewards import implicit_rewards, sequence_rewards
-from .tokens import TokenBatch, TokenScorer, completion_logps, examples_batch, pad_rows
+from .tokens import TokenBatch, TokenScorer, completion_logps, examples_batch, pad_rows, shared_layout
 
 
 @dataclass
@@ -261,6 +261,7 @@ class Trainer:
 
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False
+        self.share_prefix = shared_layout(cfg.share_prefix, model, self.ref, say=self._note)
         if cfg.lora_r:
             model = with_lora(model, cfg)
         if mode == "dpo" and not cfg.keep_dropout:
@@ -334,7 +335,8 @@ class Trainer:
                 continue
             if self.acc.is_main_process:
                 ref_model.to(self.acc.device)
-                logps = score_reference(ref_model, examples, self.pad_id, self.cfg.share_prefix,
+                logps = score_reference(ref_model, examples, self.pad_id,
+                                        shared_layout(self.cfg.share_prefix, ref_model),
                                         max(self.cfg.batch_size, 8), progress=not self.cfg.quiet,
                                         what=f"reference log-probs ({split})")
                 refcache.save(path, logps)
@@ -352,7 +354,7 @@ class Trainer:
             nll = sft_loss(self._logps(b), mask, reduction="sum")  # divided by the global token count
             n_tok = mask.sum()
             return nll, {"nll": nll.detach()[None], "tokens": n_tok.float()[None]}, b.num_tokens, n_tok
-        b = examples_batch(examples, self.pad_id, self.cfg.share_prefix).to(self.acc.device)
+        b = examples_batch(examples, self.pad_id, self.share_prefix).to(self.acc.device)
         pol = self._logps(b)
         mask = b.completion_mask()
         if self.cfg.ref == "none":

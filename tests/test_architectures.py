@@ -1,0 +1,78 @@
+"""The architectures people train, as tiny random configs: for each, prefix-shared log-probs equal the plain layout's,
+two DPO steps run, credit runs, and beam search matches transformers' generate token for token."""
+
+import pytest
+import torch
+from test_search import EOS, PAD, hf_beams
+from test_train import cfg, pref_rows, write_jsonl
+from transformers import GenerationConfig
+
+from r2q.credit import score_pairs
+from r2q.data import preference_examples_from_rows
+from r2q.models import ARCHITECTURES, tiny_model
+from r2q.search.beam import beam_search
+from r2q.search.lm import Lockstep
+from r2q.tokens import completion_logps, examples_batch, shared_layout
+from r2q.train import train
+
+ARCHS = list(ARCHITECTURES)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("arch") / "pairs.jsonl", pref_rows(16, 7))
+
+
+def model_of(arch, tokenizer, seed=0):
+    return tiny_model(arch, len(tokenizer), seed=seed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architecture(arch, tokenizer, pairs, tmp_path):
+    model = model_of(arch, tokenizer)
+    ex, _ = preference_examples_from_rows(pref_rows(6, 8), tokenizer)
+    with torch.no_grad():
+        shared = completion_logps(model, examples_batch(ex, tokenizer.pad_token_id, share_prefix=True))
+        plain = completion_logps(model, examples_batch(ex, tokenizer.pad_token_id, share_prefix=False))
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+    res = train(cfg("", pairs, tmp_path / "run", max_steps=2, batch_size=4), model=model_of(arch, tokenizer),
+                tokenizer=tokenizer)
+    assert res.steps == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
+
+    rep = score_pairs(res.model.eval(), model_of(arch, tokenizer), tokenizer, pref_rows(3, 9), 0.1, use_cache=False)
+    assert len(rep.pairs) == 3 and all(torch.isfinite(torch.tensor(p.chosen.rewards)).all() for p in rep.pairs)
+
+    m = model_of(arch, tokenizer, seed=1).eval()
+    with torch.no_grad():  # peaky, so that beams rarely tie
+        m.get_output_embeddings().weight.mul_(20.0)
+    m.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    prompts = [tokenizer(t).input_ids for t in ("the film was", "a", "12+30= and")]
+    with torch.no_grad():
+        hf = hf_beams(m, prompts, 3, 0.0, False, max_new=8)
+        ours = beam_search(Lockstep([m]), prompts, PAD, [EOS], 3, 8, lambda l: l[0], num_return=3)
+    assert [[t for t, _ in o] for o in ours] == hf
+
+
+def test_a_model_that_cannot_take_the_shared_mask_falls_back_to_the_plain_layout(tokenizer, pairs, tmp_path, capsys):
+    """Flash attention takes padding masks only: r2q says so in one line and runs pairs unshared, with the same
+    losses as --no-share-prefix."""
+    flash = model_of("llama", tokenizer)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert shared_layout(True, flash) is False and shared_layout(True, model_of("llama", tokenizer)) is True
+    said = []
+    assert shared_layout(True, flash, say=said.append) is False and len(said) == 1
+    assert "flash_attention_2" in said[0] and "\n" not in said[0]
+    import r2q.train as t
+
+    real = t.shared_layout
+    t.shared_layout = lambda share, *ms, say=None: real(share, flash, say=say)  # the trainer sees a flash model
+    try:
+        fell = train(cfg("", pairs, tmp_path / "fell", max_steps=2, batch_size=4), model=model_of("llama", tokenizer),
+                     tokenizer=tokenizer)
+    finally:
+        t.shared_layout = real
+    assert "pairs run in the plain layout" in capsys.readouterr().err
+    plain = train(cfg("", pairs, tmp_path / "plain", max_steps=2, batch_size=4, share_prefix=False),
+                  model=model_of("llama", tokenizer), tokenizer=tokenizer)
+    assert [m["loss"] for m in fell.metrics] == pytest.approx([m["loss"] for m in plain.metrics], abs=1e-6)
