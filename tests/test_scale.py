@@ -151,3 +151,50 @@ def test_lora_options_need_lora_r(pairs, llama_dir, tmp_path):
         train(cfg(llama_dir, pairs, tmp_path / "y", lora_r=2, lora_target_modules="nope", max_steps=1))
     with pytest.raises(UserError, match="add --keep-dropout"):
         train(cfg(llama_dir, pairs, tmp_path / "z", lora_r=2, lora_dropout=0.1))
+
+
+def hub_repo(root, splits):
+    """A data set repository laid out as on the hub: a README whose YAML names two configurations, and parquet
+    shards under data/ (TRL's implicit-prompt conversational preference format, as trl-lib/* data sets use)."""
+    import datasets
+
+    for config, rows_by_split in splits.items():
+        for split, rows in rows_by_split.items():
+            d = root / config
+            d.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_list(rows).to_parquet(str(d / f"{split}-00000-of-00001.parquet"))
+    yaml = "---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n" + "".join(f"  - split: {s}\n    path: {c}/{s}-*.parquet\n" for s in ss)
+        for c, ss in splits.items()) + "---\n# a test data set\n"
+    (root / "README.md").write_text(yaml)
+    return root
+
+
+def conversational(rows):
+    return [{"chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
+            for r in rows]
+
+
+def test_hub_data_sets_by_name_and_layout(llama_dir, tmp_path, monkeypatch, tokenizer):
+    """--data takes a data set repository laid out as on the hub (offline), with --split/--eval-split and
+    --subset; an ORG/NAME that is neither a local path nor reachable is one line."""
+    from r2q.data import load_preferences
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = hub_repo(tmp_path / "trl-lib" / "prefs", {
+        "default": {"train": conversational(pref_rows(24, 1)), "test": conversational(pref_rows(8, 2))},
+        "small": {"train": conversational(pref_rows(6, 3))}})
+    ex, rep = load_preferences(repo, tokenizer)
+    assert len(ex) == 24 and rep.formats == {"implicit-prompt": 24}
+    assert len(load_preferences(repo, tokenizer, split="test")[0]) == 8
+    assert len(load_preferences(repo, tokenizer, subset="small")[0]) == 6
+    monkeypatch.chdir(tmp_path)  # ORG/NAME resolving to a local repository directory
+    res = train(cfg(llama_dir, "trl-lib/prefs", tmp_path / "run", max_steps=2, batch_size=4,
+                    eval_data="trl-lib/prefs"))
+    assert res.steps == 2 and res.metrics[-1]["split"] == "eval"
+    with pytest.raises(UserError, match="no-such-org/no-such-set: cannot load this data set"):
+        load_preferences("no-such-org/no-such-set", tokenizer)
+    with pytest.raises(UserError, match="validation"):
+        load_preferences(repo, tokenizer, split="validation")

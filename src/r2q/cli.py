@@ -233,7 +233,8 @@ def run_credit(cfg, console: Console | None = None) -> dict:
               cache_dir=cfg.cache_dir or None, progress=not cfg.quiet, top_k=cfg.top_k,
               min_count=cfg.min_count or None, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     if cfg.data:
-        report = credit_from_file(policy, ref_model, tokenizer, cfg.data, beta, skip_bad=cfg.skip_bad, **kw)
+        report = credit_from_file(policy, ref_model, tokenizer, cfg.data, beta, skip_bad=cfg.skip_bad,
+                                  split=cfg.split, subset=cfg.subset, **kw)
         for line in report.data.notes():
             note(line)
     else:

@@ -52,7 +52,10 @@ class CreditConfig:
     model: str = option("", "Policy (DPO) model directory")
     ref: str = option("", "Reference model; default: the one r2q train recorded; 'none' = reference-free")
     beta: float = option(0.0, "beta of the rewards", ge=0, shown="the one r2q train recorded, else 0.1")
-    data: str = option("", "Pairs (prompt/chosen/rejected) or completions to score")
+    data: str = option("", "Pairs (prompt/chosen/rejected) or completions to score: a file, a data set directory or a "
+                           "hub data set ORG/NAME")
+    split: str = option("train", "Split of --data when it is a data set")
+    subset: str = option("", "Configuration of a hub data set")
     prompt: str = option("", "A prompt (with --response), instead of --data")
     response: str = option("", "The response to --prompt")
     html: str = option("", "Write a self-contained HTML heatmap here")
@@ -401,10 +404,11 @@ def score_texts(policy, ref, tokenizer, prompts: Sequence[str], completions: Seq
 
 
 def credit_from_file(policy, ref, tokenizer, path: str | Path, beta: float, *, max_length: int = 1024,
-                     max_prompt_length: int = 512, skip_bad: bool = False, **kw) -> CreditReport:
+                     max_prompt_length: int = 512, skip_bad: bool = False, split: str = "train", subset: str = "",
+                     **kw) -> CreditReport:
     """Credit for a data file: preference pairs if its first row has 'chosen' and 'rejected', else
     completions (prompt/completion, text or messages rows). kw: as `score_examples`."""
-    source, unit, items = _read(path)  # rows that fail to parse stay in, for skip_bad to count
+    source, unit, items = _read(path, split, subset)  # rows that fail to parse stay in, for skip_bad to count
     first = next((r for _, r in items if isinstance(r, Mapping)), {})
     pairs = "chosen" in first and "rejected" in first
     load: Callable = preference_examples_from_rows if pairs else sft_examples_from_rows

@@ -45,7 +45,8 @@ from .progress import progress_bar
 MAX_SKIPPED_MESSAGES = 20
 EOS_FLAGS = ("chosen_eos", "rejected_eos", "completion_eos", "text_eos", "messages_eos")
 _CSV_BOOLS = {"true": True, "1": True, "false": False, "0": False}
-FORMATS_HELP = ".jsonl, .json, .parquet, .csv or a directory saved with datasets' save_to_disk"
+FORMATS_HELP = (".jsonl, .json, .parquet, .csv, a directory saved with datasets' save_to_disk, a data set repository "
+                "directory, or a hub data set ORG/NAME")
 
 
 Turns = list[tuple[str, int]]  # the messages of a conversational completion: (role, where it ends in the text)
@@ -113,23 +114,37 @@ class _RowError(Exception):
 
 # ---- reading
 
-def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+def read_rows(path: str | os.PathLike, split: str = "train", subset: str = "") -> list[tuple[int, dict]]:
     """The rows of a data file as ``(number, row)``: 1-based line (JSONL, CSV) or row (others) numbers."""
-    source, unit, items = _read(path)
+    source, unit, items = _read(path, split, subset)
     for n, item in items:
         if isinstance(item, _RowError):
             raise UserError(f"{source} {unit} {n}: {item}")
     return items  # type: ignore[return-value]
 
 
-def _read(path: str | os.PathLike) -> tuple[str, str, list[tuple[int, dict | _RowError]]]:
-    """(source name, "line" or "row", rows); a row that cannot be parsed is carried as its _RowError."""
+def _looks_like_hub_id(name: str) -> bool:
+    """ORG/NAME as the hub names data sets (not a path: no leading ./ or /, no data file extension, one slash)."""
+    parts = name.split("/")
+    data_file = Path(name).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not data_file
+
+
+def _read(path: str | os.PathLike, split: str = "train", subset: str = ""
+          ) -> tuple[str, str, list[tuple[int, dict | _RowError]]]:
+    """(source name, "line" or "row", rows); a row that cannot be parsed is carried as its _RowError.
+    Directories: a data set saved with save_to_disk, or a data set repository laid out as on the hub (read with
+    datasets.load_dataset); a name ORG/NAME that is no local path is a hub data set. `split` and `subset` (the
+    configuration) choose within those."""
     p = Path(path)
     source = str(path)
     if not p.exists():
-        raise UserError(f"{source}: no such file or directory")
-    if p.is_dir():
-        unit, items = "row", _read_dataset_dir(p, source)
+        if _looks_like_hub_id(source):
+            unit, items = "row", _read_hub(source, source, split, subset)
+        else:
+            raise UserError(f"{source}: no such file or directory")
+    elif p.is_dir():
+        unit, items = "row", _read_dataset_dir(p, source, split, subset)
     else:
         ext = p.suffix.lower()
         readers = {".jsonl": ("line", _read_jsonl), ".json": ("row", _read_json), ".csv": ("line", _read_csv),
@@ -284,10 +299,15 @@ def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     return list(enumerate(rows, start=1))
 
 
-def _read_dataset_dir(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
+def _read_dataset_dir(p: Path, source: str, split: str = "train", subset: str = ""
+                      ) -> list[tuple[int, dict | _RowError]]:
     import datasets
     import pyarrow as pa
 
+    if not any((p / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
+        return _read_hub(str(p), source, split, subset)  # a repository of data files, as on the hub
+    if subset:
+        raise UserError(f"{source}: a data set saved with save_to_disk has no configurations (--subset {subset})")
     try:
         ds = datasets.load_from_disk(str(p))
     # OSError: not a dataset, or a data file missing or damaged; the rest: damaged state.json or
@@ -296,15 +316,38 @@ def _read_dataset_dir(p: Path, source: str) -> list[tuple[int, dict | _RowError]
         raise UserError(f"{source}: a directory, but not a dataset saved with datasets' save_to_disk "
                         f"({type(e).__name__}: {first_line(e)})") from e
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise UserError(f"{source}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
-        ds = ds["train"]
+        if split not in ds:
+            raise UserError(f"{source}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split")
+        ds = ds[split]
+    return _dataset_rows(ds, source)
+
+
+def _dataset_rows(ds, source: str) -> list[tuple[int, dict | _RowError]]:
+    import pyarrow as pa
+
     try:
         ds.data.validate(full=True)  # damaged arrow data can crash the process when read unchecked
         rows = ds.to_list()
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{source}: a damaged dataset: {first_line(e)}") from e
     return list(enumerate(rows, start=1))
+
+
+def _read_hub(name: str, source: str, split: str, subset: str) -> list[tuple[int, dict | _RowError]]:
+    """A data set by hub id, or a local directory laid out as a hub repository, through datasets.load_dataset.
+    Data sets that ship a loading script are refused (that would run their code)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, subset or None, split=split)
+    except ValueError as e:  # a split or configuration the data set does not have
+        raise UserError(f"{source}: {first_line(e)}") from e
+    except (OSError, ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(f"{source}: cannot load this data set ({first_line(e)}); no local path of that name "
+                        "exists, and a hub data set needs a network connection or the local cache") from e
+    except Exception as e:  # datasets raises many kinds; none of them should become a traceback
+        raise UserError(f"{source}: cannot load this data set: {type(e).__name__}: {first_line(e)}") from e
+    return _dataset_rows(ds, source)
 
 
 # ---- validating fields
@@ -656,23 +699,28 @@ def sft_examples_from_rows(
 
 def load_preferences(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
-    skip_bad: bool = False, progress: bool = False,
+    skip_bad: bool = False, progress: bool = False, split: str = "train", subset: str = "",
 ) -> tuple[list[PreferenceExample], DataReport]:
-    """Preference pairs from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
-    return _load(preference_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress)
+    """Preference pairs from a data file (or data set: `split`, `subset`), tokenised and truncated; a bad row is a
+    UserError or skipped."""
+    return _load(preference_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress,
+                 split, subset)
 
 
 def load_sft(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
-    skip_bad: bool = False, progress: bool = False,
+    skip_bad: bool = False, progress: bool = False, split: str = "train", subset: str = "",
 ) -> tuple[list[SFTExample], DataReport]:
-    """SFT examples from a data file, tokenised and truncated; a bad row is a UserError or skipped."""
-    return _load(sft_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress)
+    """SFT examples from a data file (or data set: `split`, `subset`), tokenised and truncated; a bad row is a
+    UserError or skipped."""
+    return _load(sft_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress, split,
+                 subset)
 
 
-def _load(from_rows, path, tokenizer, max_length: int, max_prompt_length: int, skip_bad: bool, progress: bool):
+def _load(from_rows, path, tokenizer, max_length: int, max_prompt_length: int, skip_bad: bool, progress: bool,
+          split: str = "train", subset: str = ""):
     _check_lengths(max_length, max_prompt_length)  # before reading: a bad option fails without touching the file
-    source, unit, items = _read(path)
+    source, unit, items = _read(path, split, subset)
     return from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit,
                      progress=progress)
 

@@ -50,7 +50,10 @@ class TrainConfig:
     """Options of `r2q train` (DPO) and `r2q sft`; the CLI is generated from these fields."""
 
     model: str = option("", "Policy to start from: a local HF model directory (or hub id when online)")
-    data: str = option("", "Training data: .jsonl, .json, .parquet, .csv or a saved dataset directory")
+    data: str = option("", "Training data: .jsonl, .json, .parquet, .csv, a data set directory, or a hub data set "
+                           "ORG/NAME (with --split, --subset)")
+    split: str = option("train", "Split of --data when it is a data set (directory or hub)")
+    subset: str = option("", "Configuration of a hub data set (datasets' name=), for --data and --eval-data")
     out: str = option("", "Output directory: final model, checkpoints/, metrics.jsonl")
     ref: str = option("init", "Reference policy: a model path, 'init' (frozen copy of the start) or 'none'")
     beta: float = option(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref", gt=0)
@@ -88,7 +91,8 @@ class TrainConfig:
     dtype: str = option("fp32", "fp32, or bf16 autocast (weights stay fp32)",
                     choices=("fp32", "float32", "bf16", "bfloat16"))
     seed: int = option(0, "Seed for data order, initialisation of the run and dropout", ge=0)
-    eval_data: str = option("", "Held-out data file (default: a split of --data, see --eval-fraction)")
+    eval_data: str = option("", "Held-out data, in any --data form (default: a split of --data, see --eval-fraction)")
+    eval_split: str = option("test", "Split of --eval-data when it is a data set (directory or hub)")
     eval_fraction: float = option(0.0, "Fraction of --data held out for evaluation when --eval-data is unset",
                               ge=0, le=0.99)
     eval_every: int = option(0, "Evaluate every N steps (0 = only at the end)", ge=0)
@@ -305,11 +309,12 @@ class Trainer:
                   progress=not cfg.quiet and self.acc.is_main_process)
         report = None
         if train_examples is None:
-            train_examples, report = load(cfg.data, self.tokenizer, **kw)
+            train_examples, report = load(cfg.data, self.tokenizer, **kw, split=cfg.split, subset=cfg.subset)
             for line in report.notes():
                 self._note(line)
         if eval_examples is None and cfg.eval_data:
-            eval_examples, eval_report = load(cfg.eval_data, self.tokenizer, **kw)
+            eval_examples, eval_report = load(cfg.eval_data, self.tokenizer, **kw, split=cfg.eval_split,
+                                              subset=cfg.subset)
             for line in eval_report.notes():
                 self._note(line)
         elif eval_examples is None and cfg.eval_fraction > 0:
@@ -477,7 +482,7 @@ class Trainer:
         """The config as r2q_config.json and checkpoints record it: local paths made absolute, so that `credit`
         and `--resume` find the same files from any directory."""
         d = dict(asdict(self.cfg), mode=self.mode)
-        for k in ("model", "data", "ref", "eval_data", "cache_dir", "out"):
+        for k in ("model", "data", "ref", "eval_data", "cache_dir", "out"):  # (a hub id is not a path: kept)
             if d[k] and Path(d[k]).exists():
                 d[k] = str(Path(d[k]).resolve())
         return d
@@ -585,7 +590,7 @@ class Trainer:
 
 # options that may differ between a run and its resumption: they change neither the updates nor the data
 FREE_ON_RESUME = {"resume", "overwrite", "quiet", "eval_every", "eval_on_start", "save_every", "keep_last",
-                  "log_every", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data", "out"}
+                  "log_every", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data", "eval_split", "out"}
 
 
 def _truncate_metrics(path: Path, step: int, is_main: bool, note=note) -> None:
