@@ -198,3 +198,12 @@ def test_hub_data_sets_by_name_and_layout(llama_dir, tmp_path, monkeypatch, toke
         load_preferences("no-such-org/no-such-set", tokenizer)
     with pytest.raises(UserError, match="validation"):
         load_preferences(repo, tokenizer, split="validation")
+
+
+def test_bf16_weights_train_in_bf16(pairs, llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    res = train(cfg(llama_dir, pairs, tmp_path / "bf16", max_steps=2, dtype="bf16-weights"))
+    assert all(p.dtype == torch.bfloat16 for p in res.model.parameters())
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}
