@@ -76,3 +76,16 @@ def test_a_model_that_cannot_take_the_shared_mask_falls_back_to_the_plain_layout
     plain = train(cfg("", pairs, tmp_path / "plain", max_steps=2, batch_size=4, share_prefix=False),
                   model=model_of("llama", tokenizer), tokenizer=tokenizer)
     assert [m["loss"] for m in fell.metrics] == pytest.approx([m["loss"] for m in plain.metrics], abs=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "flex_attention"])
+def test_shared_mask_for_each_attention_implementation(impl, tokenizer):
+    """The prefix-shared mask goes to eager attention additive, to sdpa as booleans and to FlexAttention as a
+    BlockMask; each gives the plain layout's log-probs (fp32, 1e-5)."""
+    model = model_of("llama", tokenizer)
+    model.set_attn_implementation(impl)
+    ex, _ = preference_examples_from_rows(pref_rows(6, 8), tokenizer)
+    with torch.no_grad():
+        shared = completion_logps(model, examples_batch(ex, tokenizer.pad_token_id, share_prefix=True))
+        plain = completion_logps(model, examples_batch(ex, tokenizer.pad_token_id, share_prefix=False))
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)

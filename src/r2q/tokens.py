@@ -217,6 +217,28 @@ def shared_layout(share_prefix: bool, *models, say=None) -> bool:
     return share_prefix
 
 
+def shared_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype):
+    """The (R, 1, T, T) bool mask of prefix-shared rows in the form the attention implementation takes: as it is
+    for sdpa (True = attend), a BlockMask for flex_attention (whose kernels skip the blocks with nothing to
+    attend), and additive (0 or the dtype's minimum) for eager attention, which adds the mask to its scores."""
+    if "flash" in impl:
+        raise ValueError(f"prefix-shared rows need a 4D attention mask, which {impl} cannot take; "
+                         "use share_prefix=False (--no-share-prefix)")
+    if impl == "sdpa":
+        return allowed
+    if "flex" in impl:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        dense = allowed[:, 0]
+
+        def mask_mod(b, h, q, k):
+            return dense[b, q, k]
+
+        R, T, _ = dense.shape
+        return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=dense.device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor, src_index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log pi(a_t | s_t) for every scored token of a batch (a TokenBatch's fields): (N,) float32.
@@ -229,13 +251,7 @@ def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
     mask = attention_mask
     if mask.dim() == 4:
-        impl = getattr(hf.config, "_attn_implementation", None) or ""
-        if "flash" in impl:
-            raise ValueError(f"prefix-shared rows need a 4D attention mask, which {impl} cannot take; "
-                             "use share_prefix=False (--no-share-prefix)")
-        # additive form: sdpa accepts it and eager attention adds it to the scores (a bool mask would add 0/1)
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = shared_mask(mask, getattr(hf.config, "_attn_implementation", None) or "", next(model.parameters()).dtype)
     kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     if not _wrapped(model) and _head_only(model):
         hidden = model.base_model(**kw, use_cache=False).last_hidden_state
