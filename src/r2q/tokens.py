@@ -111,50 +111,82 @@ def build_pair_batch(
     rejected: Sequence[Sequence[int]],
     pad_id: int,
     share_prefix: bool = False,
+    pack_to: int = 0,
 ) -> TokenBatch:
     """Score B preference pairs: completions 0..B-1 are the chosen ones, B..2B-1 the rejected ones.
 
     share_prefix=False: 2B plain rows (prompt + chosen, then prompt + rejected).
-    share_prefix=True: B rows [prompt, chosen, rejected]; the rejected tokens attend to the prompt and to
-    themselves but not to the chosen ones, and their positions restart right after the prompt, so every
+    share_prefix=True: each pair is one block [prompt, chosen, rejected]; the rejected tokens attend to the prompt
+    and to themselves but not to the chosen ones, and their positions restart right after the prompt, so every
     scored token sees exactly the context it has in the plain layout while the prompt is run once.
+    pack_to > 0 (with share_prefix): blocks are packed into rows of up to max(pack_to, the longest block) tokens,
+    first fit by decreasing length; a token attends within its own block only, and positions restart per block,
+    so pairs of very different lengths need little padding.
     """
     B = len(prompts)
     if not (len(chosen) == len(rejected) == B):
         raise ValueError("prompts, chosen and rejected differ in number")
     if not share_prefix:
         return build_batch(list(prompts) * 2, list(chosen) + list(rejected), pad_id)
-    T = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(B, T, dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, 1 chosen, 2 rejected
+    sizes = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    rows = _pack(sizes, pack_to) if pack_to else [[b] for b in range(B)]
+    T = max(sum(sizes[b] for b in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(R, T, dtype=torch.long)
+    block = torch.full((R, T), -1, dtype=torch.long)  # which pair of the row a token belongs to; -1 padding
+    segment = torch.full((R, T), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
     src, tgt, seq, tok = [], [], [], []
-    for b, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        if len(p) == 0:
-            raise ValueError("a prompt must have at least one token (e.g. BOS) to predict the first completion token")
-        P, C, Rn = len(p), len(c), len(r)
-        input_ids[b, : P + C + Rn] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
-        position_ids[b, : P + C] = torch.arange(P + C)
-        position_ids[b, P + C : P + C + Rn] = torch.arange(P, P + Rn)
-        segment[b, :P], segment[b, P : P + C], segment[b, P + C : P + C + Rn] = 0, 1, 2
-        for s, (start, comp) in ((b, (P, c)), (B + b, (P + C, r))):
-            for t in range(len(comp)):
-                # the first token of either completion is predicted by the last prompt token
-                src.append(b * T + (P - 1 if t == 0 else start + t - 1))
-                tgt.append(comp[t])
-                seq.append(s)
-                tok.append(t)
+    for row, members in enumerate(rows):
+        o = 0  # where the block starts in its row
+        for b in members:
+            p, c, r = prompts[b], chosen[b], rejected[b]
+            if len(p) == 0:
+                raise ValueError("a prompt must have at least one token (e.g. BOS) to predict the first completion "
+                                 "token")
+            P, C, Rn = len(p), len(c), len(r)
+            input_ids[row, o : o + P + C + Rn] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
+            position_ids[row, o : o + P + C] = torch.arange(P + C)
+            position_ids[row, o + P + C : o + P + C + Rn] = torch.arange(P, P + Rn)
+            block[row, o : o + P + C + Rn] = b
+            segment[row, o : o + P], segment[row, o + P : o + P + C], segment[row, o + P + C : o + P + C + Rn] = 0, 1, 2
+            for s, (start, comp) in ((b, (P, c)), (B + b, (P + C, r))):
+                for t in range(len(comp)):
+                    # the first token of either completion is predicted by the last prompt token
+                    src.append(row * T + o + (P - 1 if t == 0 else start + t - 1))
+                    tgt.append(comp[t])
+                    seq.append(s)
+                    tok.append(t)
+            o += P + C + Rn
     idx = torch.arange(T)
     causal = idx[None, :, None] >= idx[None, None, :]  # (1, Tq, Tk)
     q, k = segment[:, :, None], segment[:, None, :]
-    allowed = (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
-    # padding queries attend to the first (prompt) token only: no row of the mask is empty (no NaN in
-    # softmax) and the diagonal counts real tokens exactly
+    same = block[:, :, None] == block[:, None, :]
+    allowed = (k >= 0) & (q >= 0) & same & ((k == 0) | (k == q))
+    # padding queries attend to the first token only: no row of the mask is empty (no NaN in softmax) and the
+    # diagonal counts real tokens exactly
     allowed = (causal & allowed) | ((idx[None, None, :] == 0) & (q < 0))
     return TokenBatch(
         input_ids, allowed[:, None], position_ids, *_long(src, tgt, seq, tok),
         torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.long),
     )
+
+
+def _pack(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Blocks (by index) into rows of at most max(capacity, largest block) tokens: first fit, longest first."""
+    cap = max(capacity, max(sizes))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for b in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        for r, left in enumerate(room):
+            if sizes[b] <= left:
+                rows[r].append(b)
+                room[r] -= sizes[b]
+                break
+        else:
+            rows.append([b])
+            room.append(cap - sizes[b])
+    return rows
 
 
 def pad_rows(rows: Sequence[torch.Tensor], length: int) -> torch.Tensor:
@@ -284,13 +316,13 @@ def completion_logps(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     return b.scatter(flat_token_logps(model, b.input_ids, b.attention_mask, b.position_ids, b.src_index, b.targets))
 
 
-def examples_batch(examples, pad_id: int, share_prefix: bool = True) -> TokenBatch:
+def examples_batch(examples, pad_id: int, share_prefix: bool = True, pack_to: int = 0) -> TokenBatch:
     """The batch of tokenised examples (r2q.data's PreferenceExample or SFTExample): pairs as
     `build_pair_batch` lays them out (chosen rows, then rejected rows), completions as `build_batch`."""
     prompts = [e.prompt_ids for e in examples]
     if examples and hasattr(examples[0], "chosen_ids"):
         return build_pair_batch(prompts, [e.chosen_ids for e in examples], [e.rejected_ids for e in examples],
-                                pad_id, share_prefix)
+                                pad_id, share_prefix, pack_to)
     return build_batch(prompts, [e.completion_ids for e in examples], pad_id)
 
 

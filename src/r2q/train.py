@@ -72,6 +72,8 @@ class TrainConfig:
     max_length: int = option(1024, "Max tokens of prompt + completion (longer: cut)", ge=2)
     max_prompt_length: int = option(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
     share_prefix: bool = option(True, "One row per pair: run the prompt once for chosen and rejected")
+    pack: int = option(0, "With prefix sharing: pack several pairs into rows of up to this many tokens (0: one row per "
+                       "pair); less padding when pair lengths vary", ge=0)
     precompute_ref: bool = option(False, "Run the reference once, cache per-token log-probs on disk, free it")
     cache_dir: str = option("", "Reference log-prob cache dir (default $R2Q_CACHE or ~/.cache/r2q)")
     lora_r: int = option(0, "LoRA rank (0: train every weight). With LoRA and --ref init the reference is the same "
@@ -363,7 +365,8 @@ class Trainer:
             nll = sft_loss(self._logps(b), mask, reduction="sum")  # divided by the global token count
             n_tok = mask.sum()
             return nll, {"nll": nll.detach()[None], "tokens": n_tok.float()[None]}, b.num_tokens, n_tok
-        b = examples_batch(examples, self.pad_id, self.share_prefix).to(self.acc.device)
+        b = examples_batch(examples, self.pad_id, self.share_prefix, self.cfg.pack if self.share_prefix else 0)
+        b = b.to(self.acc.device)
         pol = self._logps(b)
         mask = b.completion_mask()
         if self.cfg.ref == "none":
@@ -627,7 +630,7 @@ def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
                         "start over with --overwrite, or choose another --out")
 
 
-DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dropout")
+DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dropout", "pack")
 
 
 def _validate(cfg: TrainConfig, mode: str) -> None:
@@ -639,6 +642,8 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
     check_prompt_fits(cfg.max_length, cfg.max_prompt_length)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
+    if cfg.pack and not cfg.share_prefix:
+        raise UserError("--pack packs prefix-shared pairs; it cannot be used with --no-share-prefix")
     lora_set = [n for n in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge")
                 if getattr(cfg, n) != getattr(TrainConfig, n)]
     if lora_set and not cfg.lora_r:
