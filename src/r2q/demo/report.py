@@ -78,6 +78,8 @@ def fig_equal_compute(search: dict) -> bytes:
         ax.axvline(b, color="#ccc", lw=0.8, zorder=0)
     ax.set(xscale="log", xlabel="tokens processed per prompt (every model; grey: the budgets)",
            ylabel="gold reward (95% CI)", title="search at equal compute")
+    greedy = next(r for r in main["rows"] if r["method"] == "greedy")["tokens_per_prompt"]
+    ax.set_xticks(sorted({*ec["budgets"], round(greedy)}))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
     ax.legend(fontsize=7, ncol=2)
