@@ -150,3 +150,26 @@ def test_eval_with_fewer_rows_than_processes(llama_dir, tmp_path):
     assert got["split"] == "eval"
     for k in METRICS:
         assert got[k] == pytest.approx(want[k], rel=TOL, abs=TOL), k
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_and_resume(llama_dir, tmp_path):
+    """--fsdp: 2 CPU processes with FSDP2 (weights, gradients and AdamW state sharded, one unit per decoder layer)
+    train to the 1-process run's weights, write whole checkpoints and a whole final model, and a run stopped at a
+    checkpoint and resumed (every process loading the full state into its shards) ends at the same weights."""
+    data = write_jsonl(tmp_path / "train.jsonl", pref_rows(48, 0))
+    evald = write_jsonl(tmp_path / "eval.jsonl", pref_rows(7, 1))
+    common = dict(eval_data=evald, eval_every=2)
+    ref = tmp_path / "one"
+    run(single(), train_args(llama_dir, data, ref, batch_size=4, max_steps=4, **common), tmp_path)
+    fsdp = tmp_path / "fsdp"
+    args = train_args(llama_dir, data, fsdp, batch_size=2, save_every=2, **common) + ["--fsdp"]
+    run(torchrun(2), args + ["--max-steps", "2"], tmp_path)
+    ck = fsdp / "checkpoints" / "step-0000002"
+    whole = load_file(ck / "model.safetensors")
+    start = load_file(llama_dir / "model.safetensors")
+    assert whole.keys() == start.keys() and all(whole[k].shape == start[k].shape for k in start)  # not shards
+    run(torchrun(2), args + ["--max-steps", "4", "--resume"], tmp_path)
+    logs = "".join(f.read_text() for f in tmp_path.glob("log-*.txt"))
+    assert logs.count("sharded over 2 processes (3 units)") == 2  # the two FSDP runs (2 decoder layers + the root)
+    assert_same_run(ref, fsdp, "2 processes under FSDP2, resumed at step 2")

@@ -26,25 +26,30 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into named tensors (for safetensors) and plain JSON values."""
-    sd = opt.state_dict()
+def optimizer_tensors(opt: torch.optim.Optimizer, state_dict: dict | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict (opt's own, or a given one: FSDP's full state dict, keyed by parameter name)
+    into named tensors (for safetensors) and plain JSON values."""
+    sd = opt.state_dict() if state_dict is None else state_dict
+    sep = "." if all(isinstance(k, int) for k in sd["state"]) else "|"  # parameter names contain dots
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for name, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{name}"] = v.detach().cpu().contiguous()
+                tensors[f"{idx}{sep}{name}"] = v.detach().cpu().contiguous()
             else:
-                scalars[f"{idx}.{name}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{idx}{sep}{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "sep": sep}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state_dict that `optimizer_tensors` split."""
+    sep = meta.get("sep", ".")
+    state: dict[Any, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        idx, name = key.rsplit(sep, 1) if sep != "." else key.split(".", 1)
+        state.setdefault(int(idx) if sep == "." else idx, {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -92,11 +97,13 @@ def verify(d: Path) -> str | None:
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any],
-                    keep_last: int, is_main: bool, rank: int, wait) -> Path:
+                    keep_last: int, is_main: bool, rank: int, wait, model_state: dict | None = None,
+                    optim_state: dict | None = None) -> Path:
     """Write root/checkpoints/step-N atomically and prune to the newest `keep_last` ones.
 
     Every process writes its RNG state into the temp dir; the main process writes the rest and renames.
-    `wait` is a barrier across processes.
+    `wait` is a barrier across processes. model_state / optim_state: full state dicts gathered beforehand (FSDP,
+    where the model and optimizer hold shards only).
     """
     ckdir = Path(root) / "checkpoints"
     final = ckdir / f"step-{step:07d}"
@@ -107,10 +114,10 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
     wait()
     save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{rank}.safetensors"))
     if is_main:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": model_state} if model_state else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tensors, meta = optimizer_tensors(optimizer)
+        tensors, meta = optimizer_tensors(optimizer, optim_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         full = dict(state, step=step, optimizer=meta, scheduler=scheduler.state_dict())
         (tmp / STATE).write_text(json.dumps(full, indent=1, default=str))
@@ -149,7 +156,17 @@ def load_weights(model, d: Path) -> None:
     for k, v in sd.items():
         if own[k].shape != v.shape:
             raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
-    model.load_state_dict(sd, strict=False)
+    if is_sharded(model):  # FSDP: every process loads the full tensors into its shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(sd, strict=False)
+
+
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _load_adapter(model, d: Path) -> None:
@@ -176,7 +193,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[
     path = Path(path)
     state = json.loads((path / STATE).read_text())
     load_weights(model, path)
-    load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    osd = optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), osd,  # accelerate wraps it
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(osd)
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng-{rank}.safetensors"
     if rng.exists():

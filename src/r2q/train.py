@@ -84,6 +84,8 @@ class TrainConfig:
                                       "the output head) or comma-separated names, e.g. q_proj,v_proj")
     merge: bool = option(False, "With LoRA: write the merged full weights to --out, the adapter to --out/adapter "
                          "(without: --out holds the adapter, in PEFT's format)")
+    fsdp: bool = option(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, one "
+                        "unit per decoder layer; CPU and GPU); checkpoints and the final model are saved whole")
     gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the backward pass: "
                                           "activation memory of one layer instead of all, for about a third more "
                                           "compute")
@@ -280,6 +282,13 @@ class Trainer:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.fsdp and self.acc.distributed_type.value == "FSDP":
+            raise UserError("--fsdp and an accelerate FSDP config both shard the model; use one of them")
+        self.sharded = cfg.fsdp and self.acc.num_processes > 1
+        if self.sharded:
+            units = shard(model)
+            self._note(f"--fsdp: weights, gradients and optimizer state sharded over {self.acc.num_processes} "
+                       f"processes ({units} units)")
         # DDP/FSDP wrap the scorer, so head-only scoring runs inside the wrapped forward
         self.model = TokenScorer(model).train()
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
@@ -302,7 +311,10 @@ class Trainer:
         sched = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
         self.sched = get_scheduler(sched, self.opt, num_warmup_steps=cfg.warmup_steps,
                                    num_training_steps=self.total_steps)
-        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        if self.sharded:  # FSDP2 synchronises gradients itself: the model is not wrapped again (no DDP)
+            self.opt = self.acc.prepare(self.opt)
+        else:
+            self.model, self.opt = self.acc.prepare(self.model, self.opt)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
 
@@ -437,6 +449,7 @@ class Trainer:
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
             raise UserError(f"non-finite loss at step {self.step + 1}; training stopped, {where}")
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -477,13 +490,31 @@ class Trainer:
         if self.acc.log_with:
             self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
 
+    def _full_state(self, optimizer: bool = True) -> tuple[dict | None, dict | None]:
+        """FSDP: the whole model (and optimizer) state, gathered by every process, on process 0's CPU."""
+        if not self.sharded:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        lm = self.lm()
+        model_sd = get_model_state_dict(lm, options=opts)
+        optim_sd = get_optimizer_state_dict(lm, self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt,
+                                            options=opts) if optimizer else None
+        return model_sd, optim_sd
+
     def _save(self) -> None:
         unwrapped = self.lm()
+        model_sd, optim_sd = self._full_state()
         save_checkpoint(self.out, self.step, unwrapped, self.tokenizer, self.opt, self.sched,
                         {"config": self._recorded(), "mode": self.mode, "total_steps": self.total_steps,
                          "data_hash": self._data_hash},
                         self.cfg.keep_last, self.acc.is_main_process, self.acc.process_index,
-                        self.acc.wait_for_everyone)
+                        self.acc.wait_for_everyone, model_sd, optim_sd)
 
     def _recorded(self) -> dict[str, Any]:
         """The config as r2q_config.json and checkpoints record it: local paths made absolute, so that `credit`
@@ -582,13 +613,14 @@ class Trainer:
         if self.eval_ex and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             self._log({"step": self.step, "split": "eval", **self.evaluate()})
         final = self.lm()
+        model_sd, _ = self._full_state(optimizer=False)
         if self.acc.is_main_process:
             if cfg.lora_r:
                 final.peft_config["default"].base_model_name_or_path = self._recorded()["model"]
             if cfg.lora_r and cfg.merge:
                 final.save_pretrained(self.out / "adapter", safe_serialization=True)
                 final = final.merge_and_unload()
-            final.save_pretrained(self.out, safe_serialization=True)
+            final.save_pretrained(self.out, safe_serialization=True, **({"state_dict": model_sd} if model_sd else {}))
             self.tokenizer.save_pretrained(self.out)
         self.acc.wait_for_everyone()
         self.acc.end_training()
@@ -642,6 +674,8 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
     check_prompt_fits(cfg.max_length, cfg.max_prompt_length)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; give one")
+    if cfg.fsdp and cfg.lora_r:
+        raise UserError("--fsdp with --lora-r is not supported yet; LoRA trains few enough weights for DDP")
     if cfg.pack and not cfg.share_prefix:
         raise UserError("--pack packs prefix-shared pairs; it cannot be used with --no-share-prefix")
     lora_set = [n for n in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge")
@@ -654,6 +688,21 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
         for name in DPO_ONLY:
             if getattr(cfg, name) != getattr(TrainConfig, name):
                 raise UserError(f"{flag(name)} is a DPO option (r2q train); r2q sft does not use it")
+
+
+def shard(model) -> int:
+    """FSDP2 over the default process group: one unit per decoder layer (the classes the model names in
+    _no_split_modules), then the rest of the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in units]
+    if not layers:
+        raise UserError(f"--fsdp: {type(model).__name__} does not name its decoder layers (_no_split_modules)")
+    for m in layers:
+        fully_shard(m)
+    fully_shard(model)
+    return len(layers) + 1
 
 
 def with_lora(model, cfg: TrainConfig):
