@@ -281,7 +281,7 @@ def test_dataset_dict_without_train_split(tmp_path, tokenizer):
     import datasets
 
     datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(UserError, match="without a 'train' split .*test"):
+    with pytest.raises(UserError, match="no split 'train' .*test.*--split"):
         load_preferences(tmp_path / "dd", tokenizer)
 
 

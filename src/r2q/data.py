@@ -305,7 +305,7 @@ def _read_dataset_dir(p: Path, source: str, split: str = "train", subset: str = 
     import pyarrow as pa
 
     if not any((p / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
-        return _read_hub(str(p), source, split, subset)  # a repository of data files, as on the hub
+        return _read_hub(str(p), source, split, subset, local=True)  # a repository of data files, as on the hub
     if subset:
         raise UserError(f"{source}: a data set saved with save_to_disk has no configurations (--subset {subset})")
     try:
@@ -333,7 +333,8 @@ def _dataset_rows(ds, source: str) -> list[tuple[int, dict | _RowError]]:
     return list(enumerate(rows, start=1))
 
 
-def _read_hub(name: str, source: str, split: str, subset: str) -> list[tuple[int, dict | _RowError]]:
+def _read_hub(name: str, source: str, split: str, subset: str, local: bool = False
+              ) -> list[tuple[int, dict | _RowError]]:
     """A data set by hub id, or a local directory laid out as a hub repository, through datasets.load_dataset.
     Data sets that ship a loading script are refused (that would run their code)."""
     import datasets
@@ -343,6 +344,9 @@ def _read_hub(name: str, source: str, split: str, subset: str) -> list[tuple[int
     except ValueError as e:  # a split or configuration the data set does not have
         raise UserError(f"{source}: {first_line(e)}") from e
     except (OSError, ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        if local:
+            raise UserError(f"{source}: a directory, but not a dataset saved with datasets' save_to_disk nor a data "
+                            f"set repository of data files ({first_line(e)})") from e
         raise UserError(f"{source}: cannot load this data set ({first_line(e)}); no local path of that name "
                         "exists, and a hub data set needs a network connection or the local cache") from e
     except Exception as e:  # datasets raises many kinds; none of them should become a traceback
