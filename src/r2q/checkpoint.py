@@ -149,13 +149,7 @@ def load_weights(model, d: Path) -> None:
     own = model.state_dict()
     saved_ptrs = {own[k].data_ptr() for k in sd if k in own}
     missing = [k for k in own if k not in sd and own[k].data_ptr() not in saved_ptrs]  # tied weights: saved once
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"the weights do not fit the model: {len(missing)} tensors missing {missing[:2]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:2]}")
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    _check_fits("weights", sd, own, missing)
     if is_sharded(model):  # FSDP: every process loads the full tensors into its shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -177,14 +171,20 @@ def _load_adapter(model, d: Path) -> None:
     if not f.is_file():
         raise ValueError("no adapter_model.safetensors (a LoRA run's checkpoint)")
     sd, own = load_file(str(f)), get_peft_model_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    _check_fits("adapter", sd, own, sorted(set(own) - set(sd)))
+    set_peft_model_state_dict(model, sd)
+
+
+def _check_fits(what: str, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], missing: list[str]) -> None:
+    """Every tensor the model needs is saved (`missing` lists those that are not), nothing else is, and each has
+    the model's shape; else a ValueError saying what is wrong."""
+    unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
-        raise ValueError(f"the adapter does not fit the model: {len(missing)} tensors missing {missing[:2]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:2]}")
-    for k, v in sd.items():
+        raise ValueError(f"the {what} do{'es' if what == 'adapter' else ''} not fit the model: {len(missing)} tensors "
+                         f"missing {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
+    for k, v in saved.items():
         if own[k].shape != v.shape:
             raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
-    set_peft_model_state_dict(model, sd)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
