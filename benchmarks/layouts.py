@@ -73,7 +73,9 @@ def child(layout: str, T: int, pairs: int, threads: int) -> dict:
     return {"layout": layout, "T": T, "rows": int(b.input_ids.shape[0]), "row_len": int(b.input_ids.shape[1]),
             "padded_tokens": int(b.input_ids.numel()), "real_tokens": b.num_tokens, "scored": int(b.targets.numel()),
             "step_s": dt, "peak_above_start_mb": max(peak - before, 0) / 1024,
-            "mask_mb": b.attention_mask.numel() * b.attention_mask.element_size() / 2**20,
+            # the boolean (rows, 1, T, T) mask sdpa attends with: r2q builds it from the shared rows' block and
+            # segment ids inside the forward; transformers builds it from the plain rows' padding mask
+            "mask_mb": b.input_ids.shape[0] * b.input_ids.shape[1] ** 2 / 2**20,
             "scored_per_s": int(b.targets.numel()) / dt}
 
 

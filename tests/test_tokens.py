@@ -70,3 +70,31 @@ def test_prefix_sharing_processes_fewer_tokens():
 def test_empty_prompt_is_rejected():
     with pytest.raises(ValueError, match="prompt"):
         build_batch([[]], [[1, 2]], pad_id=0)
+
+
+def test_shared_rows_carry_ids_not_a_dense_mask_and_the_mask_is_the_rule():
+    """A shared (and packed) batch stores each token's block and segment, (R, 2, T), not a (T, T) mask; the mask made
+    from them equals the rule written out token pair by token pair: same block, key not after the query, key in the
+    prompt or in the query's own completion (padding queries see the first token only)."""
+    from r2q.tokens import dense_shared_mask
+
+    rng = random.Random(3)
+    P = [[rng.randrange(2, 50) for _ in range(rng.randint(1, 6))] for _ in range(5)]
+    C = [[rng.randrange(2, 50) for _ in range(rng.randint(1, 4))] for _ in range(5)]
+    R = [[rng.randrange(2, 50) for _ in range(rng.randint(1, 4))] for _ in range(5)]
+    for pack in (0, 12):
+        b = build_pair_batch(P, C, R, 0, share_prefix=True, pack_to=pack)
+        rows, T = b.input_ids.shape
+        assert b.attention_mask.shape == (rows, 2, T)
+        block, seg = b.attention_mask[:, 0].tolist(), b.attention_mask[:, 1].tolist()
+        dense = dense_shared_mask(b.attention_mask)[:, 0]
+        for r in range(rows):
+            for q in range(T):
+                for k in range(T):
+                    if seg[r][q] < 0:
+                        want = k == 0
+                    else:
+                        want = (k <= q and block[r][k] == block[r][q] and seg[r][k] >= 0
+                                and seg[r][k] in (0, seg[r][q]))
+                    assert bool(dense[r, q, k]) == want, (pack, r, q, k)
+        assert b.num_tokens == sum(len(p) + len(c) + len(x) for p, c, x in zip(P, C, R))

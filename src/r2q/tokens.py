@@ -27,8 +27,10 @@ _LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_sca
 class TokenBatch:
     """A batch of completions to score, in model rows plus a flat list of scored tokens.
 
-    input_ids, position_ids: (R, T) long.  attention_mask: (R, T) long (plain rows) or (R, 1, T, T) bool
-    (prefix-shared rows: True where a query may attend to a key).
+    input_ids, position_ids: (R, T) long.  attention_mask: (R, T) long (plain rows: 1 for a real token), or for
+    prefix-shared (and packed) rows (R, 2, T) long: each token's block (the pair it belongs to; -1 padding) and
+    segment (0 prompt, 1 chosen, 2 rejected). The (T, T) mask is made from these by the forward, in the form the
+    attention implementation takes (`shared_mask`), so a batch never stores it.
     src_index, targets, seq_index, tok_index: (N,) long, one entry per scored token.
     lengths: (S,) long, the number of tokens of each completion.
     """
@@ -73,7 +75,7 @@ class TokenBatch:
         """Tokens the model processes (non-padding positions of all rows)."""
         if self.attention_mask.dim() == 2:
             return int(self.attention_mask.sum())
-        return int(self.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1).sum())
+        return int((self.attention_mask[:, 1] >= 0).sum())
 
 
 def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
@@ -158,16 +160,8 @@ def build_pair_batch(
                     seq.append(s)
                     tok.append(t)
             o += P + C + Rn
-    idx = torch.arange(T)
-    causal = idx[None, :, None] >= idx[None, None, :]  # (1, Tq, Tk)
-    q, k = segment[:, :, None], segment[:, None, :]
-    same = block[:, :, None] == block[:, None, :]
-    allowed = (k >= 0) & (q >= 0) & same & ((k == 0) | (k == q))
-    # padding queries attend to the first token only: no row of the mask is empty (no NaN in softmax) and the
-    # diagonal counts real tokens exactly
-    allowed = (causal & allowed) | ((idx[None, None, :] == 0) & (q < 0))
     return TokenBatch(
-        input_ids, allowed[:, None], position_ids, *_long(src, tgt, seq, tok),
+        input_ids, torch.stack([block, segment], 1), position_ids, *_long(src, tgt, seq, tok),
         torch.tensor([len(c) for c in chosen] + [len(r) for r in rejected], dtype=torch.long),
     )
 
@@ -249,25 +243,43 @@ def shared_layout(share_prefix: bool, *models, say=None) -> bool:
     return share_prefix
 
 
-def shared_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype):
-    """The (R, 1, T, T) bool mask of prefix-shared rows in the form the attention implementation takes: as it is
-    for sdpa (True = attend), a BlockMask for flex_attention (whose kernels skip the blocks with nothing to
-    attend), and additive (0 or the dtype's minimum) for eager attention, which adds the mask to its scores."""
+def dense_shared_mask(ids: torch.Tensor) -> torch.Tensor:
+    """(R, 1, T, T) bool from a shared batch's (R, 2, T) block and segment ids: query q may attend to key k when
+    k <= q, both are in the same block, and k is in the prompt or in q's own completion. Padding queries attend to
+    the first token only, so no row is empty (no NaN in softmax)."""
+    block, segment = ids[:, 0], ids[:, 1]
+    T = ids.shape[-1]
+    idx = torch.arange(T, device=ids.device)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    q, k = segment[:, :, None], segment[:, None, :]
+    same = block[:, :, None] == block[:, None, :]
+    allowed = causal & (k >= 0) & (q >= 0) & same & ((k == 0) | (k == q))
+    return (allowed | ((idx[None, None, :] == 0) & (q < 0)))[:, None]
+
+
+def shared_mask(ids: torch.Tensor, impl: str, dtype: torch.dtype):
+    """The mask of prefix-shared rows ((R, 2, T) block and segment ids) in the form the attention implementation
+    takes: a BlockMask for flex_attention, computed block by block from the ids (no (T, T) tensor, and its kernels
+    skip the blocks with nothing to attend); booleans for sdpa (True = attend); additive (0 or the dtype's minimum)
+    for eager attention, which adds the mask to its scores."""
     if "flash" in impl:
         raise ValueError(f"prefix-shared rows need a 4D attention mask, which {impl} cannot take; "
                          "use share_prefix=False (--no-share-prefix)")
-    if impl == "sdpa":
-        return allowed
     if "flex" in impl:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        dense = allowed[:, 0]
+        block, segment = ids[:, 0], ids[:, 1]
 
         def mask_mod(b, h, q, k):
-            return dense[b, q, k]
+            sq, sk = segment[b, q], segment[b, k]
+            real = (k <= q) & (block[b, q] == block[b, k]) & (sk >= 0) & (sq >= 0) & ((sk == 0) | (sk == sq))
+            return real | ((k == 0) & (sq < 0))
 
-        R, T, _ = dense.shape
-        return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=dense.device)
+        R, _, T = ids.shape
+        return create_block_mask(mask_mod, B=R, H=None, Q_LEN=T, KV_LEN=T, device=ids.device)
+    allowed = dense_shared_mask(ids)
+    if impl == "sdpa":
+        return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
@@ -282,7 +294,7 @@ def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         model = model.get_base_model()
     hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
     mask = attention_mask
-    if mask.dim() == 4:
+    if mask.dim() == 3:  # prefix-shared rows: block and segment ids
         mask = shared_mask(mask, getattr(hf.config, "_attn_implementation", None) or "", next(model.parameters()).dtype)
     kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     if not _wrapped(model) and _head_only(model):
