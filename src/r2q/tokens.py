@@ -246,15 +246,20 @@ def shared_layout(share_prefix: bool, *models, say=None) -> bool:
 def dense_shared_mask(ids: torch.Tensor) -> torch.Tensor:
     """(R, 1, T, T) bool from a shared batch's (R, 2, T) block and segment ids: query q may attend to key k when
     k <= q, both are in the same block, and k is in the prompt or in q's own completion. Padding queries attend to
-    the first token only, so no row is empty (no NaN in softmax)."""
+    the first token only, so no row is empty (no NaN in softmax).
+
+    Built in place on one (R, T, T) tensor: with code = 3 * block + segment, a real key k is visible to q exactly
+    when code[k] is q's own code or the code of q's block's prompt (3 * block[q])."""
     block, segment = ids[:, 0], ids[:, 1]
     T = ids.shape[-1]
-    idx = torch.arange(T, device=ids.device)
-    causal = idx[None, :, None] >= idx[None, None, :]
-    q, k = segment[:, :, None], segment[:, None, :]
-    same = block[:, :, None] == block[:, None, :]
-    allowed = causal & (k >= 0) & (q >= 0) & same & ((k == 0) | (k == q))
-    return (allowed | ((idx[None, None, :] == 0) & (q < 0)))[:, None]
+    code = 3 * block + segment  # padding: block -1, segment -1 -> -4, never a real query's code or prompt code
+    m = code[:, None, :] == code[:, :, None]
+    m |= code[:, None, :] == (3 * block)[:, :, None]
+    m &= torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    pad = segment < 0
+    m.masked_fill_(pad[:, :, None], False)
+    m[:, :, 0] |= pad
+    return m[:, None]
 
 
 def shared_mask(ids: torch.Tensor, impl: str, dtype: torch.dtype):
