@@ -125,13 +125,7 @@ def mcts(
             if all(_exhausted(r) for r in roots):
                 break
             continue
-        # expand every leaf in one batched forward of each model over its own token, on stacked path KV
-        stacked = [stack_kv([_path_kv(n.parent, m) for _, n in leaves]) for m in range(len(lock.models))]
-        caches = [c for c, _ in stacked]
-        m0 = stacked[0][1]
-        lock.attach(caches, m0)
-        toks = torch.tensor([n.token for _, n in leaves])
-        logps = lock.step(toks)
+        logps = _step_into(lock, [n for _, n in leaves])
         for i, (_, node) in enumerate(leaves):
             node.kv = [row_kv(c, i, c.get_seq_length() - 1) for c in lock.caches]
             _expand(node, [lp[i] for lp in logps], beta, expand_top_k, ref_term, eos, max_new_tokens)
@@ -155,13 +149,19 @@ def mcts(
             else:
                 unfinished.append((b, node))
     if unfinished:
-        stacked = [stack_kv([_path_kv(n.parent, m) for _, n in unfinished]) for m in range(len(lock.models))]
-        lock.attach([c for c, _ in stacked], stacked[0][1])
-        logps = lock.step(torch.tensor([n.token for _, n in unfinished]))
+        logps = _step_into(lock, [n for _, n in unfinished])
         tails = _rollout(lock, unfinished, logps, beta, ref_term, eos, max_new_tokens, pad_id)
         for (b, node), (v, tail, _) in zip(unfinished, tails):
             best[b] = (node.tokens() + tail, sum(n.reward for n in node.path()) + v)
     return best
+
+
+def _step_into(lock: Lockstep, nodes: list[Node]) -> list[torch.Tensor]:
+    """One batched forward of every model over each node's own token, on the stacked KV of its parent's path: the
+    lockstep then holds one row per node, and the next-token log-probs (N, V) per model come back."""
+    stacked = [stack_kv([_path_kv(n.parent, m) for n in nodes]) for m in range(len(lock.models))]
+    lock.attach([c for c, _ in stacked], stacked[0][1])
+    return lock.step(torch.tensor([n.token for n in nodes]))
 
 
 def _expand(node: Node, logps: list[torch.Tensor], beta: float, k: int, ref_term: bool, eos: set[int],
