@@ -53,6 +53,13 @@ def fig_search(search: dict, lps: tuple[float, ...]) -> bytes:
 FIXED_COST = ("sample", "greedy", "guided")  # methods without a width: one point each on the equal-compute figure
 
 
+def _sweep_main(search: dict) -> tuple[list[dict], dict]:
+    """The main search table of the run the equal-compute sweep used, and its greedy row."""
+    run = search["equal_compute"]["run"]
+    rows = next(b for b in search["by_beta"].values() if b["run"] == run)["rows"]
+    return rows, next(r for r in rows if r["method"] == "greedy")
+
+
 def fig_equal_compute(search: dict) -> bytes:
     """Gold reward (95% CI) against tokens processed per prompt: each method with a width at every budget, and
     the fixed-cost methods of the main table as single points."""
@@ -60,7 +67,7 @@ def fig_equal_compute(search: dict) -> bytes:
     from matplotlib.ticker import FuncFormatter
 
     ec = search["equal_compute"]
-    main = next(b for b in search["by_beta"].values() if b["run"] == ec["run"])
+    main_rows, greedy = _sweep_main(search)
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
     families = dict.fromkeys(r["family"] for r in ec["rows"])
@@ -69,7 +76,7 @@ def fig_equal_compute(search: dict) -> bytes:
         g = [r["gold"] for r in rows]
         ax.errorbar([r["tokens_per_prompt"] for r in rows], [x[0] for x in g],
                     yerr=[[x[0] - x[1] for x in g], [x[2] - x[0] for x in g]], fmt="o-", capsize=2, label=fam)
-    for r in main["rows"]:
+    for r in main_rows:
         if r["method"].startswith(FIXED_COST):
             x = r["gold"]
             ax.errorbar([r["tokens_per_prompt"]], [x[0]], yerr=[[x[0] - x[1]], [x[2] - x[0]]], fmt="s", capsize=2,
@@ -78,8 +85,7 @@ def fig_equal_compute(search: dict) -> bytes:
         ax.axvline(b, color="#ccc", lw=0.8, zorder=0)
     ax.set(xscale="log", xlabel="tokens processed per prompt (every model; grey: the budgets)",
            ylabel="gold reward (95% CI)", title="search at equal compute")
-    greedy = next(r for r in main["rows"] if r["method"] == "greedy")["tokens_per_prompt"]
-    ax.set_xticks(sorted({*ec["budgets"], round(greedy)}))
+    ax.set_xticks(sorted({*ec["budgets"], round(greedy["tokens_per_prompt"])}))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
     ax.legend(fontsize=7, ncol=2)
@@ -206,10 +212,9 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                           [[r["family"], r["budget"], r["width"], r["tokens_per_prompt"], _ci(r["gold"]),
                             _ci(r.get("gold_vs_greedy")), _ci(r.get("gold_vs_sample")), r["length"],
                             r["eos_share"], _ci(r["judge_nll"])] for r in ec["rows"]]))
-        main = next(b for b in se["by_beta"].values() if b["run"] == ec["run"])
-        greedy_tokens = next(r for r in main["rows"] if r["method"] == "greedy")["tokens_per_prompt"]
-        none_better = [f"{r['method']} ({r['tokens_per_prompt'] / greedy_tokens:.1f}x greedy's tokens: "
-                       f"{_ci(r['gold_vs_greedy'])})" for r in main["rows"] + ec["rows"]
+        main_rows, greedy = _sweep_main(se)
+        none_better = [f"{r['method']} ({r['tokens_per_prompt'] / greedy['tokens_per_prompt']:.1f}x greedy's tokens: "
+                       f"{_ci(r['gold_vs_greedy'])})" for r in main_rows + ec["rows"]
                        if "gold_vs_greedy" in r and r["gold_vs_greedy"][1] <= 0]
         body.append("<p><b>Searches that find nothing better than greedy decoding</b> (the interval of gold - "
                     "greedy's gold, paired by prompt, reaches 0 or below): "
