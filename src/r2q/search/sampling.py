@@ -75,7 +75,8 @@ def sample(
             nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
         toks.append(nxt)
-        drawn.append(lp.gather(-1, nxt[:, None]).squeeze(-1).float())
+        if callable(proposal):  # a model's own log-probs are recorded below already
+            drawn.append(lp.gather(-1, nxt[:, None]).squeeze(-1).float())
         for m, l in enumerate(logps):
             lps[m].append(l.gather(-1, nxt[:, None]).squeeze(-1))
         step_alive = alive.clone()
@@ -85,7 +86,7 @@ def sample(
         logps = lock.step(nxt, alive=step_alive)
     tok = torch.stack(toks, 1).cpu()
     lp_all = [torch.stack(x, 1).cpu() for x in lps]
-    drawn_all = torch.stack(drawn, 1).cpu()
+    drawn_all = torch.stack(drawn, 1).cpu() if drawn else None
     out_tokens, out_lps, out_drawn = [], [[] for _ in lock.models], []
     for i in range(N):
         row = tok[i].tolist()
@@ -95,7 +96,8 @@ def sample(
                 n = j + 1
                 break
         out_tokens.append(row[:n])
-        out_drawn.append(drawn_all[i, :n])
+        if drawn_all is not None:
+            out_drawn.append(drawn_all[i, :n])
         for m in range(len(lock.models)):
             out_lps[m].append(lp_all[m][i, :n])
-    return Samples(out_tokens, out_lps, out_drawn)
+    return Samples(out_tokens, out_lps, out_drawn if drawn_all is not None else out_lps[proposal])
