@@ -223,20 +223,27 @@ def _wrapped(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def can_share_prefix(*models) -> bool:
-    """Whether every model's attention takes the 4D (per-row, per-query) mask that prefix-shared rows need:
+def _attn_impl(model) -> str:
+    """The attention implementation the model's config names ("" when it names none)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+
+
+def _takes_4d_mask(impl: str) -> bool:
+    """Whether an attention implementation takes the 4D (per-row, per-query) mask prefix-shared rows need:
     flash-attention kernels take only padding masks."""
-    for m in models:
-        if m is not None and "flash" in (getattr(getattr(m, "config", None), "_attn_implementation", None) or ""):
-            return False
-    return True
+    return "flash" not in impl
+
+
+def can_share_prefix(*models) -> bool:
+    """Whether every model's attention takes the mask prefix-shared rows need."""
+    return all(_takes_4d_mask(_attn_impl(m)) for m in models if m is not None)
 
 
 def shared_layout(share_prefix: bool, *models, say=None) -> bool:
     """share_prefix if the models can take it; else False, said once through `say` (one line)."""
     if share_prefix and not can_share_prefix(*models):
         if say is not None:
-            impls = {m.config._attn_implementation for m in models if m is not None}
+            impls = {_attn_impl(m) for m in models if m is not None}
             say(f"prefix sharing needs a 4D attention mask, which {', '.join(sorted(impls))} cannot take: "
                 "pairs run in the plain layout (one row per completion)")
         return False
@@ -267,7 +274,7 @@ def shared_mask(ids: torch.Tensor, impl: str, dtype: torch.dtype):
     takes: a BlockMask for flex_attention, computed block by block from the ids (no (T, T) tensor, and its kernels
     skip the blocks with nothing to attend); booleans for sdpa (True = attend); additive (0 or the dtype's minimum)
     for eager attention, which adds the mask to its scores."""
-    if "flash" in impl:
+    if not _takes_4d_mask(impl):
         raise ValueError(f"prefix-shared rows need a 4D attention mask, which {impl} cannot take; "
                          "use share_prefix=False (--no-share-prefix)")
     if "flex" in impl:
@@ -300,7 +307,7 @@ def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
     mask = attention_mask
     if mask.dim() == 3:  # prefix-shared rows: block and segment ids
-        mask = shared_mask(mask, getattr(hf.config, "_attn_implementation", None) or "", next(model.parameters()).dtype)
+        mask = shared_mask(mask, _attn_impl(hf), next(model.parameters()).dtype)
     kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     if not _wrapped(model) and _head_only(model):
         hidden = model.base_model(**kw, use_cache=False).last_hidden_state
