@@ -678,16 +678,18 @@ def _validate(cfg: TrainConfig, mode: str) -> None:
         raise UserError("--fsdp with --lora-r is not supported yet; LoRA trains few enough weights for DDP")
     if cfg.pack and not cfg.share_prefix:
         raise UserError("--pack packs prefix-shared pairs; it cannot be used with --no-share-prefix")
-    lora_set = [n for n in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge")
-                if getattr(cfg, n) != getattr(TrainConfig, n)]
+    lora_set = _given(cfg, ("lora_alpha", "lora_dropout", "lora_target_modules", "merge"))
     if lora_set and not cfg.lora_r:
         raise UserError(f"{flag(lora_set[0])} is a LoRA option; give --lora-r too")
     if cfg.lora_dropout and mode == "dpo" and not cfg.keep_dropout:
         raise UserError("--lora-dropout would be turned off with the rest of the dropout in DPO; add --keep-dropout")
-    if mode == "sft":
-        for name in DPO_ONLY:
-            if getattr(cfg, name) != getattr(TrainConfig, name):
-                raise UserError(f"{flag(name)} is a DPO option (r2q train); r2q sft does not use it")
+    if mode == "sft" and (dpo_set := _given(cfg, DPO_ONLY)):
+        raise UserError(f"{flag(dpo_set[0])} is a DPO option (r2q train); r2q sft does not use it")
+
+
+def _given(cfg: TrainConfig, names) -> list[str]:
+    """The options among `names` set to something other than their default."""
+    return [n for n in names if getattr(cfg, n) != getattr(TrainConfig, n)]
 
 
 def shard(model) -> int:
