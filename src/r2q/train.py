@@ -503,7 +503,7 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         lm = self.lm()
         model_sd = get_model_state_dict(lm, options=opts)
-        optim_sd = get_optimizer_state_dict(lm, self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt,
+        optim_sd = get_optimizer_state_dict(lm, getattr(self.opt, "optimizer", self.opt),  # accelerate wraps it
                                             options=opts) if optimizer else None
         return model_sd, optim_sd
 
