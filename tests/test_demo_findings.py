@@ -1,36 +1,109 @@
-"""The demo's measurements on tiny models: the edit test against a direct computation, and claims that follow
-from the numbers they quote."""
+"""The demo's machinery on constructed inputs and tiny models: verdicts from intervals across seeds (untestable
+included), the edit test against a direct computation and its pairing, the cross-fitted best width, and stage
+cache keys that change with the code they run."""
 
-import math
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from r2q.demo.findings import claims, edit_test, make_edits
+from r2q.demo.claims import Claim, Untestable, crossfit_best_minus, seed_status, verdict
+from r2q.demo.credit import Edit, _EditSet, _paired, _Scored, edit_measures, make_edits
+from r2q.demo.stages import Stage, Stages, source_files, source_hash
+from r2q.stats import mean_ci
 
 
-def test_make_edits_swap_the_first_sentiment_token_each_way():
-    swaps = [(10, 20, "good", "bad"), (11, 21, "great", "awful")]
-    edits = make_edits([([1, 2], [5, 11, 7, 10, 21]), ([3], [6, 7])], swaps)
-    assert [(e["t"], e["direction"], e["edited"]) for e in edits] == [
-        (1, -1, [5, 21, 7, 10, 21]),  # first positive token (11 at t=1) -> its negative partner
-        (4, 1, [5, 11, 7, 10, 11]),  # first negative token (21 at t=4) -> its positive partner
+@pytest.mark.parametrize("interval, direction, threshold, want", [
+    ((0.3, 0.1, 0.5), "above", 0.0, "supports"),
+    ((0.3, -0.1, 0.5), "above", 0.0, "inconclusive"),  # straddles: the point estimate alone does not decide
+    ((-0.3, -0.5, -0.1), "above", 0.0, "contradicts"),
+    ((-0.3, -0.5, -0.1), "below", 0.0, "supports"),
+    ((0.6, 0.5, 0.68), "below", 0.693, "supports"),
+    ((0.7, 0.65, 0.75), "below", 0.693, "inconclusive"),
+    ((3.0, 2.0, 4.0), "within", (1.0, 8.0), "supports"),
+    ((8.5, 7.5, 9.5), "within", (1.0, 8.0), "inconclusive"),
+    ((12.0, 10.0, 14.0), "within", (1.0, 8.0), "contradicts"),
+    ((0.3, float("nan"), float("nan")), "above", 0.0, "inconclusive"),
+])
+def test_a_seed_decides_a_claim_by_its_interval_not_its_estimate(interval, direction, threshold, want):
+    assert seed_status(interval, threshold, direction) == want
+
+
+@pytest.mark.parametrize("statuses, want", [
+    (["supports"] * 3, "holds"),
+    (["contradicts"] * 3, "fails"),
+    (["inconclusive"] * 3, "inconclusive"),
+    (["supports", "supports", "inconclusive"], "mixed"),
+    (["supports", "contradicts", "supports"], "mixed"),
+    (["supports", "untestable", "supports"], "untestable"),
+])
+def test_verdict_across_seeds(statuses, want):
+    assert verdict(statuses) == want
+
+
+def test_a_claim_is_tested_in_every_seed_and_says_why_it_is_untestable():
+    def get(res, shared):
+        if res["eos"] < 0.8:
+            return Untestable(f"only {res['eos']:.0%} end by EOS")
+        return res["x"]
+
+    c = Claim("x", "2 search", "longer outputs", "length diff", 0.0, "above", get)
+    seeds = {"0": {"x": (1.0, 0.5, 1.5), "eos": 0.9}, "1": {"x": (0.2, -0.1, 0.5), "eos": 0.95}}
+    out = c.test(seeds, {})
+    assert out["verdict"] == "mixed" and out["range"] == [0.2, 1.0]
+    assert out["per_seed"]["0"] == {"estimate": 1.0, "ci95": [0.5, 1.5], "status": "supports"}
+    assert out["per_seed"]["1"]["status"] == "inconclusive"
+    seeds["2"] = {"x": (1.0, 0.5, 1.5), "eos": 0.3}
+    out = c.test(seeds, {})
+    assert out["verdict"] == "untestable" and out["reason"] == "seed 2: only 30% end by EOS"
+    assert json.loads(json.dumps(out))["per_seed"]["2"] == {"status": "untestable", "reason": "only 30% end by EOS"}
+
+
+def test_crossfit_best_width_is_chosen_on_the_other_half():
+    rng = np.random.default_rng(0)
+    n = 40
+    arms = {k: rng.normal(size=n) for k in (0, 2, 4, 16)}
+    arms[4] += 1.0  # the best width
+    got = crossfit_best_minus(arms, 16, n_boot=200)
+    even, odd = np.arange(0, n, 2), np.arange(1, n, 2)
+    best_even = max(arms, key=lambda k: arms[k][even].mean())  # chosen on even prompts, measured on odd ones
+    best_odd = max(arms, key=lambda k: arms[k][odd].mean())
+    diff = np.zeros(n)
+    diff[odd] = arms[best_even][odd] - arms[16][odd]
+    diff[even] = arms[best_odd][even] - arms[16][even]
+    assert got[0] == pytest.approx(diff.mean())
+    assert got[1] <= got[0] <= got[2]
+    # no width better than the target: no selection bias pushes the estimate above 0 on average
+    null = [crossfit_best_minus({k: np.random.default_rng(s).normal(size=n) for k in (0, 2, 4, 16)}, 16, 20)[0]
+            for s in range(200)]
+    assert abs(np.mean(null)) < 0.05
+
+
+def test_make_edits_swap_the_first_sentiment_and_placebo_token():
+    swaps = [(10, 20, 2.0, -2.0), (11, 21, 1.5, -1.5)]
+    placebo = [(30, 31, 0.01, -0.02)]
+    edits = make_edits([([1, 2], [5, 11, 7, 10, 21, 31]), ([3], [6, 7])], swaps, placebo)
+    got = [(e.t, e.direction, e.kind, e.edited) for e in edits]
+    assert got == [
+        (1, -1, "sentiment", (5, 21, 7, 10, 21, 31)),  # first positive token (11 at t=1) -> its negative partner
+        (4, 1, "sentiment", (5, 11, 7, 10, 11, 31)),  # first negative token (21 at t=4) -> its positive partner
+        (5, 1, "placebo", (5, 11, 7, 10, 21, 30)),  # 31 -> 30: the gold weight rises (+0.03)
     ]
-    assert all(e["orig"] == [5, 11, 7, 10, 21] and e["prompt"] == [1, 2] for e in edits)
+    assert all(e.source == 0 and e.orig == (5, 11, 7, 10, 21, 31) and e.prompt == (1, 2) for e in edits)
 
 
 def _token_rewards(model, ref, prompt, comp, beta):
     """beta * (log pi - log pi_ref) of each completion token, straight from the models' logits."""
-    ids = torch.tensor([prompt + comp])
+    ids = torch.tensor([list(prompt) + list(comp)])
     out = []
     for m in (model, ref):
         logits = m(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
-        out.append(logits[torch.arange(len(comp)), torch.tensor(comp)])
-    return (beta * (out[0] - out[1])).tolist()
+        out.append(logits[torch.arange(len(comp)), torch.tensor(list(comp))])
+    return (beta * (out[0] - out[1])).numpy()
 
 
-def test_edit_test_matches_a_direct_computation(llama_dir, llama_ref_dir, tokenizer):
+def test_edit_measures_match_a_direct_computation(llama_dir, llama_ref_dir, tokenizer):
     from r2q.models import load_model
 
     pol, ref = load_model(llama_dir).eval(), load_model(llama_ref_dir).eval()
@@ -38,59 +111,108 @@ def test_edit_test_matches_a_direct_computation(llama_dir, llama_ref_dir, tokeni
     sources = [([int(x) for x in torch.randint(3, 300, (3,), generator=g)],
                 [int(x) for x in torch.randint(3, 300, (12,), generator=g)]) for _ in range(12)]
     pool = sorted({t for _, c in sources for t in c})
-    swaps = [(pool[i], pool[-1 - i], "p", "n") for i in range(6)]
-    edits = make_edits(sources, swaps)
-    assert len(edits) >= 6
-    res = edit_test(pol, ref, tokenizer, edits, 0.1, n_boot=50)
-    hits, at_edit = [], {-1: [], 1: []}
+    swaps = [(pool[i], pool[-1 - i], 1.0, -1.0) for i in range(6)]
+    placebo = [(pool[10], pool[11], 0.1, 0.2)]
+    edits = make_edits(sources, swaps, placebo)
+    assert len(edits) >= 6 and {e.kind for e in edits} == {"sentiment", "placebo"}
+    got = edit_measures(pol, ref, tokenizer, edits, 0.1)
     with torch.no_grad():
-        for e in edits:
-            d = np.subtract(_token_rewards(pol, ref, e["prompt"], e["edited"], 0.1),
-                            _token_rewards(pol, ref, e["prompt"], e["orig"], 0.1))
-            assert np.abs(d[: e["t"]]).max(initial=0.0) < 1e-5  # same prefix, same rewards
-            hits.append(float((np.argmax(d) if e["direction"] > 0 else np.argmin(d)) == e["t"]))
-            at_edit[e["direction"]].append(d[e["t"]])
-    assert res["edits"] == len(edits)
-    assert res["hit_share"][0] == pytest.approx(np.mean(hits))
-    assert res["pos_to_neg"]["mean_delta_at_edit"][0] == pytest.approx(np.mean(at_edit[-1]), abs=1e-5)
-    assert res["neg_to_pos"]["mean_delta_at_edit"][0] == pytest.approx(np.mean(at_edit[1]), abs=1e-5)
+        for i, e in enumerate(edits):
+            r1 = _token_rewards(pol, ref, e.prompt, e.edited, 0.1)
+            d = r1 - _token_rewards(pol, ref, e.prompt, e.orig, 0.1)
+            assert np.abs(d[: e.t]).max(initial=0.0) < 1e-5  # same prefix, same rewards
+            if e.kind == "placebo":
+                hit = np.argmax(np.abs(d)) == e.t
+            else:
+                hit = (np.argmax(d) if e.direction > 0 else np.argmin(d)) == e.t
+            assert got["hit"][i] == float(hit)
+            assert got["signed"][i] == pytest.approx(e.direction * d[e.t], abs=1e-5)
+            assert got["sum_delta"][i] == pytest.approx(d.sum(), abs=1e-4)
+            assert got["picture"][i] == float((np.argmax(r1) if e.direction > 0 else np.argmin(r1)) == e.t)
+            assert got["chance"][i] == pytest.approx(1 / len(e.edited))
 
 
-def _ci(x):
-    return (x, x - 0.1, x + 0.1)
+def test_edit_comparisons_are_paired_per_edit_and_resample_source_texts():
+    class Gold:
+        def __call__(self, texts):
+            return np.array([float(len(t)) for t in texts])
+
+    class Tok:
+        def decode(self, ids):
+            return "x" * len(ids)
+
+    # six sources with two sentiment edits each and one placebo edit each
+    edits = [Edit(s, (1,), (2, 3), (2, 4) if k < 2 else (2, 3, 5), 1, 1, "sentiment" if k < 2 else "placebo")
+             for s in range(6) for k in range(3)]
+    es = _EditSet(edits, Tok(), Gold(), n_boot=300)
+    rng = np.random.default_rng(1)
+    n = len(edits)
+
+    def scored(shift):
+        sd = rng.normal(size=n)
+        return _Scored([0.0, 1.0, 2.0], {"signed": rng.normal(size=n) + shift, "hit": (rng.random(n) < 0.5) * 1.0,
+                                         "sum_delta": sd, "picture": np.zeros(n), "chance": np.ones(n)})
+
+    sc = {"dpo-b": scored(1.0), "untrained": scored(0.0), "shuffled": scored(0.0), "sft-chosen": scored(0.2)}
+    got = _paired(sc, "dpo-b", [0.0, 1.0, 2.0], [0, 1, 2], es)
+    sent = es.sent
+    per_edit = sc["dpo-b"].edits["signed"][sent] - sc["sft-chosen"].edits["signed"][sent]
+    est, lo, hi = got["signed_minus_null"]["sft-chosen"]
+    assert est == pytest.approx(per_edit.mean())  # a mean of per-edit differences: the pairing
+    # the interval resamples the six sources, not the twelve edits: it matches a bootstrap over source means
+    by_source = np.array([per_edit[es.src[sent] == s].mean() for s in range(6)])
+    _, lo_s, hi_s = mean_ci(by_source, 300)
+    assert (lo, hi) == pytest.approx((lo_s, hi_s), abs=1e-12)
+    best_null = max(sc[k].edits["signed"][sent].mean() for k in ("untrained", "shuffled", "sft-chosen"))
+    assert got["signed_minus_best_null"][0] == pytest.approx(sc["dpo-b"].edits["signed"][sent].mean() - best_null)
+    hit = sc["dpo-b"].edits["hit"]
+    assert got["hit_minus_placebo_false_hit"][0] == pytest.approx(hit[sent].mean() - hit[es.calm].mean())
 
 
-def test_claims_hold_exactly_when_their_numbers_say_so():
-    def run(loss, acc, chosen=-1.0):
-        return {"loss": _ci(loss), "accuracy": _ci(acc), "chosen_reward": _ci(chosen), "rejected_reward": _ci(-2.0),
-                "margin": _ci(1.0), "pairs": 100}
+def _package(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n\ndef g():\n    from .sub import c  # inside a function\n")
+    (pkg / "b.py").write_text("import json\n\ndef f():\n    return 1\n")
+    (pkg / "sub" / "c.py").write_text("from ..b import f\n")
+    (pkg / "d.py").write_text("x = 1\n")
+    return pkg
 
-    heldout = {"dpo-a": run(0.6, 0.7), "dpo-b": run(0.7, 0.7), "dpo-shuffled": run(0.9, 0.4),
-               "dpo-a-rt": run(0.5, 0.64), "dpo-b-rt": run(0.5, 0.8, chosen=0.5)}
-    edit = {"edits": 10, "hit_share": _ci(0.5)}
-    models = {k: {"spearman": _ci(v), "edit_test": dict(edit, hit_share=_ci(h))}
-              for k, v, h in (("dpo-a", 0.5, 0.9), ("dpo-b", 0.25, 0.7), ("untrained", 0.05, 0.3),
-                              ("shuffled", 0.0, 0.5), ("sft-chosen", 0.2, 0.6))}
-    per = {"gold": [0.0] * 4, "length": [10.0] * 4}
-    rows = [{"method": "sample (1 beam)", "per_prompt": per}]
-    for k, g, n in ((4, 1.0, 10.0), (16, -1.0, 20.0)):
-        rows.append({"method": f"beam {k} lp 0", "per_prompt": {"gold": [g] * 4, "length": [n] * 4},
-                     "gold_vs_sample": _ci(g), "win_rate_vs_sample": _ci(0.6)})
-    summary = {"credit": {"heldout": heldout, "models": models}, "settings": {
-        "betas": (0.1,), "beams": (4, 16), "length_penalties": (0.0,), "n_boot": 50},
-        "search": {"by_beta": {"0.1": {"rows": rows}}}}
-    got = {c["statement"].split(":")[0] + " | " + c["statistic"]: c["holds"] for c in claims(summary)}
-    assert got["dpo-a | held-out loss"] and not got["dpo-b | held-out loss"]  # 0.7 > ln 2
-    assert not got["dpo-a-rt | held-out accuracy"] and got["dpo-b-rt | held-out accuracy"]
-    assert not any(k.startswith("dpo-shuffled") and "held-out" in k for k in got)  # the null is not a claim
-    assert got["dpo-a | Spearman"]  # 0.4 > highest null upper bound 0.3
-    assert not got["dpo-b | Spearman"]  # 0.15 < 0.3
-    assert got["dpo-a | hit share"] and not got["dpo-b | hit share"]
-    c = next(c for c in claims(summary) if "longer outputs" in c["statement"])
-    assert c["holds"] and c["estimate"] == pytest.approx(10.0)
-    c = next(c for c in claims(summary) if "lower gold" in c["statement"])
-    assert c["holds"] and c["estimate"] == pytest.approx(-2.0)
-    b_rt = next(c for c in claims(summary) if c["statement"].startswith("dpo-b-rt (reference never"))
-    assert b_rt["holds"] and b_rt["estimate"] == 0.5
-    assert all(c["ci95"][0] <= c["estimate"] <= c["ci95"][1] for c in claims(summary))
-    assert math.log(2) < 0.7
+
+def test_source_hash_follows_the_code_a_stage_imports(tmp_path):
+    pkg = _package(tmp_path)
+    files = {str(p.relative_to(pkg)) for p in source_files("pkg.a", pkg)}
+    assert files == {"a.py", "b.py", "sub/c.py"}  # not d.py
+    h0 = source_hash("pkg.a", pkg)
+    (pkg / "d.py").write_text("x = 2\n")  # code the stage does not run
+    source_hash.cache_clear()
+    assert source_hash("pkg.a", pkg) == h0
+    (pkg / "sub" / "c.py").write_text("from ..b import f\nY = 2\n")  # code it runs, two imports away
+    source_hash.cache_clear()
+    assert source_hash("pkg.a", pkg) != h0
+    source_hash.cache_clear()
+
+
+def test_stage_key_changes_with_the_code_settings_and_seed(monkeypatch, tmp_path):
+    import r2q.demo.stages as stages
+
+    def fn(ctx, d):
+        return {}
+
+    def key(**kw):
+        st = Stages(tmp_path, kw.get("settings", {"n": 1}), [Stage("a", fn), Stage("b", fn, ("a",), per_seed=True)])
+        return st.key("b", kw.get("seed", 0))
+
+    base = key()
+    assert key() == base and key(seed=1) != base and key(settings={"n": 2}) != base
+    real = stages.source_hash
+    monkeypatch.setattr(stages, "source_hash", lambda m: real(m) + "edited")
+    assert key() != base  # an edit to the stage's code (or to a stage it reads) recomputes it
+
+
+def test_the_real_stages_hash_the_modules_they_run():
+    names = {p.name for p in source_files("r2q.demo.lm")}
+    assert {"lm.py", "train.py", "imdb_sentiment.py", "models.py"} <= names
+    assert "report.py" not in names and "claims.py" not in names  # the report's code does not recompute SFT

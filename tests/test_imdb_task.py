@@ -94,12 +94,33 @@ def test_rt_pairs_pair_a_positive_with_a_negative_snippet():
         rt_pairs(snippets, 51)
 
 
-def test_lm_rows_put_eos_only_where_a_review_ends(tokenizer):
-    from r2q.demo.pipeline import lm_rows
+def test_passages_are_runs_of_whole_sentences_that_fit():
+    import random
 
-    short, long = "a short review.", " ".join(["word"] * 200) + " the end."
-    rows = lm_rows(tokenizer, [short, long], lm_len=32)
-    assert rows[0] == {"text": short, "text_eos": True}
-    assert rows[1] == {"text": long, "text_eos": False}  # its start: cut at 32 tokens, so no EOS
-    assert rows[2]["text_eos"] is True and rows[2]["text"].endswith("the end.")  # its end, with EOS
-    assert len(rows) == 3
+    from r2q.tasks.imdb_sentiment import passages, sentences
+
+    text = ("One. Two two. Three three three! Four four four four? " + " ".join(["long"] * 40) + ". Six. Seven seven. "
+            "Eight.")
+    assert sentences(text)[:4] == ["One.", "Two two.", "Three three three!", "Four four four four?"]
+
+    def n_words(s: str) -> int:
+        return len(s.split())
+
+    for seed in range(20):
+        ps = passages(text, n_words, 9, random.Random(seed), (2, 3))
+        sents = sentences(text)
+        for p in ps:
+            parts = sentences(p)
+            assert 2 <= len(parts) <= 3 and n_words(p) <= 9  # whole sentences, within the budget
+            i = sents.index(parts[0])
+            assert sents[i : i + len(parts)] == parts  # consecutive, in order
+        assert not any("long" in p for p in ps)  # a sentence that cannot fit is dropped
+    counts = {len(sentences(p)) for seed in range(20) for p in passages(text, n_words, 99, random.Random(seed))}
+    assert counts == {2, 3, 4}  # the number of sentences varies: where a passage ends is not set by its length
+
+
+def test_gold_counted_once_is_not_raised_by_repetition(gold):
+    once, twice = "a great film.", "a great film. a great film. great great great film."
+    assert gold([twice])[0] > gold([once])[0]  # the plain TF-IDF logit rewards repeating a positive word
+    assert gold.once([twice])[0] == pytest.approx(gold.once([once])[0])
+    assert gold.once([once])[0] == pytest.approx(gold([once])[0])  # no word repeats: the same number

@@ -60,19 +60,44 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
     return float(spearmanr(x, y).statistic)
 
 
+def cluster_bootstrap(stat: Callable[[np.ndarray], float], clusters: Sequence[int] | np.ndarray, n_boot: int = 1000,
+                      seed: int = 0) -> Interval:
+    """stat(item indices) on all items, with an interval from resampling whole clusters (the items of one unit:
+    the tokens of one pair, the edits of one source text), since items of a cluster are not independent."""
+    _, g = np.unique(np.asarray(clusters), return_inverse=True)
+    members = [np.flatnonzero(g == k) for k in range(g.max() + 1)] if len(g) else []
+
+    def on_units(units: np.ndarray) -> float:
+        idx = np.concatenate([members[u] for u in units]) if len(units) else np.zeros(0, int)
+        return stat(idx)
+
+    return bootstrap(on_units, len(members), n_boot, seed=seed)
+
+
 def grouped_spearman_ci(x: Sequence[float], y: Sequence[float], group: Sequence[int], n_boot: int = 1000,
                         seed: int = 0) -> Interval:
     """Spearman correlation of (x, y) points that come in groups (the tokens of one pair), with an interval
     from resampling whole groups."""
-    x, y, group = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(group)
-    _, g = np.unique(group, return_inverse=True)
-    members = [np.flatnonzero(g == k) for k in range(g.max() + 1)] if len(g) else []
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return cluster_bootstrap(lambda i: spearman(x[i], y[i]), group, n_boot, seed)
 
-    def rho(units: np.ndarray) -> float:
-        idx = np.concatenate([members[u] for u in units]) if len(units) else np.zeros(0, int)
-        return spearman(x[idx], y[idx])
 
-    return bootstrap(rho, len(members), n_boot, seed=seed)
+def spearman_margin_ci(x: Sequence[float], nulls: Sequence[Sequence[float]], y: Sequence[float],
+                       group: Sequence[int], n_boot: int = 1000, seed: int = 0) -> Interval:
+    """Spearman(x, y) minus the largest Spearman(null_k, y), every one on the same points: paired, with groups
+    resampled together, so the interval is of the margin over the best null on each resample."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ns = [np.asarray(n, dtype=float) for n in nulls]
+    return cluster_bootstrap(lambda i: spearman(x[i], y[i]) - max(spearman(n[i], y[i]) for n in ns), group,
+                             n_boot, seed)
+
+
+def slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of y on x; NaN when x is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    dx = x - x.mean()
+    den = float((dx * dx).sum())
+    return float((dx * (y - y.mean())).sum() / den) if den > 0 else float("nan")
 
 
 def distinct_n(tokens: Sequence[int], n: int = 2) -> float:

@@ -1,5 +1,6 @@
-"""`r2q demo`: the paper's three findings on the built-in imdb-sentiment task (see pipeline.py for the stages)."""
+"""`r2q demo`: the paper's three findings on the built-in imdb-sentiment task, in several seeds (see pipeline.py)."""
 
-from .pipeline import PROFILES, DemoConfig, run
+from .pipeline import DemoConfig, run
+from .profile import PROFILES, Profile
 
-__all__ = ["DemoConfig", "PROFILES", "run"]
+__all__ = ["DemoConfig", "PROFILES", "Profile", "run"]

@@ -1,4 +1,4 @@
-"""What the demo's stages and findings share: JSONL files, JSON-safe values, the sequence-length cap."""
+"""What the demo's stages and findings share: JSONL files, JSON-safe values, length percentiles."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def max_len(p: dict, tokens: int) -> int:
-    """Tokens of a prompt (up to twice the prompt length) and `tokens` completion tokens, with room to spare."""
-    return 2 * p["prompt_tokens"] + tokens + 8
+
+def percentiles(xs) -> dict[str, float]:
+    """The 10th, 25th, 50th, 75th and 90th percentiles and the mean of a length distribution."""
+    a = np.asarray(xs, dtype=float)
+    if not len(a):
+        return {}
+    q = np.percentile(a, [10, 25, 50, 75, 90])
+    return {"p10": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]), "p90": float(q[4]),
+            "mean": float(a.mean())}

@@ -1,4 +1,5 @@
-"""The demo's report: self-contained HTML (claims first), figures saved beside it, key tables for the terminal."""
+"""The demo's report: self-contained HTML (the claims and their verdicts first), figures saved beside it, and the
+claims table for the terminal. Everything shown comes from summary.json."""
 
 from __future__ import annotations
 
@@ -6,241 +7,247 @@ from pathlib import Path
 from typing import Any
 
 from ..views.report import esc, img, page, png_bytes, table
+from .methods import Method
+
+VERDICT_NOTE = ("A seed supports a claim when its whole 95% interval clears the threshold, contradicts it when the "
+                "whole interval lies on the other side, and is inconclusive otherwise. Verdict across seeds: holds "
+                "(every seed supports), fails (every seed contradicts), inconclusive (no seed decides), mixed "
+                "(seeds disagree), untestable (with the reason).")
 
 
-def _ci(x) -> str:
+def ci(x) -> str:
     if x is None:
         return ""
     est, lo, hi = x
     return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _beam_rows(rows: list[dict], lp: float) -> tuple[list[int], list[dict]]:
-    """The '1 beam' (sampling) row and the beam rows of one length penalty, by width."""
-    out = [(1, next(r for r in rows if r["method"].startswith("sample")))]
-    out += [(int(r["method"].split()[1]), r) for r in rows if r["method"].startswith("beam ")
-            and r["method"].endswith(f"lp {lp:g}")]
-    out.sort(key=lambda x: x[0])
-    return [k for k, _ in out], [r for _, r in out]
+def _seed_cell(v: dict) -> str:
+    if v["status"] == "untestable":
+        return "untestable"
+    return f"{ci((v['estimate'], *v['ci95']))} {v['status']}"
 
 
-def fig_search(search: dict, lps: tuple[float, ...]) -> bytes:
+def claims_rows(summary: dict) -> list[list[Any]]:
+    seeds = [str(s) for s in summary["seeds"]]
+    return [[c["finding"], c["statement"], c["statistic"], *[_seed_cell(c["per_seed"][s]) for s in seeds],
+             c["verdict"] + (f" ({c['reason']})" if c.get("reason") else "")] for c in summary["claims"]]
+
+
+def _rows(block: dict) -> list[tuple[Method, dict]]:
+    return [(Method(**r["method"]), r) for r in block["rows"]]
+
+
+def _errorbar(ax, xs, ivals, **kw) -> None:
+    ax.errorbar(xs, [x[0] for x in ivals], yerr=[[x[0] - x[1] for x in ivals], [x[2] - x[0] for x in ivals]],
+                capsize=2, **kw)
+
+
+def fig_search(summary: dict) -> bytes:
+    """Gold, degeneration-adjusted gold and length against beam width (0 = greedy), one line per seed and length
+    penalty, for the main policy."""
     from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
 
-    fig = Figure(figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.8))
     ax = fig.subplots(1, 3)
-    for beta, block in search["by_beta"].items():
+    lps = summary["settings"]["length_penalties"]
+    for s, res in summary["per_seed"].items():
+        rows = _rows(res["search"]["by_beta"][f"{summary['settings']['betas'][0]:g}"])
+        greedy = next(r for m, r in rows if m.family == "greedy")
         for lp in lps:
-            ks, rows = _beam_rows(block["rows"], lp)
-            lab = f"beta {beta}, length penalty {lp:g}"
-            wr = [r.get("win_rate_vs_sample", (0.5, 0.5, 0.5)) for r in rows]
-            ax[0].errorbar(ks, [w[0] for w in wr], yerr=[[w[0] - w[1] for w in wr], [w[2] - w[0] for w in wr]],
-                           fmt="o-", capsize=2, label=lab)
-            g = [r["gold"] for r in rows]
-            ax[1].errorbar(ks, [x[0] for x in g], yerr=[[x[0] - x[1] for x in g], [x[2] - x[0] for x in g]],
-                           fmt="o-", capsize=2, label=lab)
-            ax[2].plot(ks, [r["length"] for r in rows], "o-", label=lab)
-    for a, yl in zip(ax, ("win rate vs T=1 samples (95% CI)", "gold reward (95% CI)", "mean length (tokens)")):
-        a.set(xscale="log", xlabel="beams (1 = temperature-1 sampling)", ylabel=yl)
-        a.set_xticks(ks, [str(k) for k in ks])  # widths, not powers of ten
-        a.minorticks_off()
-        a.legend(fontsize=7)
-    ax[0].axhline(0.5, color="#999", lw=0.8)
+            beams = sorted(((m.width, r) for m, r in rows if m.family == "beam" and m.length_penalty == lp),
+                           key=lambda x: x[0])
+            ks = [1] + [k for k, _ in beams]
+            rs = [greedy] + [r for _, r in beams]
+            lab = f"seed {s}, lp {lp:g}"
+            _errorbar(ax[0], ks, [r["gold"] for r in rs], fmt="o-", label=lab)
+            _errorbar(ax[1], ks, [r["gold_once"] for r in rs], fmt="o-", label=lab)
+            ax[2].plot(ks, [r["length"]["mean"] for r in rs], "o-", label=lab)
+    for a, yl in zip(ax, ("gold reward (95% CI)", "gold, every word counted once", "mean length (tokens)")):
+        a.set(xscale="log", xlabel="beams (1 = greedy)", ylabel=yl)
+        a.legend(fontsize=6)
     fig.tight_layout()
     return png_bytes(fig)
 
 
-FIXED_COST = ("sample", "greedy", "guided")  # methods without a width: one point each on the equal-compute figure
-
-
-def _sweep_main(search: dict) -> tuple[list[dict], dict]:
-    """The main search table of the run the equal-compute sweep used, and its greedy row."""
-    run = search["equal_compute"]["run"]
-    rows = next(b for b in search["by_beta"].values() if b["run"] == run)["rows"]
-    return rows, next(r for r in rows if r["method"] == "greedy")
-
-
-def fig_equal_compute(search: dict) -> bytes:
-    """Gold reward (95% CI) against tokens processed per prompt: each method with a width at every budget, and
-    the fixed-cost methods of the main table as single points."""
+def fig_equal_compute(summary: dict) -> bytes:
+    """Gold against tokens processed per prompt for every method with a width, each seed a line style."""
     from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
-    from matplotlib.ticker import FuncFormatter
 
-    ec = search["equal_compute"]
-    main_rows, greedy = _sweep_main(search)
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
-    families = dict.fromkeys(r["family"] for r in ec["rows"])
-    for fam in families:
-        rows = sorted((r for r in ec["rows"] if r["family"] == fam), key=lambda r: r["tokens_per_prompt"])
-        g = [r["gold"] for r in rows]
-        ax.errorbar([r["tokens_per_prompt"] for r in rows], [x[0] for x in g],
-                    yerr=[[x[0] - x[1] for x in g], [x[2] - x[0] for x in g]], fmt="o-", capsize=2, label=fam)
-    for r in main_rows:
-        if r["method"].startswith(FIXED_COST):
-            x = r["gold"]
-            ax.errorbar([r["tokens_per_prompt"]], [x[0]], yerr=[[x[0] - x[1]], [x[2] - x[0]]], fmt="s", capsize=2,
-                        label=r["method"])
-    for b in ec["budgets"]:
-        ax.axvline(b, color="#ccc", lw=0.8, zorder=0)
-    ax.set(xscale="log", xlabel="tokens processed per prompt (every model; grey: the budgets)",
-           ylabel="gold reward (95% CI)", title="search at equal compute")
-    ax.set_xticks(sorted({*ec["budgets"], round(greedy["tokens_per_prompt"])}))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
-    ax.legend(fontsize=7, ncol=2)
+    styles = ["-", "--", ":", "-."]
+    for i, (s, res) in enumerate(summary["per_seed"].items()):
+        ec = res["search"]["equal_compute"]
+        rows = _rows(ec)
+        for fam in dict.fromkeys(m.family for m, _ in rows):
+            pts = sorted(((r["tokens_per_prompt"], r["gold"]) for m, r in rows if m.family == fam))
+            _errorbar(ax, [x for x, _ in pts], [g for _, g in pts], fmt="o" + styles[i % 4],
+                      label=f"{fam} (seed {s})", color=f"C{list(dict.fromkeys(m.family for m, _ in rows)).index(fam)}")
+    ax.set(xscale="log", xlabel="tokens processed per prompt (every model)", ylabel="gold reward (95% CI)",
+           title="search at equal compute")
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return png_bytes(fig)
 
 
-def fig_dynamics(dyn: dict) -> bytes:
+def fig_dynamics(summary: dict) -> bytes:
+    """Held-out (points) and pre-update training-batch (thin) chosen and rejected rewards, and -beta KL, of the runs
+    of finding 3, in the first seed; the other seeds are in summary.json."""
     from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
 
-    fig = Figure(figsize=(4.6 * len(dyn), 3.8))
-    axes = fig.subplots(1, len(dyn), squeeze=False)
-    for ax, (name, run) in zip(axes[0], dyn.items()):
-        ev = run["eval"]
-        steps = [m["step"] for m in ev]
-        for key, label in (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"),
-                           ("rewards/margin", "margin")):
-            ax.plot(steps, [m[key] for m in ev], "o-", ms=3, label=f"{label} (held-out)")
+    names = ("dpo-a", "dpo-b", "dpo-shuffled", "dpo-a-rt", "dpo-b-rt", "dpo-shuffled-rt")
+    seed, res = next(iter(summary["per_seed"].items()))
+    dyn = res["dynamics"]["runs"]
+    fig = Figure(figsize=(13, 6.5))
+    axes = fig.subplots(2, 3)
+    for ax, name in zip(axes.flat, names):
+        run = dyn[name]
+        for key, colour in (("chosen", "C0"), ("rejected", "C3")):
+            tr = run["train"]
+            ax.plot([m["step"] for m in tr], [m[f"rewards/{key}"] for m in tr], lw=0.6, alpha=0.5, color=colour)
+            ev = run["eval"]
+            ax.plot([m["step"] for m in ev], [m[f"rewards/{key}"] for m in ev], "o-", ms=3, color=colour,
+                    label=f"{key} (held-out; thin: training batches)")
         kc = run["kl_curve"]
         ax.errorbar([c["step"] for c in kc], [c["expected_reward_under_ref"] for c in kc],
                     yerr=[c["stderr"] for c in kc], fmt="s--", ms=3, color="k", label="-beta KL(pi_ref||pi)")
         ax.axhline(0, color="#999", lw=0.8)
-        ax.set(title=name, xlabel="step", ylabel="beta log pi/pi_ref (summed)")
-        ax.legend(fontsize=7)
+        ax.set(title=f"{name} (seed {seed})", xlabel="step", ylabel="beta log pi/pi_ref (summed)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return png_bytes(fig)
 
 
-def fig_training(dyn: dict) -> bytes:
-    from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
-
-    fig = Figure(figsize=(12, 3.6))
-    ax = fig.subplots(1, 2)
-    for name, run in dyn.items():
-        tr, ev = run["train"], run["eval"]
-        line = ax[0].plot([m["step"] for m in tr], [m["loss"] for m in tr], lw=0.6, alpha=0.5)[0]
-        ax[0].plot([m["step"] for m in ev], [m["loss"] for m in ev], "o-", ms=3, color=line.get_color(),
-                   label=f"{name} held-out")
-        ax[1].plot([m["step"] for m in tr], [m["rewards/accuracy"] for m in tr], lw=0.6, alpha=0.5,
-                   color=line.get_color())
-        ax[1].plot([m["step"] for m in ev], [m["rewards/accuracy"] for m in ev], "o-", ms=3,
-                   color=line.get_color(), label=f"{name} held-out")
-    ax[0].axhline(0.6931, color="#999", lw=0.8)
-    ax[1].axhline(0.65, color="#999", lw=0.8)
-    ax[0].set(xlabel="step", ylabel="DPO loss (thin: train batches)")
-    ax[1].set(xlabel="step", ylabel="pair accuracy (thin: train batches)")
-    for a in ax:
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    return png_bytes(fig)
-
-
-def _claims_table(claims: list[dict]) -> str:
-    return table(["finding", "statement", "statistic", "estimate [95% CI]", "holds"],
-                 [[c["finding"], c["statement"], c["statistic"], _ci((c["estimate"], *c["ci95"])),
-                   "yes" if c["holds"] else "NO"] for c in claims])
+def _setup(summary: dict) -> list[str]:
+    sh = summary["shared"]
+    body = [f"<h2>Setup</h2><p>Shared by every seed (made once, data seed {summary['settings']['data_seed']}): "
+            f"{', '.join(summary['shared_stages'])}. Every other stage runs once per seed.</p>"]
+    body.append(table(["stage", "result"], [[k, ", ".join(f"{a}={v:.4g}" if isinstance(v, float) else f"{a}={v}"
+                                                          for a, v in r.items() if isinstance(v, (int, float)))]
+                                            for k, r in sh.items()]))
+    eos = sh["eos"]
+    body.append(f"<h3>Does the SFT policy end by content?</h3><p>Temperature-1 samples after the first k tokens of "
+                f"{eos['prompts']} held-out passages (cap {eos['max_new_tokens']} new tokens; LM rows hold "
+                f"{eos['lm_len']} tokens). Ended by position, prompt + output would sit at one length.</p>")
+    body.append(table(["prompt tokens", "ends by EOS [CI]", "output p10/p50/p90", "prompt+output mean (sd)",
+                       "prompt+output p25-p75", "share in the last 8 positions of an LM row"],
+                      [[x["prompt_tokens"], ci(x["eos"]), f"{x['output']['p10']:.0f}/{x['output']['p50']:.0f}/"
+                        f"{x['output']['p90']:.0f}", f"{x['total_mean']:.1f} ({x['total_sd']:.1f})",
+                        f"{x['total']['p25']:.0f}-{x['total']['p75']:.0f}", x["total_in_last_8"]]
+                       for x in eos["by_prompt"]]))
+    for s, res in summary["per_seed"].items():
+        dyn = res["dynamics"]["runs"]
+        body.append(f"<h3>Seed {esc(s)}: DPO runs</h3>" + table(
+            ["run", "lr", "beta", "steps", "held-out loss [CI]", "accuracy [CI]", "chosen [CI]", "rejected [CI]",
+             "KL(pi_ref||pi), nats"],
+            [[n, r["lr"], r["beta"], r["steps"], ci(dyn[n]["final"]["loss"]), ci(dyn[n]["final"]["correct"]),
+              ci(dyn[n]["final"]["chosen"]), ci(dyn[n]["final"]["rejected"]), dyn[n]["kl_nats_final"]]
+             for n, r in res["dpo"].items()]))
+    return body
 
 
-def _search_table(rows: list[dict]) -> str:
-    return table(["method", "gold [CI]", "gold - greedy [CI]", "gold - sample [CI]", "win rate vs sample [CI]",
-                  "length", "ends in EOS", "distinct-2", "judge NLL/token [CI]", "log pi", "log pi/pi_ref",
-                  "tokens/prompt"],
-                 [[r["method"], _ci(r["gold"]), _ci(r.get("gold_vs_greedy")), _ci(r.get("gold_vs_sample")),
-                   _ci(r.get("win_rate_vs_sample")),
-                   r["length"], r["eos_share"], r["distinct2"], _ci(r["judge_nll"]), r["logp"], r["log_ratio"],
-                   r.get("tokens_per_prompt", "")] for r in rows])
+def _credit(summary: dict) -> list[str]:
+    body = ["<h2>1. Credit assignment</h2><p>Spearman: per-token implicit reward against the gold word weight, "
+            "over held-out pairs (resampling pairs). Edit test: a sentiment word swapped for one of the opposite "
+            "sentiment; signed change = direction x reward change on the edited word; hit = the extreme change "
+            "lands on the edited word; picture = in the edited response itself the edited word is its extreme "
+            "token (chance: 1/length); placebo: a neutral word swapped for a neutral word. Edit intervals resample "
+            "source texts.</p>"]
+    for s, res in summary["per_seed"].items():
+        cr = res["credit"]
+        body.append(f"<h3>Seed {esc(s)} ({cr['edits']} sentiment and {cr['placebo_edits']} placebo edits of "
+                    f"{cr['sources']} texts)</h3>")
+        body.append(table(["model", "Spearman [CI]", "signed change [CI]", "hits [CI]", "picture [CI]",
+                           "picture - chance [CI]", "placebo false hits [CI]", "slope vs gold change [CI]",
+                           "most rewarded tokens"],
+                          [[m["label"], ci(m["spearman"]), ci(m["signed_change"]), ci(m["hit_share"]),
+                            ci(m["picture_share"]), ci(m["picture_over_chance"]), ci(m["placebo_false_hits"]),
+                            ci(m["slope_vs_gold"]), " ".join(t for t, _, _ in m["top_positive"][:8])]
+                           for m in cr["models"].values()]))
+        body.append(table(["DPO run", "Spearman - best null", "signed - untrained", "signed - shuffled",
+                           "signed - SFT-on-chosen", "slope - SFT-on-chosen", "hits - placebo false hits"],
+                          [[k, ci(v["spearman_minus_best_null"]), *[ci(v["signed_minus_null"][n]) for n in
+                                                                    ("untrained", "shuffled", "sft-chosen")],
+                            ci(v["slope_minus_sft_chosen"]), ci(v["hit_minus_placebo_false_hit"])]
+                           for k, v in cr["paired"].items()]))
+    return body
+
+
+def _search_table(rows: list[tuple[Method, dict]]) -> str:
+    return table(["method", "gold [CI]", "gold - greedy [CI]", "gold once - greedy [CI]", "gold - T=1 sample [CI]",
+                  "length mean (p10-p90)", "ends in EOS", "distinct-2", "judge NLL/token [CI]", "tokens/prompt"],
+                 [[m.label + (f" (width {r['width_chosen']})" if r.get("width_chosen") else ""), ci(r["gold"]),
+                   ci(r["vs_greedy"].get("gold")), ci(r["vs_greedy"].get("gold_once")), ci(r["vs_sample"].get("gold")),
+                   f"{r['length']['mean']:.1f} ({r['length']['p10']:.0f}-{r['length']['p90']:.0f})", r["eos_share"],
+                   r["distinct2"], ci(r["judge_nll"]), r["tokens_per_prompt"] or ""] for m, r in rows])
+
+
+def _search(out: Path, summary: dict) -> list[str]:
+    body = ["<h2>2. Search</h2><p>Held-out prompts decoded by the DPO (b) policy with its reference. Every "
+            "difference is paired over prompts. Gold once: the gold classifier with every word counted once, so "
+            "repeating a phrase cannot raise it. Judge NLL: per-token NLL under a separately trained LM. "
+            "Tokens/prompt: token positions processed by every model.</p>"]
+    for s, res in summary["per_seed"].items():
+        for beta, block in res["search"]["by_beta"].items():
+            body.append(f"<h3>Seed {esc(s)}, beta {esc(beta)}</h3>" + _search_table(_rows(block)))
+        ec = res["search"]["equal_compute"]
+        body.append(f"<h4>Seed {esc(s)}: equal compute (budgets {', '.join(map(str, ec['budgets']))} tokens "
+                    "per prompt; --budget sets each method's width)</h4>" + _search_table(_rows(ec)))
+    for name, fig, alt in (("search.png", fig_search(summary), "gold and length against beam width"),
+                           ("equal_compute.png", fig_equal_compute(summary), "gold against tokens processed")):
+        (out / name).write_bytes(fig)
+        body.append(img(fig, alt))
+    return body
+
+
+def _dynamics(out: Path, summary: dict) -> list[str]:
+    body = ["<h2>3. Implicit rewards during training</h2><p>a: reference = SFT on the chosen side; b: reference = "
+            "the SFT policy; -rt: human Rotten Tomatoes snippets, off the SFT policy's distribution; shuffled: "
+            "shuffled labels (a null). Last quarter: per pair, averaged over the checkpoints of the last quarter of "
+            "training; training batches: the trainer's pre-update measurement of each step.</p>"]
+    for s, res in summary["per_seed"].items():
+        dyn = res["dynamics"]
+        body.append(f"<h3>Seed {esc(s)}</h3>" + table(
+            ["run", "held-out chosen, last quarter [CI]", "held-out rejected [CI]", "training-batch chosen [CI]",
+             "training-batch rejected [CI]"],
+            [[n, ci(r["last_quarter"]["chosen"]), ci(r["last_quarter"]["rejected"]),
+              ci(r["last_quarter_train"]["chosen"]), ci(r["last_quarter_train"]["rejected"])]
+             for n, r in dyn["runs"].items()]))
+        body.append(f"<p>chosen(b') - chosen(a'), paired over held-out pairs: {ci(dyn['rt_chosen_b_minus_a'])}</p>")
+    fig = fig_dynamics(summary)
+    (out / "dynamics.png").write_bytes(fig)
+    body.append(img(fig, "implicit rewards during training"))
+    return body
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> Path:
-    p = summary["settings"]
-    cr, se, dy = summary["credit"], summary["search"], summary["dynamics"]
-    body = [f"<p class=note>profile <code>{esc(summary['profile'])}</code>, seed {summary['seed']}; stages took "
-            f"{summary['seconds_compute']:.0f}s when they ran. Every number below is in summary.json; intervals are "
-            "95% percentile bootstraps over pairs, prompts or edits.</p>"]
-    body.append("<h2>Claims</h2>" + _claims_table(summary["claims"]))
-    body.append("<h2>Setup</h2>" + table(["stage", "result", "seconds"], [
-        [k, ", ".join(f"{a}={v:.4g}" if isinstance(v, float) else f"{a}={v}" for a, v in r.items()
-                      if isinstance(v, (int, float))), summary["timings"].get(k, 0.0)]
-        for k, r in summary["stages"].items()]))
-    body.append("<h3>DPO runs on held-out pairs</h3>" + table(
-        ["run", "loss [CI]", "accuracy [CI]", "chosen reward [CI]", "rejected reward [CI]", "margin [CI]", "pairs"],
-        [[k, _ci(h["loss"]), _ci(h["accuracy"]), _ci(h["chosen_reward"]), _ci(h["rejected_reward"]),
-          _ci(h["margin"]), h["pairs"]] for k, h in cr["heldout"].items()]))
-    fig = fig_training(dy)
-    (out / "training.png").write_bytes(fig)
-    body.append(img(fig, "train and held-out DPO loss and accuracy"))
-    body.append("<h2>1. Credit assignment</h2><p>Spearman correlation, over the tokens of held-out chosen and "
-                "rejected completions that lie in a word the gold classifier knows, between the per-token implicit "
-                "reward and the gold word weight (coefficient x idf); the interval resamples pairs. Edit test: a "
-                f"strongly positive word swapped for a strongly negative one or the reverse ({cr['edits']} edits of "
-                "held-out text); a hit is an edit whose most negative (or most positive) reward change is on the "
-                "edited token. Tokens: seen at least 20 times.</p>")
-    m = cr["models"]
-    body.append(table(["model", "Spearman [CI]", "tokens", "edit hits [CI]", "pos->neg: mean change at edit [CI]",
-                       "neg->pos: mean change at edit [CI]", "most rewarded tokens", "most penalised tokens"],
-                      [[v["label"], _ci(v["spearman"]), v["tokens"], _ci(v["edit_test"].get("hit_share")),
-                        _ci((v["edit_test"].get("pos_to_neg") or {}).get("mean_delta_at_edit")),
-                        _ci((v["edit_test"].get("neg_to_pos") or {}).get("mean_delta_at_edit")),
-                        " ".join(t for t, _, _ in v["top_positive"][:8]),
-                        " ".join(t for t, _, _ in v["top_negative"][:8])] for v in m.values()]))
-    png = out / "credit" / "credit.png"
-    if png.exists():
-        body.append(img(png.read_bytes(), "per-token rewards of example pairs"))
-    body.append('<p>All held-out pairs, coloured token by token: <a href="credit/credit.html">credit/credit.html</a>.'
-                "</p>")
-    body.append(f"<h2>2. Search</h2><p>{se['prompts']} held-out prompts, up to {se['max_new_tokens']} new tokens; "
-                "DPO (b) with its reference. Win rate: gold beats the same policy's temperature-1 sample on the same "
-                "prompt (ties half). Judge NLL: per-token negative log-likelihood under a separately trained LM "
-                "(fluency; lower is more fluent). Tokens/prompt: token positions processed by every model.</p>")
-    for beta, block in se["by_beta"].items():
-        body.append(f"<h3>beta {esc(beta)}</h3>" + _search_table(block["rows"]))
-    fig = fig_search(se, tuple(p["length_penalties"]))
-    (out / "search.png").write_bytes(fig)
-    body.append(img(fig, "win rate, gold reward and length against the number of beams"))
-    if "equal_compute" in se:
-        ec = se["equal_compute"]
-        body.append("<h3>Equal compute</h3><p>Every method with a width (samples, beams, simulations) run with "
-                    f"<code>--budget</code> at {', '.join(str(b) for b in ec['budgets'])} tokens processed per "
-                    "prompt: the width is the largest whose cost fits when no output ends early, so the spend "
-                    "(tokens/prompt) is at most the budget. chunk-beam: 2 samples per beam, chunks of 8 tokens, "
-                    "the SFT model proposing; MCTS: 8 children per node, rollouts capped at 8 tokens.</p>")
-        body.append(table(["method", "budget", "width", "tokens/prompt", "gold [CI]", "gold - greedy [CI]",
-                           "gold - sample [CI]", "length", "ends in EOS", "judge NLL/token [CI]"],
-                          [[r["family"], r["budget"], r["width"], r["tokens_per_prompt"], _ci(r["gold"]),
-                            _ci(r.get("gold_vs_greedy")), _ci(r.get("gold_vs_sample")), r["length"],
-                            r["eos_share"], _ci(r["judge_nll"])] for r in ec["rows"]]))
-        main_rows, greedy = _sweep_main(se)
-        none_better = [f"{r['method']} ({r['tokens_per_prompt'] / greedy['tokens_per_prompt']:.1f}x greedy's tokens: "
-                       f"{_ci(r['gold_vs_greedy'])})" for r in main_rows + ec["rows"]
-                       if "gold_vs_greedy" in r and r["gold_vs_greedy"][1] <= 0]
-        body.append("<p><b>Searches that find nothing better than greedy decoding</b> (the interval of gold - "
-                    "greedy's gold, paired by prompt, reaches 0 or below): "
-                    + (esc("; ".join(none_better)) if none_better else "none") + ".</p>")
-        fig = fig_equal_compute(se)
-        (out / "equal_compute.png").write_bytes(fig)
-        body.append(img(fig, "gold reward against tokens processed per prompt"))
-    body.append("<h2>3. Implicit rewards during training</h2><p>Held-out chosen and rejected rewards at every "
-                "evaluation (step 0 measured before the first update). a: reference = SFT on the chosen side; "
-                "b: reference = the SFT policy; -rt: human Rotten Tomatoes snippets, off the SFT policy's "
-                "distribution. Dashed: E_{y~pi_ref}[beta log pi/pi_ref] = -beta KL(pi_ref||pi), from "
-                f"{p['n_ref_samples']} reference samples per checkpoint.</p>")
-    fig = fig_dynamics(dy)
-    (out / "dynamics.png").write_bytes(fig)
-    body.append(img(fig, "implicit rewards during training"))
+    seeds = ", ".join(map(str, summary["seeds"]))
+    body = [f"<p class=note>profile <code>{esc(summary['profile'])}</code>, seeds {esc(seeds)}; stages took "
+            f"{summary['seconds_compute']:.0f}s when they ran. Every number below is in summary.json, with the "
+            f"commit and code hash of the run that computed each stage. {esc(VERDICT_NOTE)}</p>"]
+    body.append("<h2>Claims</h2>" + table(["finding", "statement", "statistic",
+                                           *[f"seed {s}" for s in summary["seeds"]], "verdict"],
+                                          claims_rows(summary)))
+    body += _setup(summary) + _credit(summary) + _search(out, summary) + _dynamics(out, summary)
     path = out / "report.html"
-    path.write_text(page("r2q demo: From r to Q* on imdb-sentiment", "".join(body)))
+    tmp = out / "report.html.tmp"
+    tmp.write_text(page("r2q demo: From r to Q* on imdb-sentiment", "".join(body)))
+    tmp.replace(path)
     return path
 
 
-def key_tables(summary: dict) -> list:
+def terminal_table(summary: dict):
+    """The claims for the terminal: id, each seed's estimate and status, the verdict (statements: report.html)."""
     from rich.table import Table
 
-    t = Table(title="r2q demo: claims (95% bootstrap intervals)")
-    for c in ("finding", "statement", "estimate [95% CI]", "holds"):
+    seeds = [str(s) for s in summary["seeds"]]
+    t = Table(title=f"r2q demo: claims across seeds {', '.join(seeds)} (statements in report.html)")
+    for c in ("finding", "claim", *[f"seed {s}" for s in seeds], "verdict"):
         t.add_column(c)
+    mark = {"supports": "+", "contradicts": "-", "inconclusive": "?"}
     for c in summary["claims"]:
-        t.add_row(c["finding"], c["statement"], _ci((c["estimate"], *c["ci95"])), "yes" if c["holds"] else "NO")
-    return [t]
+        cells = [f"{v['estimate']:.3g} {mark[v['status']]}" if "estimate" in v else "untestable"
+                 for v in (c["per_seed"][s] for s in seeds)]
+        t.add_row(c["finding"], c["id"], *cells, c["verdict"])
+    return t

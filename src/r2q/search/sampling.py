@@ -64,8 +64,11 @@ def sample(
         lock.select(idx)
         logps = [lp.index_select(0, idx) for lp in logps]
     N = len(prompts) * repeat
-    alive = torch.ones(N, dtype=torch.bool, device=dev)
-    toks, lps, drawn = [], [[] for _ in lock.models], []
+    rows = torch.arange(N, device=dev)  # the original row of each row still decoded
+    live = torch.ones(N, dtype=torch.bool, device=dev)  # rows of the batch that have not ended
+    tok = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    lps = [torch.zeros(N, max_new_tokens, device=dev) for _ in lock.models]
+    drawn = torch.zeros(N, max_new_tokens, device=dev) if callable(proposal) else None
     for t in range(max_new_tokens):
         lp = proposal(logps) if callable(proposal) else logps[proposal]
         if greedy:
@@ -73,20 +76,24 @@ def sample(
         else:
             w = torch.softmax(filter_logits(lp, temperature, top_k, top_p), dim=-1)
             nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-        toks.append(nxt)
-        if callable(proposal):  # a model's own log-probs are recorded below already
-            drawn.append(lp.gather(-1, nxt[:, None]).squeeze(-1).float())
+        nxt = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        at = rows[live]
+        tok[at, t] = nxt[live]
+        if drawn is not None:  # a model's own log-probs are recorded below already
+            drawn[at, t] = lp[live].gather(-1, nxt[live, None]).squeeze(-1).float()
         for m, l in enumerate(logps):
-            lps[m].append(l.gather(-1, nxt[:, None]).squeeze(-1))
-        step_alive = alive.clone()
-        alive = alive & ~torch.isin(nxt, eos)
-        if not alive.any() or t + 1 == max_new_tokens:
+            lps[m][at, t] = l[live].gather(-1, nxt[live, None]).squeeze(-1).float()
+        live = live & ~torch.isin(nxt, eos)
+        if not live.any() or t + 1 == max_new_tokens:
             break
-        logps = lock.step(nxt, alive=step_alive)
-    tok = torch.stack(toks, 1).cpu()
-    lp_all = [torch.stack(x, 1).cpu() for x in lps]
-    drawn_all = torch.stack(drawn, 1).cpu() if drawn else None
+        if live.sum() * 4 <= 3 * len(live):  # a quarter of the batch or more has ended: those rows leave it
+            keep = live.nonzero().squeeze(-1)
+            lock.select(keep)
+            rows, nxt, live = rows[keep], nxt[keep], live[keep]
+        logps = lock.step(nxt, alive=live)
+    steps = t + 1  # a row that did not end ran every step
+    tok, lps = tok[:, :steps].cpu(), [x[:, :steps].cpu() for x in lps]
+    drawn_all = drawn[:, :steps].cpu() if drawn is not None else None
     out_tokens, out_lps, out_drawn = [], [[] for _ in lock.models], []
     for i in range(N):
         row = tok[i].tolist()
@@ -99,5 +106,5 @@ def sample(
         if drawn_all is not None:
             out_drawn.append(drawn_all[i, :n])
         for m in range(len(lock.models)):
-            out_lps[m].append(lp_all[m][i, :n])
+            out_lps[m].append(lps[m][i, :n])
     return Samples(out_tokens, out_lps, out_drawn if drawn_all is not None else out_lps[proposal])

