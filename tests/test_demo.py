@@ -48,8 +48,11 @@ def test_summary_has_every_finding_per_seed_with_measured_points(demo_run):
             assert g[1] <= g[0] <= g[2] and 0.0 <= r["eos_share"] <= 1.0 and r["judge_nll"][0] > 0
             assert len(r["per_prompt"]["gold_once"]) == len(r["per_prompt"]["gold"]) == res["search"]["prompts"]
         ec = res["search"]["equal_compute"]
-        for r in ec["rows"]:
+        assert [r["method"]["family"] for r in ec["rows"][:2]] == ["sample", "greedy"]  # the baselines, same prompts
+        for r in ec["rows"][2:]:
             assert 0 < r["tokens_per_prompt"] <= r["method"]["budget"] and r["width_chosen"] >= 1
+        assert {(r["method"]["family"], r["method"]["budget"]) for r in ec["rows"][2:]} == {
+            (f, b) for f in ("best-of-n", "beam", "reward-beam", "chunk-beam", "mcts") for b in ec["budgets"]}
         for name in ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt", "dpo-shuffled", "dpo-shuffled-rt"):
             dyn = res["dynamics"]["runs"][name]
             # step 0 is measured before the first update, where the policy is the reference: 0 up to float noise
@@ -82,7 +85,7 @@ def test_claims_carry_per_seed_intervals_and_the_verdict_they_give(demo_run):
     assert loss["per_seed"]["0"]["estimate"] == saved["per_seed"]["0"]["dynamics"]["runs"]["dpo-b"]["final"]["loss"][0]
 
 
-def test_second_run_reuses_every_stage_and_another_seed_reuses_the_shared_ones(demo_run):
+def test_second_run_reuses_every_stage_and_another_seed_reuses_the_shared_ones(demo_run, tmp_path):
     out, summary, first = demo_run
     t0 = time.perf_counter()
     again = run(DemoConfig(out=str(out), profile="tiny", quiet=True))
@@ -91,7 +94,8 @@ def test_second_run_reuses_every_stage_and_another_seed_reuses_the_shared_ones(d
     same = [json.loads(json.dumps(x["per_seed"], default=jsonable)) for x in (again, summary)]
     assert same[0] == same[1]
     assert time.perf_counter() - t0 < first / 2
-    one = run(DemoConfig(out=str(out), profile="tiny", quiet=True, seeds="1"))
+    shutil.copytree(out, tmp_path / "copy")  # the report test reads the two-seed report in `out`
+    one = run(DemoConfig(out=str(tmp_path / "copy"), profile="tiny", quiet=True, seeds="1"))
     assert set(one["reused_stages"]) >= {"data", "gold", "judge", "sft", "eos", "pairs (seed 1)", "search (seed 1)"}
     assert json.loads(json.dumps(one["per_seed"]["1"], default=jsonable)) == same[1]["1"]
 

@@ -39,7 +39,7 @@ def stage_pairs(ctx, d: Path) -> dict[str, Any]:
     tok = load_tokenizer(sft)
     prompts = [r["prompt"] for r in read_jsonl(ctx.dir("data") / "pair_prompts.jsonl")]
     K = p.pair_samples
-    cfg = GenerateConfig(method="sample", max_new_tokens=p.pair_tokens, seed=seed, batch_size=64)
+    cfg = GenerateConfig(method="sample", max_new_tokens=p.pair_tokens, seed=seed, batch_size=256)
     gens, compute = generate(load_model(sft), tok, [x for x in prompts for _ in range(K)], cfg)
     gold = load_gold(ctx.dir("gold") / "gold.json")
     texts = [g.text for g in gens]

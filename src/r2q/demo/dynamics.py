@@ -1,10 +1,10 @@
 """Finding 3, per seed: implicit rewards during training, and how far each run moved from its reference.
 
-For every DPO run: its held-out pairs scored at the end (loss, accuracy, rewards with intervals over pairs) and at
-every checkpoint of the last quarter of training (per pair, averaged over those checkpoints); the pre-update
-training-batch rewards of the same quarter from the trainer's log (one point per step, each measured before its
-update); the held-out curve the trainer logged; and E_{y~pi_ref}[beta log pi/pi_ref] = -beta KL(pi_ref||pi) from
-reference samples, at every checkpoint for the main runs and at the end for the others.
+For every DPO run: its held-out pairs scored at the end (loss, accuracy, rewards with intervals over pairs); the
+pre-update training-batch rewards of the last quarter of training from the trainer's log (one point per step, each
+measured before its update); the held-out curve the trainer logged; and E_{y~pi_ref}[beta log pi/pi_ref] =
+-beta KL(pi_ref||pi) from reference samples. For the runs of finding 3 (CURVES) also the held-out rewards at every
+checkpoint of the last quarter (per pair, averaged over those checkpoints) and the KL at every checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from ..search import GenerateConfig, encode_prompts, generate, score_sequences
 from ..stats import mean_ci
 from .common import read_jsonl
 
-CURVES = ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt")  # runs with a KL curve over every checkpoint
+# the runs of finding 3: a KL curve over every checkpoint and held-out rewards over the last quarter of training
+# (the others, nulls and other betas: at the end only)
+CURVES = ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt")
 
 
 def _checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
@@ -57,13 +59,14 @@ def _one_run(ctx, run, tok) -> dict[str, Any]:
     rows = read_jsonl(Path(run.eval_file))
     ref = load_model(run.reference).eval()
     prompts = [r["prompt"] for r in rows][: p.n_ref_samples]
-    cfg = GenerateConfig(method="sample", max_new_tokens=tokens, seed=ctx.seed, batch_size=64)
+    cfg = GenerateConfig(method="sample", max_new_tokens=tokens, seed=ctx.seed, batch_size=256)
     samples, _ = generate(ref, tok, prompts, cfg)
     ref_samples = (encode_prompts(tok, prompts), [g.token_ids for g in samples], np.array([g.logp for g in samples]),
                    tok.eos_token_id)
     points = _checkpoints(Path(run.model))
     total = run.steps
-    late = [(s, c) for s, c in points if s >= 0.75 * total and s != total] + [(total, Path(run.model))]
+    late = [(s, c) for s, c in points if s >= 0.75 * total and s != total and run.name in CURVES]
+    late.append((total, Path(run.model)))
     per_pair = {s: _pair_values(load_model(c).eval(), ref, tok, rows, run.beta, **kw) for s, c in late}
     final = per_pair[total]
     nb = p.n_boot

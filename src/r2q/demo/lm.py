@@ -13,7 +13,15 @@ from ..errors import UserError
 from ..models import load_model, load_tokenizer, save_model, tiny_model, train_bpe_tokenizer
 from ..search import GenerateConfig, generate
 from ..stats import mean_ci
-from ..tasks.imdb_sentiment import GoldReward, load_reviews, passages, rt_pairs, save_gold, split_reviews
+from ..tasks.imdb_sentiment import (
+    GoldReward,
+    load_reviews,
+    passages,
+    rt_pairs,
+    save_gold,
+    sentences,
+    split_reviews,
+)
 from ..train import TrainConfig, train
 from .common import percentiles, read_jsonl, write_jsonl
 
@@ -22,6 +30,28 @@ def _passage_prompt(tok, text: str, k: int) -> tuple[str, str]:
     """(BOS + the passage's first k tokens, the rest of the passage) as text."""
     ids = tok(text, add_special_tokens=False).input_ids
     return tok.bos_token + tok.decode(ids[:k]), tok.decode(ids[k:])
+
+
+def _sentence_counter(tok, texts: list[str]):
+    """n_tokens(passage) for passages of whole sentences of `texts`, from every sentence's token count encoded once
+    in a batch: a byte-level BPE cuts before a space, so a passage's tokens are its first sentence's plus each later
+    sentence's with its leading space (the passages made are checked against a real encoding afterwards)."""
+    sents = sorted({x for t in texts for x in sentences(t)})
+    enc = tok.backend_tokenizer.encode_batch
+    first = dict(zip(sents, (len(e.ids) for e in enc(sents, add_special_tokens=False))))
+    later = dict(zip(sents, (len(e.ids) for e in enc([" " + x for x in sents], add_special_tokens=False))))
+
+    def n_tokens(passage: str) -> int:
+        parts = sentences(passage)
+        return first[parts[0]] + sum(later[x] for x in parts[1:])
+
+    return n_tokens
+
+
+def _check_fits(tok, texts: list[str], max_tokens: int) -> None:
+    lengths = [len(e.ids) for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    if max(lengths, default=0) > max_tokens:
+        raise AssertionError(f"a passage of {max(lengths)} tokens was made for a limit of {max_tokens}")
 
 
 def stage_data(ctx, d: Path) -> dict[str, Any]:
@@ -34,22 +64,22 @@ def stage_data(ctx, d: Path) -> dict[str, Any]:
     tok = train_bpe_tokenizer(lm, vocab_size=p.vocab, chat_template=None)
     tok.save_pretrained(d / "tokenizer")
     rng = random.Random(p.data_seed)
-
-    def n_tokens(s: str) -> int:
-        return len(tok(s, add_special_tokens=False).input_ids)
+    n_tokens = _sentence_counter(tok, lm + [t for t, _ in splits.gold] + splits.prompts)
 
     def cut(texts: list[str]) -> list[list[str]]:
         return [passages(t, n_tokens, p.lm_len - 2, rng, p.sentences) for t in texts]
 
     lm_passages = [x for ps in cut(lm) for x in ps]
+    _check_fits(tok, lm_passages, p.lm_len - 2)
     write_jsonl(d / "lm.jsonl", [{"text": x} for x in lm_passages])
     write_jsonl(d / "gold.jsonl", [{"text": t, "label": y} for t, y in splits.gold])
     gold_passages = cut([t for t, _ in splits.gold])
+    _check_fits(tok, [x for ps in gold_passages for x in ps], p.lm_len - 2)
     # the judge learns passages of the gold reviews, text it shares with no policy
     write_jsonl(d / "judge.jsonl", [{"text": x} for ps in gold_passages for x in ps])
     need = max(p.eos_prompt_tokens + (p.prompt_tokens,)) + 4  # room for a continuation after the longest prompt
 
-    def one_passage(ps: list[str]) -> str | None:
+    def one_passage(ps: list[str]) -> str | None:  # a random passage long enough to hold a prompt
         ok = [x for x in ps if n_tokens(x) >= need]
         return rng.choice(ok) if ok else None
 
@@ -120,7 +150,7 @@ def stage_eos(ctx, d: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"prompts": len(rows), "max_new_tokens": p.search_tokens, "lm_len": p.lm_len, "by_prompt": []}
     for k in p.eos_prompt_tokens:
         prompts = [_passage_prompt(tok, r["passage"], k)[0] for r in rows]
-        cfg = GenerateConfig(method="sample", max_new_tokens=p.search_tokens, seed=p.data_seed, batch_size=64)
+        cfg = GenerateConfig(method="sample", max_new_tokens=p.search_tokens, seed=p.data_seed, batch_size=256)
         gens, _ = generate(model, tok, prompts, cfg)
         n = np.array([len(g.token_ids) for g in gens])
         ended = np.array([bool(g.token_ids) and g.token_ids[-1] == tok.eos_token_id for g in gens])

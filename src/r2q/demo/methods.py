@@ -55,3 +55,6 @@ class Method:
         if f == "chunk-beam":
             kw["num_samples"] = 2
         return kw
+
+
+SWEEP = ("best-of-n", "beam", "reward-beam", "chunk-beam", "mcts")  # the methods with a width, at equal compute

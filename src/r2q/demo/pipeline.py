@@ -151,19 +151,34 @@ class _Runner:
         if self.reused:
             self.console.print(f"[dim]cached: {', '.join(self.reused)}[/]")
         workers = min(self.cfg.workers, max(1, len(todo)))
-        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
         if workers == 1:
             for job in todo:
                 self._done(job, _compute(self.cfg.out, self.cfg.profile, job[1], job[0], self.cfg.quiet, 0))
             return
+        self._parallel(todo, workers)
+
+    def _parallel(self, todo: list[tuple[str, int | None]], workers: int) -> None:
+        """Stages side by side in `workers` processes: the ready stage of highest priority first, one thread each,
+        except a stage that runs alone (the SFT policy's training, or the only stage left to run), which gets
+        every core: training gains from threads, decoding these small models does not."""
+        cores = os.cpu_count() or 1
+        rank = {n: i for i, n in enumerate(_priority(self.st.order))}
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             running: dict[Any, tuple[str, int | None]] = {}
             while todo or running:
-                ready = [j for j in todo if all(d in self.records for d in self.deps(j))]
-                for job in ready[: workers - len(running)]:
+                ready = sorted((j for j in todo if all(d in self.records for d in self.deps(j))),
+                               key=lambda j: rank[j[0]])
+                for job in ready:
+                    alone = job[0] in EXCLUSIVE or (len(ready) == 1 and not running)
+                    if len(running) >= workers or (running and job[0] in EXCLUSIVE) or \
+                            any(r[0] in EXCLUSIVE for r in running.values()):
+                        break
                     todo.remove(job)
+                    threads = cores if alone else max(1, cores // workers)
                     running[pool.submit(_compute, self.cfg.out, self.cfg.profile, job[1], job[0], True,
                                         threads)] = job
+                    if job[0] in EXCLUSIVE:
+                        break
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for f in finished:
                     self._done(running.pop(f), f.result())
@@ -173,6 +188,17 @@ class _Runner:
         nums = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.result.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool))[:200]
         self.console.print(f"[green]{_where(job)}[/] done in {rec.seconds:.0f}s  {nums}", highlight=False)
+
+
+EXCLUSIVE = ("sft",)  # runs alone with every core: the longest training, on the path of every later stage
+
+
+def _priority(order: list[str]) -> list[str]:
+    """Stages in the order a free worker takes them when several are ready: the path to the DPO runs first, then
+    the longest per-seed stage (search), so that the last stages to finish are short ones."""
+    first = ["data", "gold", "sft", "pairs", "judge", "eos"]
+    last = ["search", "credit", "dynamics"]
+    return first + [n for n in order if n not in first + last] + last
 
 
 def _where(job: tuple[str, int | None]) -> str:
@@ -203,7 +229,6 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or reuse) every stage for every seed, write DIR/summary.json and DIR/report.html; returns the summary."""
     from rich.console import Console
     from rich.markup import escape
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per stage, not a bar per model load

@@ -33,7 +33,7 @@ class Profile:
     # -- per seed: preference pairs
     pair_samples: int = 4  # samples per prompt; the best and the worst by gold make a pair
     pair_tokens: int = 64  # cap on a sampled completion (enough that most samples end by EOS)
-    n_pair_prompts: int = 3072
+    n_pair_prompts: int = 2816
     n_pairs: int = 2048  # the pairs with the widest gold gap are kept
     n_eval_pairs: int = 256
     n_rt_pairs: int = 1024
@@ -45,9 +45,9 @@ class Profile:
     dpo_batch: int = 16
     dpo_warmup: int = 10
     betas: tuple[float, ...] = (0.1,)
-    dpo_lrs: tuple[float, ...] = (6e-4,)  # one per beta
+    dpo_lrs: tuple[float, ...] = (4e-4,)  # one per beta
     kl_range: tuple[float, float] = (0.5, 8.0)  # the stated range of the final KL(pi_ref||pi), nats per sample
-    eval_every: int = 8
+    eval_every: int = 16
     # -- per seed: the findings
     n_search: int = 128
     search_tokens: int = 64
@@ -57,8 +57,9 @@ class Profile:
     bon_n: int = 4
     mcts_sims: int = 8
     guided_alphas: tuple[float, ...] = (2.0, 4.0)
-    budgets: tuple[int, ...] = (500, 1000, 2000)
-    n_ref_samples: int = 256
+    budgets: tuple[int, ...] = (500, 1000)  # the equal-compute sweep: tokens processed per prompt
+    n_sweep: int = 64  # prompts of the equal-compute sweep (the first of the search prompts)
+    n_ref_samples: int = 128  # reference samples per KL estimate
     edit_words: int = 12
     placebo_words: int = 12
     n_boot: int = 1000
@@ -86,14 +87,14 @@ PROFILES: dict[str, Profile] = {
     "full": replace(QUICK, name="full", n_lm_reviews=16500, vocab=8192, hidden=160, layers=6, sft_steps=1500,
                     sft_lr=2e-3, judge_layers=3, judge_steps=400, n_pair_prompts=4608, n_pairs=3000,
                     n_eval_pairs=512, chosen_sft_steps=100, dpo_warmup=20, betas=(0.1, 0.05, 0.5),
-                    dpo_lrs=(6e-4, 6e-4, 1.2e-4), beams=(2, 3, 4, 6, 8, 16), bon_n=8, mcts_sims=16, edit_words=16,
-                    placebo_words=16),
+                    dpo_lrs=(4e-4, 4e-4, 8e-5), beams=(2, 3, 4, 6, 8, 16), bon_n=8, mcts_sims=16, edit_words=16,
+                    placebo_words=16, budgets=(500, 1000, 2000), n_sweep=128),
     # the pipeline test: every stage and two seeds, at a size that runs in about a minute
     "tiny": replace(QUICK, name="tiny", n_gold=2000, n_lm_reviews=1500, vocab=1024, hidden=64, layers=2,
                     sft_steps=150, judge_layers=1, judge_steps=40, eos_prompt_tokens=(4, 8), n_eos_prompts=16,
                     pair_samples=2, pair_tokens=24, n_pair_prompts=400, n_pairs=256, n_eval_pairs=64,
                     n_rt_pairs=128, n_rt_eval=64, rt_candidates=600, rt_tokens=24, chosen_sft_steps=8,
                     dpo_lrs=(3e-3,), eval_every=8, n_search=16, search_tokens=16, beams=(2, 4), bon_n=2,
-                    mcts_sims=3, guided_alphas=(2.0,), budgets=(150, 300), n_ref_samples=16, edit_words=8,
+                    mcts_sims=3, guided_alphas=(2.0,), budgets=(150, 300), n_sweep=8, n_ref_samples=16, edit_words=8,
                     placebo_words=8, n_boot=100, seeds=(0, 1)),
 }

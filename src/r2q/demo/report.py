@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..views.report import esc, img, page, png_bytes, table
-from .methods import Method
+from .methods import SWEEP, Method
 
 VERDICT_NOTE = ("A seed supports a claim when its whole 95% interval clears the threshold, contradicts it when the "
                 "whole interval lies on the other side, and is inconclusive otherwise. Verdict across seeds: holds "
@@ -71,22 +71,26 @@ def fig_search(summary: dict) -> bytes:
 
 
 def fig_equal_compute(summary: dict) -> bytes:
-    """Gold against tokens processed per prompt for every method with a width, each seed a line style."""
+    """Gold against tokens processed per prompt for every method with a width (a line per seed) and the greedy
+    and temperature-1 baselines (points)."""
     from matplotlib.figure import Figure  # Agg-rendered; pyplot and the global backend are left alone
 
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
     styles = ["-", "--", ":", "-."]
     for i, (s, res) in enumerate(summary["per_seed"].items()):
-        ec = res["search"]["equal_compute"]
-        rows = _rows(ec)
-        for fam in dict.fromkeys(m.family for m, _ in rows):
-            pts = sorted(((r["tokens_per_prompt"], r["gold"]) for m, r in rows if m.family == fam))
-            _errorbar(ax, [x for x, _ in pts], [g for _, g in pts], fmt="o" + styles[i % 4],
-                      label=f"{fam} (seed {s})", color=f"C{list(dict.fromkeys(m.family for m, _ in rows)).index(fam)}")
+        rows = _rows(res["search"]["equal_compute"])
+        for c, fam in enumerate(SWEEP):
+            pts = sorted((r["tokens_per_prompt"], r["gold"]) for m, r in rows if m.family == fam)
+            _errorbar(ax, [x for x, _ in pts], [g for _, g in pts], fmt="o" + styles[i % 4], color=f"C{c}",
+                      label=f"{fam} (seed {s})")
+        for m, r in rows:
+            if m.budget is None:
+                _errorbar(ax, [r["tokens_per_prompt"]], [r["gold"]], fmt="s", color="k" if m.family == "greedy"
+                          else "#888", label=f"{m.label} (seed {s})")
     ax.set(xscale="log", xlabel="tokens processed per prompt (every model)", ylabel="gold reward (95% CI)",
            title="search at equal compute")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=5, ncol=3)
     fig.tight_layout()
     return png_bytes(fig)
 
@@ -193,7 +197,8 @@ def _search(out: Path, summary: dict) -> list[str]:
             body.append(f"<h3>Seed {esc(s)}, beta {esc(beta)}</h3>" + _search_table(_rows(block)))
         ec = res["search"]["equal_compute"]
         body.append(f"<h4>Seed {esc(s)}: equal compute (budgets {', '.join(map(str, ec['budgets']))} tokens "
-                    "per prompt; --budget sets each method's width)</h4>" + _search_table(_rows(ec)))
+                    f"per prompt, the first {ec['prompts']} prompts; --budget sets each method's width)</h4>"
+                    + _search_table(_rows(ec)))
     for name, fig, alt in (("search.png", fig_search(summary), "gold and length against beam width"),
                            ("equal_compute.png", fig_equal_compute(summary), "gold against tokens processed")):
         (out / name).write_bytes(fig)

@@ -15,7 +15,7 @@ from ..search import GenerateConfig, encode_prompts, generate, score_sequences
 from ..stats import distinct_n, mean_ci, paired_diff_ci, wins
 from ..tasks.imdb_sentiment import load_gold
 from .common import percentiles, read_jsonl, write_jsonl
-from .methods import Method
+from .methods import SWEEP, Method
 
 
 @dataclass
@@ -52,8 +52,6 @@ def main_plan(p, main: bool) -> list[Method]:
     return plan
 
 
-SWEEP = ("best-of-n", "beam", "reward-beam", "chunk-beam", "mcts")  # the methods with a width, at equal compute
-
 
 class _Measure:
     """Decodes a method on the seed's prompts with one policy/reference pair and measures the outputs."""
@@ -61,11 +59,12 @@ class _Measure:
     def __init__(self, ctx, d: Path, run, judge, gold, rows: list[dict]):
         p = ctx.profile
         self.ctx, self.d, self.run, self.judge, self.gold = ctx, d, run, judge, gold
+        d.mkdir(exist_ok=True)
         self.tok = load_tokenizer(run.model)
         self.policy, self.ref = load_model(run.model).eval(), load_model(run.reference).eval()
         self.prompts = [r["prompt"] for r in rows]
         self.enc = encode_prompts(self.tok, self.prompts)
-        self.base = dict(max_new_tokens=p.search_tokens, beta=run.beta, seed=ctx.seed, batch_size=16)
+        self.base = dict(max_new_tokens=p.search_tokens, beta=run.beta, seed=ctx.seed, batch_size=64)
 
     def row(self, m: Method) -> SearchRow:
         gens, compute = generate(self.policy, self.tok, self.prompts, GenerateConfig(**self.base, **m.config()),
@@ -121,9 +120,12 @@ def stage_search(ctx, d: Path) -> dict[str, Any]:
         _compare(table, p.n_boot)
         out["by_beta"][f"{run.beta:g}"] = {"run": name, "rows": [asdict(r) for r in table]}
         if name == "dpo-b":  # every method with a width, at the same tokens processed per prompt
-            sweep = [ms.row(Method(f, budget=b)) for b in p.budgets for f in SWEEP]
-            _compare(table[:3] + sweep, p.n_boot)
-            out["equal_compute"] = {"run": name, "budgets": list(p.budgets), "rows": [asdict(r) for r in sweep]}
+            sw = _Measure(ctx, d / "equal-compute", run, judge, gold, rows[: p.n_sweep])
+            sweep = [sw.row(Method("sample", temperature=1.0)), sw.row(Method("greedy"))]
+            sweep += [sw.row(Method(f, budget=b)) for b in p.budgets for f in SWEEP]
+            _compare(sweep, p.n_boot)
+            out["equal_compute"] = {"run": name, "budgets": list(p.budgets), "prompts": len(sw.prompts),
+                                    "rows": [asdict(r) for r in sweep]}
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..rewards import token_rewards
 from .lm import Lockstep, left_pad
-from .sampling import filter_logits
+from .sampling import draw, filter_logits
 
 
 def chunk_beam_search(
@@ -55,7 +55,7 @@ def chunk_beam_search(
     while t < max_new_tokens:
         for _ in range(min(chunk_len, max_new_tokens - t)):
             w = torch.softmax(filter_logits(logps[0], temperature, top_k, top_p), dim=-1)
-            nxt = torch.multinomial(w.cpu(), 1, generator=generator).squeeze(-1).to(dev)
+            nxt = draw(w, generator)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
             tok_lp = torch.cat([logps[1].gather(-1, nxt[:, None]), logps[2].gather(-1, nxt[:, None])], dim=-1)
             tok_lp = torch.where(alive[:, None], tok_lp.float(), torch.zeros_like(tok_lp, dtype=torch.float))
