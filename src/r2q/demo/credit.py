@@ -99,11 +99,14 @@ def edit_measures(policy, ref, tok, edits: list[Edit], beta: float) -> dict[str,
     for placebo edits the largest |delta|) is at the edit; sum_delta = the sequence reward change; picture = in the
     edited response itself, its most negative (-1) or most positive (+1) token reward is the edited token, the
     paper's figure; chance = 1 / the completion's length."""
-    ex = [SFTExample(list(e.prompt), list(c), i) for i, e in enumerate(edits) for c in (e.orig, e.edited)]
+    seqs = list(dict.fromkeys((e.prompt, c) for e in edits for c in (e.orig, e.edited)))  # an original once
+    at = {x: i for i, x in enumerate(seqs)}
+    ex = [SFTExample(list(p), list(c), i) for i, (p, c) in enumerate(seqs)]
     items = score_examples(policy, ref, tok, ex, beta, delimiter=None, use_cache=False).items()
     out: dict[str, list[float]] = {k: [] for k in ("signed", "hit", "sum_delta", "picture", "chance")}
-    for i, e in enumerate(edits):
-        r0, r1 = np.array(items[2 * i].rewards), np.array(items[2 * i + 1].rewards)
+    for e in edits:
+        r0 = np.array(items[at[e.prompt, e.orig]].rewards)
+        r1 = np.array(items[at[e.prompt, e.edited]].rewards)
         delta = r1 - r0
         if e.kind == "placebo":
             hit = np.argmax(np.abs(delta)) == e.t

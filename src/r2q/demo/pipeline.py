@@ -57,8 +57,8 @@ class DemoConfig:
                           choices=tuple(PROFILES))
     seeds: str = option("", "Comma-separated seeds of the per-seed stages (default: the profile's, quick 0,1,2)",
                         shown="the profile's")
-    workers: int = option(1, "Processes running stages side by side (each with cores / workers threads)", ge=1,
-                          le=64)
+    workers: int = option(0, "Processes running stages side by side, each with cores / workers threads (0: as many "
+                             "as cores, at most 4)", ge=0, le=64, shown="cores, at most 4")
     quiet: bool = option(False, "No progress bars inside stages")
 
     def __post_init__(self):
@@ -150,7 +150,7 @@ class _Runner:
                 self.reused.append(_where(job))
         if self.reused:
             self.console.print(f"[dim]cached: {', '.join(self.reused)}[/]")
-        workers = min(self.cfg.workers, max(1, len(todo)))
+        workers = min(self.cfg.workers or min(os.cpu_count() or 1, 4), max(1, len(todo)))
         if workers == 1:
             for job in todo:
                 self._done(job, _compute(self.cfg.out, self.cfg.profile, job[1], job[0], self.cfg.quiet, 0))
