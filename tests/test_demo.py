@@ -61,6 +61,7 @@ def test_summary_has_every_finding_per_seed_with_measured_points(demo_run):
             assert dyn["kl_curve"][-1]["step"] == res["dpo"][name]["steps"]
             assert dyn["last_quarter_steps"][-1] == res["dpo"][name]["steps"]
         assert res["dpo"]["dpo-b"]["lr"] == saved["settings"]["dpo_lrs"][0]
+    assert 0 < saved["seconds_wall_stages"] <= saved["seconds_compute"] + 2  # two workers: less than the sum
     for key, prov in saved["provenance"].items():
         assert prov["commit"] and len(prov["code"]) == 16 and prov["seconds"] > 0, key
 

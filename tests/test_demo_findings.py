@@ -74,6 +74,12 @@ def test_crossfit_best_width_is_chosen_on_the_other_half():
     diff[even] = arms[best_odd][even] - arms[16][even]
     assert got[0] == pytest.approx(diff.mean())
     assert got[1] <= got[0] <= got[2]
+    # the best among the candidates only: here the target itself is never chosen
+    only = crossfit_best_minus(arms, 0, n_boot=50, candidates=[2, 16])
+    want = np.zeros(n)
+    want[odd] = arms[max((2, 16), key=lambda k: arms[k][even].mean())][odd] - arms[0][odd]
+    want[even] = arms[max((2, 16), key=lambda k: arms[k][odd].mean())][even] - arms[0][even]
+    assert only[0] == pytest.approx(want.mean())
     # no width better than the target: no selection bias pushes the estimate above 0 on average
     null = [crossfit_best_minus({k: np.random.default_rng(s).normal(size=n) for k in (0, 2, 4, 16)}, 16, 20)[0]
             for s in range(200)]

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         print(claims_short(s))
         return
     print(f"# r2q demo results: profile {s['profile']}, seeds {', '.join(map(str, s['seeds']))}\n")
-    print(f"From `{a.summary}`; stages took {s['seconds_compute']:.0f} s of compute, {s['seconds_this_run']:.0f} s "
-          "of wall time in the run that wrote it.\n\n## Claims\n")
+    print(f"From `{a.summary}`; the stages took {s['seconds_compute']:.0f} s of compute and "
+          f"{s['seconds_wall_stages']:.0f} s of wall time from the start of the first to the end of the last.\n\n"
+          "## Claims\n")
     print(claims_short(s) + "\n\n### Per seed\n\n" + claims_per_seed(s) + "\n\n" + details(s))
 
 

@@ -229,7 +229,8 @@ def _dynamics(out: Path, summary: dict) -> list[str]:
 def write_report(out: Path, summary: dict[str, Any]) -> Path:
     seeds = ", ".join(map(str, summary["seeds"]))
     body = [f"<p class=note>profile <code>{esc(summary['profile'])}</code>, seeds {esc(seeds)}; stages took "
-            f"{summary['seconds_compute']:.0f}s when they ran. Every number below is in summary.json, with the "
+            f"{summary['seconds_compute']:.0f}s of compute, {summary['seconds_wall_stages']:.0f}s of wall time from "
+            "the first to the last, when they ran. Every number below is in summary.json, with the "
             f"commit and code hash of the run that computed each stage. {esc(VERDICT_NOTE)}</p>"]
     body.append("<h2>Claims</h2>" + table(["finding", "statement", "statistic",
                                            *[f"seed {s}" for s in summary["seeds"]], "verdict"],
