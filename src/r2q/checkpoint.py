@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .paths import writing
+
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -110,20 +112,24 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
     tmp = ckdir / f".tmp-step-{step:07d}"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(final):
+            tmp.mkdir(parents=True)
     wait()
-    save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{rank}.safetensors"))
-    if is_main:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": model_state} if model_state else {}))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        tensors, meta = optimizer_tensors(optimizer, optim_state)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        full = dict(state, step=step, optimizer=meta, scheduler=scheduler.state_dict())
-        (tmp / STATE).write_text(json.dumps(full, indent=1, default=str))
+    # a full disk is one line naming the checkpoint, and the half-written temp dir is removed
+    with writing(final, cleanup=tmp):
+        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-{rank}.safetensors"))
+        if is_main:
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": model_state} if model_state else {}))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            tensors, meta = optimizer_tensors(optimizer, optim_state)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            full = dict(state, step=step, optimizer=meta, scheduler=scheduler.state_dict())
+            (tmp / STATE).write_text(json.dumps(full, indent=1, default=str))
     wait()
     if is_main:
-        write_manifest(tmp)  # last: it vouches for every file the other ranks and this one wrote
+        with writing(final, cleanup=tmp):
+            write_manifest(tmp)  # last: it vouches for every file the other ranks and this one wrote
     if is_main:
         if final.exists():
             shutil.rmtree(final)

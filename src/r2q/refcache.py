@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import note
+from .paths import writing
 
 
 def default_cache_dir() -> Path:
@@ -64,13 +66,17 @@ def cache_path(cache_dir: str | os.PathLike | None, ref_weights: str, tokenizer,
 
 
 def save(path: Path, logps: Sequence[torch.Tensor]) -> None:
-    """Atomic write of a list of 1-D per-token log-prob tensors."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic write of a list of 1-D per-token log-prob tensors, under a temp name of its own (runs that share the
+    cache and write the same entry at once never collide: each renames a complete file into place)."""
     lengths = torch.tensor([len(x) for x in logps], dtype=torch.long)
     flat = torch.cat([x.float().cpu() for x in logps]) if logps else torch.zeros(0)
-    tmp = path.with_suffix(".tmp")
-    save_file({"logps": flat.contiguous(), "lengths": lengths}, str(tmp))
-    os.replace(tmp, path)
+    with writing(path, need=4 * (len(flat) + len(lengths) * 2) + 4096):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        os.close(fd)
+        with writing(path, cleanup=Path(tmp)):
+            save_file({"logps": flat.contiguous(), "lengths": lengths}, tmp)
+            os.replace(tmp, path)
 
 
 def try_load(path: Path, n: int, note=note) -> list[torch.Tensor] | None:

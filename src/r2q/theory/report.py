@@ -16,7 +16,7 @@ import torch
 
 from ..config import check_options, option
 from ..errors import UserError
-from ..paths import check_out_dir
+from ..paths import check_out_dir, write_atomic
 from ..views.report import esc, img, png_bytes, table
 from .checks import (
     CheckResult,
@@ -85,7 +85,7 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
         torch.set_num_threads(threads)
     figures = {r.key: FIGURES[r.key](r) for r in results if r.key in FIGURES}
     for key, png in figures.items():
-        (out / f"{key}.png").write_bytes(png)
+        write_atomic(out / f"{key}.png", png)
     summary = {
         "seed": seed, "quick": quick, "passed": all(r.passed for r in results),
         "seconds": time.perf_counter() - t0,
@@ -93,8 +93,8 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
                            "numbers": r.numbers} for r in results},
     }
     summary = _jsonable(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "report.html").write_text(render_html(results, figures, summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "report.html", render_html(results, figures, summary))
     verdict = "[green]all checks hold[/]" if summary["passed"] else "[red]some checks failed[/]"
     console.print(f"{verdict} in {summary['seconds']:.1f}s; report: {escape(str(out / 'report.html'))}")
     return summary
