@@ -24,6 +24,7 @@ from .demo import run as run_demo
 from .errors import UserError, note
 from .models import check_vocab, load_model, load_reference, load_tokenizer
 from .paths import check_out_file, write_atomic
+from .record import read_record, reference_changed
 from .search import GenerateConfig, generate, validate
 from .theory import TheoryConfig
 from .theory import run as run_theory
@@ -147,6 +148,8 @@ def _generate_command() -> None:
         tok = load_tokenizer(model, trust_remote_code)
         policy = load_model(model, dtype, trust_remote_code)
         check_vocab(tok, policy)
+        if ref and (changed := reference_changed(read_record(model), ref)) is not None:
+            note(changed)
         others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name)
                   for name, path in (("reference", ref), ("base", base)) if path}
         results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
@@ -184,25 +187,6 @@ def _generate_command() -> None:
 _generate_command()
 
 
-def _recorded_reference(model: str) -> tuple[str, float | None]:
-    """The reference and beta that `r2q train` recorded in MODEL/r2q_config.json ('' and None if none)."""
-    p = Path(model) / "r2q_config.json"
-    if not p.is_file():
-        return "", None
-    try:
-        rec = json.loads(p.read_text())
-        ref, beta = rec.get("ref", ""), rec.get("beta")
-        if ref == "init":  # the model training started from
-            ref = rec.get("model", "")
-    except (ValueError, AttributeError):
-        raise UserError(f"{p}: damaged (not a JSON object); pass --ref and --beta") from None
-    if ref and ref != "none" and not Path(ref).is_absolute() and (Path(ref).exists() or "/" in ref):
-        # written by an older r2q, relative to wherever train ran: it may name another model from here
-        raise UserError(f"{p} records the reference as the relative path {ref!r}, which depends on the directory "
-                        "train ran in; pass --ref")
-    return ref, (float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None)
-
-
 def run_credit(cfg, console: Console | None = None) -> dict:
     """`r2q credit`: check, load, score, print the terminal view, write the requested files; returns the JSON
     dict. --ref / --beta default to what `r2q train` recorded with the model, else beta 0.1."""
@@ -216,11 +200,13 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     for flag_name, path in (("--html", cfg.html), ("--json", cfg.json), ("--png", cfg.png)):
         if path:
             check_out_file(path, flag_name)
-    rec_ref, rec_beta = _recorded_reference(cfg.model)
-    ref = cfg.ref or rec_ref
+    rec = read_record(cfg.model)
+    ref = cfg.ref or (rec.reference() if rec else "")
     if not ref:
         raise UserError("--ref is required (the model has no r2q_config.json naming its reference)")
-    beta = cfg.beta or rec_beta or 0.1
+    beta = cfg.beta or (rec.beta() if rec else None) or 0.1
+    if (changed := reference_changed(rec, ref)) is not None:
+        note(changed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
     check_vocab(tokenizer, policy)
