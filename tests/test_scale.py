@@ -64,7 +64,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_less_saved(arch, t
     model = tiny_model(arch, len(tokenizer), seed=5, layers=4).train()
     disable_dropout(model)
     plain, plain_bytes = _grads_and_saved_bytes(model, b)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from r2q.models import quiet_deprecations
+
+    with quiet_deprecations():  # the trainer's call, as the trainer makes it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ckpt, ckpt_bytes = _grads_and_saved_bytes(model, b)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-5, rtol=1e-5)
@@ -76,7 +79,7 @@ def test_train_with_gradient_checkpointing_matches_plain(pairs, llama_dir, tmp_p
     ckpt = train(cfg(llama_dir, pairs, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
     for a, b in zip(plain.model.state_dict().values(), ckpt.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert ckpt.model.is_gradient_checkpointing
+    assert getattr(ckpt.model, "is_activation_checkpointing", None) or ckpt.model.is_gradient_checkpointing
 
 
 def test_lora_reference_is_the_model_with_adapters_off(pairs, llama_dir, tmp_path):

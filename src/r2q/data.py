@@ -130,7 +130,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not data_file
 
 
-def _read(path: str | os.PathLike, split: str = "train", subset: str = ""
+def _read(path: str | os.PathLike, split: str = "train", subset: str = "", split_flag: str = "--split"
           ) -> tuple[str, str, list[tuple[int, dict | _RowError]]]:
     """(source name, "line" or "row", rows); a row that cannot be parsed is carried as its _RowError.
     Directories: a data set saved with save_to_disk, or a data set repository laid out as on the hub (read with
@@ -140,11 +140,11 @@ def _read(path: str | os.PathLike, split: str = "train", subset: str = ""
     source = str(path)
     if not p.exists():
         if _looks_like_hub_id(source):
-            unit, items = "row", _read_hub(source, source, split, subset)
+            unit, items = "row", _read_hub(source, source, split, subset, split_flag=split_flag)
         else:
             raise UserError(f"{source}: no such file or directory")
     elif p.is_dir():
-        unit, items = "row", _read_dataset_dir(p, source, split, subset)
+        unit, items = "row", _read_dataset_dir(p, source, split, subset, split_flag)
     else:
         ext = p.suffix.lower()
         readers = {".jsonl": ("line", _read_jsonl), ".json": ("row", _read_json), ".csv": ("line", _read_csv),
@@ -299,13 +299,14 @@ def _read_parquet(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
     return list(enumerate(rows, start=1))
 
 
-def _read_dataset_dir(p: Path, source: str, split: str = "train", subset: str = ""
+def _read_dataset_dir(p: Path, source: str, split: str = "train", subset: str = "", split_flag: str = "--split"
                       ) -> list[tuple[int, dict | _RowError]]:
     import datasets
     import pyarrow as pa
 
     if not any((p / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
-        return _read_hub(str(p), source, split, subset, local=True)  # a repository of data files, as on the hub
+        # a repository of data files, as on the hub
+        return _read_hub(str(p), source, split, subset, local=True, split_flag=split_flag)
     if subset:
         raise UserError(f"{source}: a data set saved with save_to_disk has no configurations (--subset {subset})")
     try:
@@ -317,7 +318,7 @@ def _read_dataset_dir(p: Path, source: str, split: str = "train", subset: str = 
                         f"({type(e).__name__}: {first_line(e)})") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise UserError(f"{source}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split")
+            raise UserError(f"{source}: no split {split!r} (splits: {', '.join(ds)}); choose one with {split_flag}")
         ds = ds[split]
     return _dataset_rows(ds, source)
 
@@ -333,7 +334,7 @@ def _dataset_rows(ds, source: str) -> list[tuple[int, dict | _RowError]]:
     return list(enumerate(rows, start=1))
 
 
-def _read_hub(name: str, source: str, split: str, subset: str, local: bool = False
+def _read_hub(name: str, source: str, split: str, subset: str, local: bool = False, split_flag: str = "--split"
               ) -> list[tuple[int, dict | _RowError]]:
     """A data set by hub id, or a local directory laid out as a hub repository, through datasets.load_dataset.
     Data sets that ship a loading script are refused (that would run their code)."""
@@ -342,7 +343,8 @@ def _read_hub(name: str, source: str, split: str, subset: str, local: bool = Fal
     try:
         ds = datasets.load_dataset(name, subset or None, split=split)
     except ValueError as e:  # a split or configuration the data set does not have
-        raise UserError(f"{source}: {first_line(e)}") from e
+        which = f"; choose a split with {split_flag}" if "split" in str(e).lower() else ""
+        raise UserError(f"{source}: {first_line(e)}{which}") from e
     except (OSError, ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         if local:
             raise UserError(f"{source}: a directory, but not a dataset saved with datasets' save_to_disk nor a data "
@@ -575,8 +577,36 @@ def _encode_text(tokenizer, text: str, ended: bool = True) -> tuple[list[int], l
     return ids[:1], _with_eos(ids[1:], tokenizer.eos_token_id, ended)
 
 
-def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[list[int]], list[Turns | None] | None]:
-    """(format, prompt ids, [completion ids], each completion's turns or None) of one row, before truncation."""
+@dataclass(frozen=True)
+class CharLimits:
+    """The most characters of a prompt (kept from its end) and of a completion (from its start) that can matter
+    after truncation to max_prompt_length / max_length tokens: no token is longer than `per_token` characters,
+    so `(tokens + 16) * per_token` characters hold every token that survives, with 16 tokens to spare for the
+    cut's edge. Text is cut to these before it is tokenised, so memory follows the limits, not the line."""
+
+    prompt: int
+    completion: int
+
+    @classmethod
+    def of(cls, tokenizer, max_length: int, max_prompt_length: int) -> CharLimits:
+        per_token = max(8, max((len(t) for t in tokenizer.get_vocab()), default=8))
+        return cls((max_prompt_length + 16) * per_token, (max_length + 16) * per_token)
+
+
+def _cut(x: Any, limit: int, keep_end: bool) -> Any:
+    """A string, or each message's content, cut to `limit` characters (its end kept, or its start)."""
+    if isinstance(x, str):
+        return x if len(x) <= limit else (x[-limit:] if keep_end else x[:limit])
+    if isinstance(x, list):
+        return [dict(m, content=_cut(m["content"], limit, keep_end)) if isinstance(m.get("content"), str) else m
+                for m in x]
+    return x
+
+
+def _encode_row(row: Any, tokenizer, kind: str, limits: CharLimits | None = None
+                ) -> tuple[str, list[int], list[list[int]], list[Turns | None] | None]:
+    """(format, prompt ids, [completion ids], each completion's turns or None) of one row, before truncation
+    (text beyond `limits` cut first: it could not survive the truncation)."""
     if not isinstance(row, Mapping):
         raise _RowError(f"expected an object with named fields, got {_tname(row)}")
     if kind == "preference":
@@ -585,6 +615,9 @@ def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[li
     else:
         fmt, prompt, comps, name = _parse_sft(row)
         names = (name,)
+    if limits is not None:
+        prompt = _cut(prompt, limits.prompt, keep_end=True)
+        comps = [_cut(c, limits.completion, keep_end=False) for c in comps]
     ended = [_eos_flag(row, n) for n in names]
     if prompt is None:
         p, c = _encode_text(tokenizer, comps[0], ended[0])  # type: ignore[arg-type]
@@ -601,7 +634,7 @@ def _encode_row(row: Any, tokenizer, kind: str) -> tuple[str, list[int], list[li
 
 
 def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source: str, unit: str,
-                 skip_bad: bool, progress: bool = False) -> tuple[list, DataReport]:
+                 skip_bad: bool, progress: bool = False, limits: CharLimits | None = None) -> tuple[list, DataReport]:
     """[(row, format, prompt ids, [completion ids], turns)] before truncation, and a report of rows / skips."""
     report = DataReport(source=source, kind=kind)
     encoded = []
@@ -614,7 +647,7 @@ def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source:
             try:
                 if isinstance(row, _RowError):
                     raise row
-                fmt, prompt, comps, turns = _encode_row(row, tokenizer, kind)
+                fmt, prompt, comps, turns = _encode_row(row, tokenizer, kind, limits)
             except _RowError as e:
                 msg = f"{source} {unit} {n}: {e}"
                 if not skip_bad:
@@ -686,7 +719,8 @@ def preference_examples_from_rows(
     ("row" or "line") name them in messages.
     """
     _check_lengths(max_length, max_prompt_length)
-    encoded, report = _encode_rows(_numbered(rows), tokenizer, "preference", source, unit, skip_bad, progress)
+    encoded, report = _encode_rows(_numbered(rows), tokenizer, "preference", source, unit, skip_bad, progress,
+                                   CharLimits.of(tokenizer, max_length, max_prompt_length))
     return _examples(encoded, report, max_length, max_prompt_length), report
 
 
@@ -697,34 +731,37 @@ def sft_examples_from_rows(
 ) -> tuple[list[SFTExample], DataReport]:
     """Tokenised, truncated prompt + completion examples from in-memory rows."""
     _check_lengths(max_length, max_prompt_length)
-    encoded, report = _encode_rows(_numbered(rows), tokenizer, "sft", source, unit, skip_bad, progress)
+    encoded, report = _encode_rows(_numbered(rows), tokenizer, "sft", source, unit, skip_bad, progress,
+                                   CharLimits.of(tokenizer, max_length, max_prompt_length))
     return _examples(encoded, report, max_length, max_prompt_length), report
 
 
 def load_preferences(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
     skip_bad: bool = False, progress: bool = False, split: str = "train", subset: str = "",
+    split_flag: str = "--split",
 ) -> tuple[list[PreferenceExample], DataReport]:
     """Preference pairs from a data file (or data set: `split`, `subset`), tokenised and truncated; a bad row is a
-    UserError or skipped."""
+    UserError or skipped. `split_flag`: the option that chose the split, named when it is wrong."""
     return _load(preference_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress,
-                 split, subset)
+                 split, subset, split_flag)
 
 
 def load_sft(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
     skip_bad: bool = False, progress: bool = False, split: str = "train", subset: str = "",
+    split_flag: str = "--split",
 ) -> tuple[list[SFTExample], DataReport]:
     """SFT examples from a data file (or data set: `split`, `subset`), tokenised and truncated; a bad row is a
-    UserError or skipped."""
+    UserError or skipped. `split_flag`: the option that chose the split, named when it is wrong."""
     return _load(sft_examples_from_rows, path, tokenizer, max_length, max_prompt_length, skip_bad, progress, split,
-                 subset)
+                 subset, split_flag)
 
 
 def _load(from_rows, path, tokenizer, max_length: int, max_prompt_length: int, skip_bad: bool, progress: bool,
-          split: str = "train", subset: str = ""):
+          split: str = "train", subset: str = "", split_flag: str = "--split"):
     _check_lengths(max_length, max_prompt_length)  # before reading: a bad option fails without touching the file
-    source, unit, items = _read(path, split, subset)
+    source, unit, items = _read(path, split, subset, split_flag)
     return from_rows(items, tokenizer, max_length, max_prompt_length, skip_bad, source=source, unit=unit,
                      progress=progress)
 

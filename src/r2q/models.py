@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,16 +68,50 @@ def adapter_base(path: str | os.PathLike) -> str:
     return base
 
 
+def check_adapter(path: Path) -> str:
+    """A LoRA adapter directory's base, checked: weights in safetensors (a pickled adapter_model.bin could run code
+    when loaded, so it is refused with the way to convert it), and no chain of bases that leads back to itself."""
+    if not (path / "adapter_model.safetensors").is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise UserError(f"{path} holds adapter_model.bin, a pickle, which r2q does not load (loading it could run "
+                            "code); convert it once where you trust it: python -c \"import torch; from "
+                            "safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', "
+                            "weights_only=True), 'adapter_model.safetensors')\"")
+        raise UserError(f"{path}: an adapter_config.json but no adapter_model.safetensors")
+    seen, at = {path.resolve()}, path
+    while (at / "adapter_config.json").is_file():
+        at = Path(adapter_base(at))
+        if at.exists() and at.resolve() in seen:
+            which = "itself" if at.resolve() == path.resolve() else "an adapter whose base leads back to it"
+            raise UserError(f"{path}: the LoRA adapter's base model is {which}; point base_model_name_or_path in "
+                            "adapter_config.json at the model it was trained from")
+        if not at.exists():
+            break
+        seen.add(at.resolve())
+    return adapter_base(path)
+
+
 def _load_adapter_model(path: Path, dtype: str, trust_remote_code: bool):
     """A LoRA adapter directory as a plain causal LM: its base with the adapter merged in (for scoring and search,
     where the merged weights run as fast as the base)."""
     from peft import PeftModel
 
-    base = load_model(adapter_base(path), dtype, trust_remote_code)
+    base = load_model(check_adapter(path), dtype, trust_remote_code)
     try:
-        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        with quiet_deprecations():
+            return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the adapter in {path}: {first_line(e)}") from e
+
+
+@contextmanager
+def quiet_deprecations() -> Iterator[None]:
+    """Silence the FutureWarnings transformers raises for its own renames (gradient -> activation checkpointing) when
+    r2q or PEFT call the old names: they say nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def vocab_size(model) -> int:

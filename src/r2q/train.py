@@ -38,9 +38,11 @@ from .models import (
     load_reference,
     load_tokenizer,
     pad_id,
+    quiet_deprecations,
 )
-from .paths import check_out_dir, write_atomic
+from .paths import RunLock, append_line, check_out_dir, save_into, write_atomic
 from .progress import progress_bar
+from .record import RECORD, model_fingerprint, write_record
 from .rewards import implicit_rewards, sequence_rewards
 from .tokens import TokenBatch, TokenScorer, completion_logps, examples_batch, pad_rows, shared_layout
 
@@ -221,7 +223,7 @@ class Trainer:
         _validate(cfg, mode)
         self.weights_dtype = "bf16" if cfg.dtype == "bf16-weights" else "fp32"
         self.out = check_out_dir(cfg.out)
-        _check_earlier_run(self.out, cfg)
+        _check_not_in_place(self.out, cfg, mode, model is None, ref_model is None)
         trackers = "tensorboard" if _has_tensorboard() else None
         self.acc = Accelerator(
             gradient_accumulation_steps=1, mixed_precision="bf16" if cfg.dtype in ("bf16", "bfloat16") else "no",
@@ -233,7 +235,19 @@ class Trainer:
             raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees "
                             f"{self.acc.num_processes}; on CPU set ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
         set_seed(cfg.seed)
+        # one run per directory: the lock is taken before anything in --out is read or removed, and held to the end
+        self.lock = RunLock(self.out).acquire() if self.acc.is_main_process else None
+        try:
+            self._setup(model, tokenizer, ref_model, train_examples, eval_examples)
+        except BaseException:
+            self._unlock(undo=True)
+            raise
 
+    def _setup(self, model, tokenizer, ref_model, train_examples, eval_examples) -> None:
+        cfg, mode = self.cfg, self.mode
+        _check_earlier_run(self.out, cfg)
+        if mode == "dpo" and cfg.precompute_ref:  # before any compute: the cache must be writable
+            check_out_dir(cfg.cache_dir or refcache.default_cache_dir(), "--cache-dir")
         if model is not None and tokenizer is None:
             raise UserError("an in-memory model needs its tokenizer")
         if model is None:
@@ -245,6 +259,8 @@ class Trainer:
         self.pad_id = pad_id(tokenizer)
         # data before weights: a bad file fails in a second, not after a model load
         self.train_ex, self.eval_ex, self.report = self._data(train_examples, eval_examples)
+        self.inputs = {"model": model_fingerprint(cfg.model) if model is None else refcache.weights_hash(model),
+                       "tokenizer": refcache.tokenizer_hash(tokenizer), "data": self._data_hash}
         if model is None:
             model = load_model(cfg.model, self.weights_dtype, cfg.trust_remote_code)
         if cfg.dtype == "bf16-weights":
@@ -256,6 +272,10 @@ class Trainer:
         self.ref_logps: dict[str, list[torch.Tensor]] = {}
         self.ref_cache_hits = 0
         self.ref_is_base = bool(cfg.lora_r) and mode == "dpo" and cfg.ref == "init" and ref_model is None
+        # what the run trains against, by content: --resume refuses a reference whose weights changed
+        self.inputs["reference"] = None if mode == "sft" or cfg.ref == "none" else \
+            refcache.weights_hash(ref_model) if ref_model is not None else \
+            self.inputs["model"] if cfg.ref == "init" else model_fingerprint(cfg.ref)
         if self.ref_is_base:  # the reference is the model with its adapters off: no copy
             if cfg.precompute_ref:
                 self._precompute(model)  # the base weights, before any adapter exists
@@ -281,10 +301,14 @@ class Trainer:
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            with quiet_deprecations():  # transformers renames it activation checkpointing; both run the same code
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.fsdp and self.acc.distributed_type.value == "FSDP":
             raise UserError("--fsdp and an accelerate FSDP config both shard the model; use one of them")
         self.sharded = cfg.fsdp and self.acc.num_processes > 1
+        if cfg.fsdp and not self.sharded:
+            self._note("--fsdp: one process, so there is nothing to shard over; training unsharded (launch several "
+                       "processes with accelerate launch or torchrun to shard)")
         if self.sharded:
             units = shard(model)
             self._note(f"--fsdp: weights, gradients and optimizer state sharded over {self.acc.num_processes} "
@@ -302,8 +326,12 @@ class Trainer:
         self.lengths = [example_tokens(e) for e in self.train_ex]
         per_epoch = len(epoch_steps(self.lengths, self.global_batch, self.parts, cfg.seed, 0))
         if per_epoch == 0:
+            held = "; lower --batch-size/--grad-accum"
+            if cfg.eval_fraction and not cfg.eval_data:
+                held = (f" after --eval-fraction {cfg.eval_fraction:g} held out {len(self.eval_ex)}; lower "
+                        "--eval-fraction")
             raise UserError(f"{len(self.train_ex)} training examples are fewer than one per micro-batch "
-                            f"({self.parts}); lower --batch-size/--grad-accum or add data")
+                            f"({self.parts}){held} or add data")
         self.steps_per_epoch = per_epoch
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
         from transformers import get_scheduler
@@ -332,7 +360,7 @@ class Trainer:
                 self._note(line)
         if eval_examples is None and cfg.eval_data:
             eval_examples, eval_report = load(cfg.eval_data, self.tokenizer, **kw, split=cfg.eval_split,
-                                              subset=cfg.subset)
+                                              subset=cfg.subset, split_flag="--eval-split")
             for line in eval_report.notes():
                 self._note(line)
         elif eval_examples is None and cfg.eval_fraction > 0:
@@ -485,8 +513,7 @@ class Trainer:
     def _log(self, m: dict[str, Any]) -> None:
         self.metrics.append(m)
         if self.acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
+            append_line(self.out / "metrics.jsonl", json.dumps(m))
         if self.acc.log_with:
             self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
 
@@ -512,7 +539,7 @@ class Trainer:
         model_sd, optim_sd = self._full_state()
         save_checkpoint(self.out, self.step, unwrapped, self.tokenizer, self.opt, self.sched,
                         {"config": self._recorded(), "mode": self.mode, "total_steps": self.total_steps,
-                         "data_hash": self._data_hash},
+                         "data_hash": self._data_hash, "inputs": self.inputs},
                         self.cfg.keep_last, self.acc.is_main_process, self.acc.process_index,
                         self.acc.wait_for_everyone, model_sd, optim_sd)
 
@@ -539,18 +566,23 @@ class Trainer:
         damaged ones are skipped with a line each. No checkpoint at all: start at step 0, said so."""
         found = list_checkpoints(self.out)
         if not found:
+            # metrics logged before the first checkpoint belong to a run that starts over: drop them
+            _truncate_metrics(self.out / "metrics.jsonl", 0, self.acc.is_main_process, self._note)
             self._note(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting at step 0")
             return
         for ck in reversed(found):
-            why = verify(ck)
+            why, kind = verify(ck), "damaged checkpoint"
             if why is None:
                 self._check_same_run(ck, json.loads((ck / STATE).read_text()))
                 try:
                     state = load_checkpoint(ck, self.lm(), self.opt, self.sched, self.acc.process_index)
-                except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as e:
+                except ValueError as e:  # load_weights' strict fit: intact, but written for another model
+                    why, kind = f"it does not fit the model being trained ({' '.join(str(e).split())[:200]})", \
+                        "checkpoint"
+                except (KeyError, OSError, RuntimeError, SafetensorError) as e:
                     why = f"cannot be loaded ({' '.join(str(e).split())[:200]})"
             if why is not None:
-                self._note(f"skipping damaged checkpoint {ck}: {why}")
+                self._note(f"skipping {kind} {ck}: {why}")
                 continue
             self.step = state["step"]
             self._note(f"resuming from {ck} (step {self.step} of {self.total_steps})")
@@ -567,27 +599,55 @@ class Trainer:
             self._note("--resume: " + ", ".join(f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in longer)
                        + f"; the run now ends at step {self.total_steps}")
         diff = [f"{flag(k)} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k not in longer]
-        if state.get("data_hash") not in (None, self._data_hash):
-            diff.append("the training data (its tokens differ)")
+        diff += self._changed_inputs(state)
         if diff:
             raise UserError(f"--resume: {ck} was written by a run with other settings: {'; '.join(diff)}. Resume "
-                            "with the same settings, or start over with --overwrite")
+                            "with the same settings and inputs, or start over with --overwrite")
+
+    def _changed_inputs(self, state: dict[str, Any]) -> list[str]:
+        """The inputs whose content differs from what checkpoint `state` recorded (by fingerprint)."""
+        cfg, saved = self.cfg, dict(state.get("inputs") or {})
+        saved.setdefault("data", state.get("data_hash"))  # checkpoints of r2q before the inputs table
+        start = f"the starting model --model {cfg.model}"
+        what = {"data": "the training data (its tokens differ)",
+                "tokenizer": "the tokenizer (its vocabulary differs)",
+                "reference": f"{start}, the reference of --ref init (its weights changed)" if cfg.ref == "init"
+                else f"the reference --ref {cfg.ref} (its weights changed)",
+                "model": f"{start}, the base of the LoRA adapters (its weights changed)"}
+        keys = ["data", "tokenizer", "reference"] + (["model"] if cfg.lora_r and cfg.ref != "init" else [])
+        return [what[k] for k in keys if saved.get(k) and self.inputs.get(k) and saved[k] != self.inputs[k]]
+
+    def _unlock(self, undo: bool = False) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release(undo)
+            self.lock = None
+
+    def _start(self) -> None:
+        """Before the first step: leftovers of a killed run removed; --resume loads a checkpoint, a fresh or
+        --overwrite run removes every file of the earlier run, final weights and record included, before it writes
+        anything, so the directory never pairs old weights with a new record."""
+        if self.acc.is_main_process:  # the lock is ours: any temp dir here was left by a killed run
+            for tmp in [*self.out.glob(".tmp-save-*"), *(self.out / "checkpoints").glob(".tmp-step-*")]:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.resume:
+            self._resume()
+        elif self.acc.is_main_process:
+            _clear_run(self.out)
+        self.acc.wait_for_everyone()
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            self._unlock()
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            self._resume()
-        elif self.acc.is_main_process:  # an earlier run here was refused, or --overwrite asked to delete it
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            for ck in list_checkpoints(self.out):
-                shutil.rmtree(ck)
-        self.acc.wait_for_everyone()
+        self._start()
         if self.acc.log_with:
             self.acc.init_trackers("r2q", config={k: v for k, v in asdict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
-        if self.acc.is_main_process:
-            write_atomic(self.out / "r2q_config.json", json.dumps(self._recorded(), indent=1))
         progress = progress_bar(not cfg.quiet and self.acc.is_main_process)
         with progress:
             task = progress.add_task("sft" if self.mode == "sft" else "dpo", total=self.total_steps,
@@ -612,19 +672,32 @@ class Trainer:
                     self._save()
         if self.eval_ex and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             self._log({"step": self.step, "split": "eval", **self.evaluate()})
-        final = self.lm()
-        model_sd, _ = self._full_state(optimizer=False)
-        if self.acc.is_main_process:
-            if cfg.lora_r:
-                final.peft_config["default"].base_model_name_or_path = self._recorded()["model"]
-            if cfg.lora_r and cfg.merge:
-                final.save_pretrained(self.out / "adapter", safe_serialization=True)
-                final = final.merge_and_unload()
-            final.save_pretrained(self.out, safe_serialization=True, **({"state_dict": model_sd} if model_sd else {}))
-            self.tokenizer.save_pretrained(self.out)
+        final = self._save_final()
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return TrainResult(self.out, self.step, self.metrics, final)
+
+    def _save_final(self):
+        """The final model (or adapter) and tokenizer, each file renamed into --out over whatever path (or planted
+        link) was there; then, last, the run record that describes them."""
+        cfg, final = self.cfg, self.lm()
+        model_sd, _ = self._full_state(optimizer=False)
+        if not self.acc.is_main_process:
+            return final
+        if cfg.lora_r:
+            final.peft_config["default"].base_model_name_or_path = self._recorded()["model"]
+        if cfg.lora_r and cfg.merge:
+            save_into(self.out / "adapter", lambda d: final.save_pretrained(d, safe_serialization=True))
+            final = final.merge_and_unload()
+        kw = {"state_dict": model_sd} if model_sd else {}
+
+        def save(d: Path) -> None:
+            final.save_pretrained(d, safe_serialization=True, **kw)
+            self.tokenizer.save_pretrained(d)
+
+        save_into(self.out, save)
+        write_record(self.out, self._recorded(), self.inputs)
+        return final
 
 
 # options that may differ between a run and its resumption: they change neither the updates nor the data
@@ -651,15 +724,57 @@ def _truncate_metrics(path: Path, step: int, is_main: bool, note=note) -> None:
     write_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
-def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
-    """A fresh run must not mix with (or silently delete) an earlier run's checkpoints and metrics."""
-    if cfg.resume or cfg.overwrite or not out.is_dir():
-        return
+# what a run writes in --out (besides checkpoints/ and metrics.jsonl): removed by --overwrite before it starts
+RUN_FILES = (RECORD, "model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+             "adapter_config.json", "config.json", "generation_config.json", "tokenizer*.json",
+             "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json",
+             "README.md")
+
+
+def _earlier_run(out: Path) -> list[str]:
+    """What of an earlier run `out` holds: checkpoints, metrics, final weights or a run record."""
     found = (["checkpoints"] if list_checkpoints(out) else []) + \
         (["metrics.jsonl"] if (out / "metrics.jsonl").exists() else [])
+    weights = [p.name for p in out.glob("*.safetensors")] if out.is_dir() else []
+    return found + weights[:2] + ([RECORD] if (out / RECORD).exists() else [])
+
+
+def _check_earlier_run(out: Path, cfg: TrainConfig) -> None:
+    """A fresh run must not mix with (or silently delete) an earlier run's checkpoints, metrics or weights."""
+    if cfg.resume or cfg.overwrite or not out.is_dir():
+        return
+    found = _earlier_run(out)
     if found:
         raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}); continue it with --resume, "
                         "start over with --overwrite, or choose another --out")
+
+
+def _clear_run(out: Path) -> None:
+    """Remove every file an earlier run wrote in `out`: the record first (so that no half-removed directory is
+    described by it), then weights, tokenizer, adapter, checkpoints and metrics. Other files are left alone."""
+    (out / RECORD).unlink(missing_ok=True)
+    for pattern in RUN_FILES[1:]:
+        for p in out.glob(pattern):
+            p.unlink()
+    for d in (out / "adapter", out / "checkpoints"):
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+
+def _check_not_in_place(out: Path, cfg: TrainConfig, mode: str, model_from_path: bool, ref_from_path: bool) -> None:
+    """Training into the directory the weights come from would overwrite them (and make the model its own
+    reference): --out must differ from --model and --ref, symlinks resolved."""
+    if model_from_path and cfg.model and _same(out, cfg.model):
+        raise UserError(f"--out {out} is the --model directory; training there would overwrite the starting weights "
+                        "(and the trained model would be its own reference): choose another --out")
+    if mode == "dpo" and ref_from_path and cfg.ref not in ("init", "none", "") and _same(out, cfg.ref):
+        raise UserError(f"--out {out} is the --ref directory; training there would overwrite the reference: choose "
+                        "another --out")
 
 
 DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dropout", "pack")
@@ -714,8 +829,10 @@ def with_lora(model, cfg: TrainConfig):
     targets = cfg.lora_target_modules
     target: str | list[str] = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     try:
-        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                target_modules=target, task_type="CAUSAL_LM"))
+        with quiet_deprecations():
+            return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                    lora_dropout=cfg.lora_dropout, target_modules=target,
+                                                    task_type="CAUSAL_LM"))
     except ValueError as e:  # e.g. a target module the model does not have
         raise UserError(f"--lora-target-modules {targets}: {first_line(e)}") from e
 

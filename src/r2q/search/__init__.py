@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_options, option
+from ..config import check_options, flag, option
 from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
@@ -23,7 +23,7 @@ from ..tokens import build_batch, completion_logps
 from .beam import beam_search
 from .bon import RANKINGS, checked_scores, load_external_scorer, sample_scores
 from .chunk_beam import chunk_beam_search
-from .lm import Compute, Lockstep
+from .lm import Compute, Lockstep, free_memory, kv_bytes_per_token, vocab_of
 from .mcts import mcts
 from .sampling import sample
 
@@ -142,6 +142,11 @@ def cost_per_prompt(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> t
     return M * P + M * (L - 1) + M * (P + L), M * max(per_sim, 1)
 
 
+# the widest search of each kind r2q runs: beyond it, time (MCTS simulations run one after another) or memory (rows
+# of cache and logits) grows past any use; --budget asking for more is refused with the budget that fits
+MAX_WIDTH = {"best-of-n": 4096, "beam": 1024, "reward-beam": 1024, "chunk-beam": 1024, "mcts": 4096}
+
+
 def with_budget(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> GenerateConfig:
     """cfg with its width (WIDTH) set to the largest whose worst-case cost per prompt fits cfg.budget."""
     a, b = cost_per_prompt(cfg, prompt_len, with_ref)
@@ -149,7 +154,35 @@ def with_budget(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> Gener
     if width < 1:
         raise UserError(f"--budget {cfg.budget} is below the cost of the narrowest {cfg.method} "
                         f"({a + b:.0f} tokens per prompt here)")
+    top = MAX_WIDTH[cfg.method]
+    if width > top:
+        raise UserError(f"--budget {cfg.budget:,} would set {cfg.method}'s {flag(WIDTH[cfg.method])} to {width:,}; "
+                        f"r2q runs at most {top:,}, which a budget of {a + b * top:,.0f} tokens per prompt buys here")
     return replace(cfg, **{WIDTH[cfg.method]: width})
+
+
+def decoding_rows(cfg: GenerateConfig, prompts: int) -> int:
+    """Rows decoded side by side for `prompts` prompts (each row holds a KV cache and next-token log-probs)."""
+    m = cfg.method
+    per = {"best-of-n": cfg.num_samples, "beam": 2 * cfg.num_beams, "reward-beam": 2 * cfg.num_beams,
+           "chunk-beam": cfg.num_beams * cfg.num_samples}.get(m, 1)  # beams: the reorder keeps a second buffer
+    return prompts * per
+
+
+def check_memory(cfg: GenerateConfig, models: Sequence, prompt_len: int, prompts: int) -> None:
+    """Refuse, before anything is allocated, a search whose caches and logits would not fit in the memory free on
+    the device: one line with the estimate and what to lower."""
+    free = free_memory(next(models[0].parameters()).device)
+    if free is None:
+        return
+    positions = prompt_len + cfg.max_new_tokens
+    per_row = sum(kv_bytes_per_token(m) * positions + 4 * 4 * vocab_of(m) for m in models)
+    need = decoding_rows(cfg, min(prompts, cfg.batch_size)) * per_row
+    if need > 0.9 * free:
+        width = f" with {flag(WIDTH[cfg.method])} {getattr(cfg, WIDTH[cfg.method])}" if cfg.method in WIDTH else ""
+        raise UserError(f"--method {cfg.method}{width} and --batch-size {cfg.batch_size} would need about "
+                        f"{need / 1e9:.1f} GB for caches and logits; {free / 1e9:.1f} GB are free: lower the width, "
+                        "--budget or --batch-size")
 
 
 Decoded = tuple[list[int], float, list[float | None]]  # tokens, score, [log pi(y|x), log pi_ref(y|x) or None]
@@ -283,6 +316,7 @@ def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref
     enc = encode_prompts(tokenizer, prompts)
     if cfg.budget:
         cfg = with_budget(cfg, sum(map(len, enc)) / len(enc), ref is not None)
+    check_memory(cfg, [m for m in (policy, ref, base) if m is not None], max(map(len, enc)), len(enc))
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     total: dict[str, float] = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}

@@ -35,6 +35,37 @@ class Compute:
                 "wall_time_s": round(self.wall_time_s, 4)}
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes one position of `model`'s KV cache takes: keys and values of every layer."""
+    c = model.config
+    c = getattr(c, "get_text_config", lambda: c)()
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
+    head_dim = getattr(c, "head_dim", None) or hidden // max(heads, 1)
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
+    size = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * size
+
+
+def vocab_of(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`: the GPU's free memory, or the host's available memory (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _cache_kwarg(model) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
