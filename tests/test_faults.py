@@ -1,0 +1,410 @@
+"""Fault injection: nothing lost and nothing silently wrong when runs collide on one directory, an --overwrite is
+killed, a reference changes under --resume, a link is planted under --out, or the disk fills. Each test names the
+case of issue 20 it covers (A-F, the tracebacks, and the leftovers)."""
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_robustness import cfg, one_line_error, run_cli
+from test_train import pref_rows, write_jsonl
+
+from r2q.errors import UserError
+from r2q.models import save_model, tiny_model
+from r2q.train import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("faults") / "train.jsonl", pref_rows(32, 0))
+
+
+def _model(tmp_path, tokenizer, name, seed):
+    return save_model(tiny_model("llama", len(tokenizer), seed=seed), tokenizer, tmp_path / name)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
+
+
+def _cmd(model, data, out, *extra):
+    return [sys.executable, "-m", "r2q.cli", "train", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--cache-dir", str(Path(out).parent / "cache"), "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3",
+            "--save-every", "1", "--keep-last", "2", "--quiet", "--seed", "3", *map(str, extra)]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+# ---------------------------------------------------------------------------------------------- A: identity
+
+
+@pytest.mark.parametrize("ref", ["path", "init"])
+def test_resume_refuses_a_reference_whose_weights_changed(tokenizer, data, tmp_path, ref):
+    """A: with --ref R, R's weights replaced between the run and --resume; with --ref init, the --model directory's.
+    The resumed run would train against another reference: refused, naming the input that changed."""
+    start, other = _model(tmp_path, tokenizer, "start", 0), _model(tmp_path, tokenizer, "ref", 1)
+    c = cfg(start, data, tmp_path / "run", ref=str(other) if ref == "path" else "init", max_steps=2)
+    train(c)
+    train(dataclasses.replace(c, resume=True, max_steps=3))  # unchanged inputs resume
+    changed = other if ref == "path" else start
+    save_model(tiny_model("llama", len(tokenizer), seed=7), tokenizer, changed)
+    with pytest.raises(UserError, match="the reference --ref .* \\(its weights changed\\)" if ref == "path" else
+                       "the starting model --model .*, the reference of --ref init \\(its weights changed\\)"):
+        train(dataclasses.replace(c, resume=True, max_steps=4))
+    rec = json.loads((tmp_path / "run" / "r2q_config.json").read_text())
+    assert set(rec["inputs"]) == {"model", "reference", "tokenizer", "data"} and len(rec["inputs"]["reference"]) == 64
+
+
+def test_credit_and_generate_say_when_the_recorded_reference_changed(llama_dir, tokenizer, data, tmp_path, capsys):
+    """A: `r2q credit --model D` (reference from the record) and `generate --ref R` say that R is not what D was
+    trained against any more, and still run."""
+    ref = _model(tmp_path, tokenizer, "ref", 1)
+    train(cfg(llama_dir, data, tmp_path / "run", ref=str(ref), max_steps=1, save_every=0))
+    args = ("credit", "--model", tmp_path / "run", "--prompt", "a", "--response", "b", "--quiet")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "has changed" not in err
+    save_model(tiny_model("llama", len(tokenizer), seed=9), tokenizer, ref)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and f"the reference {ref} has changed since" in err
+    (tmp_path / "p.txt").write_text("the film\n")
+    code, _, err = run_cli(capsys, "generate", "--model", tmp_path / "run", "--ref", ref, "--prompts",
+                           tmp_path / "p.txt", "--out", tmp_path / "g.jsonl", "--method", "greedy",
+                           "--max-new-tokens", "3", "--quiet")
+    assert code == 0 and f"the reference {ref} has changed since" in err
+
+
+# ---------------------------------------------------------------------------------------------- B: overwrite
+
+
+def test_killed_overwrite_never_pairs_old_weights_with_a_new_record(llama_dir, data, tmp_path, capsys):
+    """B: a finished run in D, then `--overwrite` killed after its first checkpoint: D holds neither the old final
+    weights nor any record, so `credit --model D` cannot score old weights under new settings."""
+    out = tmp_path / "run"
+    subprocess.run(_cmd(llama_dir, data, out, "--beta", "0.1"), check=True, env=ENV)
+    assert (out / "model.safetensors").exists() and (out / "r2q_config.json").exists()
+    p = subprocess.Popen(_cmd(llama_dir, data, out, "--beta", "0.5", "--overwrite"), env=ENV)
+    first = out / "checkpoints" / "step-0000001"  # the old run kept steps 5 and 6
+    while p.poll() is None and not first.exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "model.safetensors").exists() and not (out / "r2q_config.json").exists()
+    code, _, err = run_cli(capsys, "credit", "--model", out, "--ref", llama_dir, "--prompt", "a", "--response", "b")
+    assert "no such" in one_line_error(code, err) or "cannot load" in err
+    # --resume picks the new run up where it was killed; its record is written with its final weights
+    subprocess.run(_cmd(llama_dir, data, out, "--beta", "0.5", "--resume"), check=True, env=ENV)
+    assert json.loads((out / "r2q_config.json").read_text())["beta"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- C: in place
+
+
+def test_training_in_place_is_refused(llama_dir, tokenizer, data, tmp_path):
+    """C: --out equal to --model or --ref, symlinks resolved, before anything is written."""
+    start = _model(tmp_path, tokenizer, "start", 0)
+    (tmp_path / "alias").symlink_to(start)
+    before = {p.name: p.read_bytes() for p in start.iterdir()}
+    for out in (start, tmp_path / "alias"):
+        with pytest.raises(UserError, match="is the --model directory"):
+            train(cfg(start, data, out))
+        with pytest.raises(UserError, match="is the --model directory"):
+            train(cfg(start, data, out, lora_r=4))
+    with pytest.raises(UserError, match="is the --ref directory"):
+        train(cfg(llama_dir, data, tmp_path / "alias", ref=str(start)))
+    assert {p.name: p.read_bytes() for p in start.iterdir()} == before
+
+
+def test_a_lora_adapter_that_is_its_own_base_is_one_line(llama_dir, data, tmp_path, capsys):
+    """C: an adapter whose base_model_name_or_path names its own directory (what training in place with LoRA
+    made) fails with one line, not a RecursionError."""
+    train(cfg(llama_dir, data, tmp_path / "lora", lora_r=4, max_steps=1, save_every=0))
+    conf = tmp_path / "lora" / "adapter_config.json"
+    conf.write_text(json.dumps(dict(json.loads(conf.read_text()), base_model_name_or_path=str(tmp_path / "lora"))))
+    code, _, err = run_cli(capsys, "credit", "--model", tmp_path / "lora", "--ref", llama_dir, "--prompt", "a",
+                           "--response", "b")
+    assert "base model is itself" in one_line_error(code, err)
+
+
+# ---------------------------------------------------------------------------------------------- D: one run per dir
+
+
+def test_two_runs_started_together_on_one_out(llama_dir, data, tmp_path):
+    """D: exactly one runs; the other exits 2 at once naming the holder's pid; the survivor's output equals a lone
+    run's, and its metrics read as one run."""
+    subprocess.run(_cmd(llama_dir, data, tmp_path / "alone"), check=True, env=ENV)
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen(_cmd(llama_dir, data, out), env=ENV, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for c, err in results if c == 2)
+    winner = next(p.pid for p, (c, _) in zip(procs, results) if c == 0)
+    assert f"is in use by another r2q run (pid {winner})" in loser and "Traceback" not in loser
+    _same_weights(out, tmp_path / "alone")
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------------------- E: metrics
+
+
+def test_resume_without_a_checkpoint_starts_metrics_over(llama_dir, data, tmp_path, capsys):
+    """E: a run killed before its first checkpoint left metrics lines; --resume starts at step 0 and the file holds
+    each step once."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train"}) + "\n" for s in (1, 2, 3)))
+    train(cfg(llama_dir, data, out, resume=True, save_every=0))
+    assert "no checkpoint" in capsys.readouterr().err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------- F: symlinks
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_no_link_under_out_is_written_through(llama_dir, data, tmp_path, lora):
+    """F: a link planted under --out for every file a run writes (and its lock) is replaced by a regular file; the
+    files the links pointed at are untouched."""
+    kw = dict(max_steps=2, save_every=1, lora_r=4 if lora else 0)
+    train(cfg(llama_dir, data, tmp_path / "plain", **kw))
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir() if p.is_file())
+    assert {".lock", "metrics.jsonl", "r2q_config.json", "tokenizer.json"} <= set(names)
+    victims, out = tmp_path / "victims", tmp_path / "run"
+    victims.mkdir()
+    out.mkdir()
+    for n in names:
+        (victims / n).write_text(f"victim {n}")
+        (out / n).symlink_to(victims / n)
+    train(cfg(llama_dir, data, out, overwrite=True, **kw))
+    assert all((victims / n).read_text() == f"victim {n}" for n in names)
+    assert all(not (out / n).is_symlink() for n in names if (out / n).exists())
+    assert (out / "metrics.jsonl").is_file() and (out / "r2q_config.json").is_file()
+
+
+def test_writers_replace_links_and_never_follow_them(tmp_path):
+    """F, at the level of each writer: write_atomic, append_line, save_into and the run lock."""
+    from r2q.paths import RunLock, append_line, save_into, write_atomic
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("a.json", "log.jsonl", "weights.bin", ".lock"):
+        (d / name).symlink_to(victim)
+    write_atomic(d / "a.json", "{}")
+    append_line(d / "log.jsonl", "{}")
+    save_into(d, lambda t: (t / "weights.bin").write_bytes(b"w"))
+    with RunLock(d):
+        pass
+    assert victim.read_text() == "keep"
+    assert [(d / n).is_symlink() for n in ("a.json", "log.jsonl", "weights.bin", ".lock")] == [False] * 4
+    assert (d / "log.jsonl").read_text() == "{}\n" and not list(d.glob(".tmp-save-*"))
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_dir(llama_dir, data, tmp_path, monkeypatch):
+    import r2q.checkpoint as ck
+
+    monkeypatch.setattr(ck, "save_file", _enospc)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"cannot write .*step-0000001: no space left on the device \(.* free"):
+        train(cfg(llama_dir, data, out))
+    assert not list((out / "checkpoints").glob(".tmp-step-*"))
+
+
+def test_disk_full_at_the_final_save_is_one_line_and_leaves_no_temp_dir(llama_dir, data, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full(*a, **k):  # what safetensors raises when the disk fills under it
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=f"cannot write {out}: no space left on the device"):
+        train(cfg(llama_dir, data, out, save_every=0))
+    assert not list(out.glob(".tmp-save-*")) and not (out / "r2q_config.json").exists()
+
+
+def test_disk_full_for_credit_and_generate_outputs_is_one_line(llama_dir, llama_ref_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    import r2q.paths as paths
+
+    (tmp_path / "p.txt").write_text("the film\n")
+    monkeypatch.setattr(paths, "_remove_stale_temps", _enospc)  # inside the write, after the output checks
+    for args in (("credit", "--model", llama_dir, "--ref", llama_ref_dir, "--prompt", "a", "--response", "b",
+                  "--json", tmp_path / "c.json", "--quiet"),
+                 ("generate", "--model", llama_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g.jsonl",
+                  "--method", "greedy", "--max-new-tokens", "2", "--quiet")):
+        code, _, err = run_cli(capsys, *args)
+        assert "no space left on the device" in one_line_error(code, err)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_disk_full_on_a_real_small_file_system(llama_dir, data, tmp_path):
+    """The same through a 1 MB tmpfs, where this machine lets the test mount one."""
+    mnt = tmp_path / "small"
+    if not _tmpfs(mnt, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN); the patched-write tests cover it")
+    try:
+        with pytest.raises(UserError, match="no space left on the device"):
+            train(cfg(llama_dir, data, mnt / "run", cache_dir=str(tmp_path / "cache")))
+        assert not list((mnt / "run" / "checkpoints").glob(".tmp-step-*"))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------- cache, budget, ...
+
+
+def test_parallel_writers_of_one_cache_entry_never_collide(tmp_path):
+    from r2q import refcache
+
+    path = tmp_path / "cache" / "key.safetensors"
+    errors = []
+
+    def write(i):
+        try:
+            for _ in range(5):
+                refcache.save(path, [torch.full((3,), float(i)), torch.zeros(2)])
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    got = refcache.load(path)
+    assert [len(x) for x in got] == [3, 2] and not list(path.parent.glob("*.tmp"))
+
+
+def test_an_unwritable_cache_dir_is_one_line_before_any_compute(llama_dir, data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "train", "--model", llama_dir, "--data", data, "--out", tmp_path / "run",
+                           "--precompute-ref", "--cache-dir", tmp_path / "afile" / "cache")
+    assert "--cache-dir" in one_line_error(code, err) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method, budget", [("best-of-n", 2_000_000_000), ("beam", 2_000_000_000),
+                                            ("mcts", 2_000_000)])
+def test_a_huge_budget_is_refused_before_anything_is_allocated(llama_dir, llama_ref_dir, tmp_path, capsys, method,
+                                                                 budget):
+    (tmp_path / "p.txt").write_text("the film\n")
+    t0 = time.perf_counter()
+    code, _, err = run_cli(capsys, "generate", "--model", llama_dir, "--ref", llama_ref_dir, "--prompts",
+                           tmp_path / "p.txt", "--out", tmp_path / "g.jsonl", "--method", method, "--budget", budget,
+                           "--max-new-tokens", "8")
+    assert "r2q runs at most" in one_line_error(code, err)
+    assert time.perf_counter() - t0 < 30
+
+
+def test_a_search_too_wide_for_memory_is_refused(llama_dir, tmp_path, capsys, monkeypatch):
+    import r2q.search as search
+
+    monkeypatch.setattr(search, "free_memory", lambda device: 10_000_000)  # 10 MB free
+    (tmp_path / "p.txt").write_text("the film\n")
+    code, _, err = run_cli(capsys, "generate", "--model", llama_dir, "--prompts", tmp_path / "p.txt", "--out",
+                           tmp_path / "g.jsonl", "--method", "beam", "--num-beams", "1000", "--max-new-tokens", "64")
+    assert "GB for caches and logits; 0.0 GB are free" in one_line_error(code, err)
+
+
+def test_a_pickled_lora_adapter_is_refused_with_how_to_convert(llama_dir, data, tmp_path, capsys):
+    train(cfg(llama_dir, data, tmp_path / "lora", lora_r=4, max_steps=1, save_every=0))
+    d = tmp_path / "lora"
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+    code, _, err = run_cli(capsys, "credit", "--model", d, "--ref", llama_dir, "--prompt", "a", "--response", "b")
+    line = one_line_error(code, err)
+    assert "adapter_model.bin, a pickle" in line and "save_file(torch.load" in line
+
+
+def test_a_huge_line_is_cut_before_tokenising_with_the_same_tokens(tokenizer):
+    """Memory follows --max-length, not the line: a multi-megabyte prompt and completion give the tokens that
+    tokenising them whole and truncating would."""
+    from r2q.data import _encode_row, _truncate, preference_examples_from_rows
+
+    big = " ".join(f"word{i % 97} the film" for i in range(300_000))  # ~5 MB
+    row = {"prompt": big, "chosen": big, "rejected": "fine"}
+    t0 = time.perf_counter()
+    (ex,), report = preference_examples_from_rows([row], tokenizer, max_length=48, max_prompt_length=16)
+    assert time.perf_counter() - t0 < 5
+    _, p, comps, _ = _encode_row(row, tokenizer, "preference")  # whole, the slow way
+    p, comps, _, _ = _truncate(p, comps, 48, 16)
+    assert (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids) == (p, comps[0], comps[1])
+    assert report.n_prompt_truncated == 1 and report.n_completion_truncated == 1
+
+
+# ---------------------------------------------------------------------------------------------- messages, leftovers
+
+
+def test_fsdp_in_one_process_says_it_shards_nothing(llama_dir, data, tmp_path, capsys):
+    train(cfg(llama_dir, data, tmp_path / "run", fsdp=True, max_steps=1, save_every=0))
+    assert "--fsdp: one process, so there is nothing to shard" in capsys.readouterr().err
+
+
+def test_messages_name_the_option_to_change(llama_dir, data, tmp_path, capsys):
+    import datasets
+
+    ds_dir = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pref_rows(8, 1))}).save_to_disk(str(ds_dir))
+    with pytest.raises(UserError, match="choose one with --eval-split"):
+        train(cfg(llama_dir, data, tmp_path / "a", eval_data=str(ds_dir), eval_split="test"))
+    with pytest.raises(UserError, match="after --eval-fraction 0.99 held out .*; lower --eval-fraction"):
+        train(cfg(llama_dir, data, tmp_path / "b", eval_fraction=0.99))
+
+
+def test_a_checkpoint_of_another_model_is_said_not_to_fit_not_damaged(tokenizer, data, tmp_path, capsys):
+    """An intact checkpoint whose tensors do not fit the model now at --model (same path, other shapes) is skipped
+    as not fitting, not as damaged."""
+    start = _model(tmp_path, tokenizer, "start", 0)
+    c = cfg(start, data, tmp_path / "run", max_steps=2, ref="none")
+    train(c)
+    save_model(tiny_model("llama", len(tokenizer), seed=0, hidden=96), tokenizer, start)
+    capsys.readouterr()
+    with pytest.raises(UserError, match="none of the 2 checkpoints"):
+        train(dataclasses.replace(c, resume=True))
+    err = capsys.readouterr().err
+    assert err.count("it does not fit the model being trained") == 2 and "damaged" not in err
+
+
+def test_a_killed_writer_leaves_no_temp_file_behind(tmp_path):
+    """A temp file a killed `credit --json` left (its writer's pid is gone) is removed by the next write there."""
+    from r2q.paths import write_atomic
+
+    stale = tmp_path / ".c.json.999999-abc.tmp"
+    stale.write_text("half")
+    live = tmp_path / f".c.json.{os.getpid()}-xyz.tmp"  # a writer that is still running: left alone
+    live.write_text("busy")
+    write_atomic(tmp_path / "c.json", "{}")
+    assert not stale.exists() and live.exists()
