@@ -21,8 +21,8 @@ import sys
 
 import psutil
 import pytest
+from conftest import pref_rows, write_jsonl
 from safetensors.torch import load_file
-from test_train import pref_rows, write_jsonl
 
 from r2q.train import TrainConfig, Trainer
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ckpt_cfg, one_line_error, pref_rows, run_cli, write_jsonl
 from safetensors.torch import load_file
-from test_robustness import cfg, one_line_error, run_cli
-from test_train import pref_rows, write_jsonl
 
 from r2q.errors import UserError
 from r2q.models import save_model, tiny_model
@@ -57,7 +56,7 @@ def test_resume_refuses_a_reference_whose_weights_changed(tokenizer, data, tmp_p
     """A: with --ref R, R's weights replaced between the run and --resume; with --ref init, the --model directory's.
     The resumed run would train against another reference: refused, naming the input that changed."""
     start, other = _model(tmp_path, tokenizer, "start", 0), _model(tmp_path, tokenizer, "ref", 1)
-    c = cfg(start, data, tmp_path / "run", ref=str(other) if ref == "path" else "init", max_steps=2)
+    c = ckpt_cfg(start, data, tmp_path / "run", ref=str(other) if ref == "path" else "init", max_steps=2)
     train(c)
     train(dataclasses.replace(c, resume=True, max_steps=3))  # unchanged inputs resume
     changed = other if ref == "path" else start
@@ -73,7 +72,7 @@ def test_credit_and_generate_say_when_the_recorded_reference_changed(llama_dir, 
     """A: `r2q credit --model D` (reference from the record) and `generate --ref R` say that R is not what D was
     trained against any more, and still run."""
     ref = _model(tmp_path, tokenizer, "ref", 1)
-    train(cfg(llama_dir, data, tmp_path / "run", ref=str(ref), max_steps=1, save_every=0))
+    train(ckpt_cfg(llama_dir, data, tmp_path / "run", ref=str(ref), max_steps=1, save_every=0))
     args = ("credit", "--model", tmp_path / "run", "--prompt", "a", "--response", "b", "--quiet")
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and "has changed" not in err
@@ -120,18 +119,18 @@ def test_training_in_place_is_refused(llama_dir, tokenizer, data, tmp_path):
     before = {p.name: p.read_bytes() for p in start.iterdir()}
     for out in (start, tmp_path / "alias"):
         with pytest.raises(UserError, match="is the --model directory"):
-            train(cfg(start, data, out))
+            train(ckpt_cfg(start, data, out))
         with pytest.raises(UserError, match="is the --model directory"):
-            train(cfg(start, data, out, lora_r=4))
+            train(ckpt_cfg(start, data, out, lora_r=4))
     with pytest.raises(UserError, match="is the --ref directory"):
-        train(cfg(llama_dir, data, tmp_path / "alias", ref=str(start)))
+        train(ckpt_cfg(llama_dir, data, tmp_path / "alias", ref=str(start)))
     assert {p.name: p.read_bytes() for p in start.iterdir()} == before
 
 
 def test_a_lora_adapter_that_is_its_own_base_is_one_line(llama_dir, data, tmp_path, capsys):
     """C: an adapter whose base_model_name_or_path names its own directory (what training in place with LoRA
     made) fails with one line, not a RecursionError."""
-    train(cfg(llama_dir, data, tmp_path / "lora", lora_r=4, max_steps=1, save_every=0))
+    train(ckpt_cfg(llama_dir, data, tmp_path / "lora", lora_r=4, max_steps=1, save_every=0))
     conf = tmp_path / "lora" / "adapter_config.json"
     conf.write_text(json.dumps(dict(json.loads(conf.read_text()), base_model_name_or_path=str(tmp_path / "lora"))))
     code, _, err = run_cli(capsys, "credit", "--model", tmp_path / "lora", "--ref", llama_dir, "--prompt", "a",
@@ -169,7 +168,7 @@ def test_resume_without_a_checkpoint_starts_metrics_over(llama_dir, data, tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train"}) + "\n" for s in (1, 2, 3)))
-    train(cfg(llama_dir, data, out, resume=True, save_every=0))
+    train(ckpt_cfg(llama_dir, data, out, resume=True, save_every=0))
     assert "no checkpoint" in capsys.readouterr().err
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -183,7 +182,7 @@ def test_no_link_under_out_is_written_through(llama_dir, data, tmp_path, lora):
     """F: a link planted under --out for every file a run writes (and its lock) is replaced by a regular file; the
     files the links pointed at are untouched."""
     kw = dict(max_steps=2, save_every=1, lora_r=4 if lora else 0)
-    train(cfg(llama_dir, data, tmp_path / "plain", **kw))
+    train(ckpt_cfg(llama_dir, data, tmp_path / "plain", **kw))
     names = sorted(p.name for p in (tmp_path / "plain").iterdir() if p.is_file())
     assert {".lock", "metrics.jsonl", "r2q_config.json", "tokenizer.json"} <= set(names)
     victims, out = tmp_path / "victims", tmp_path / "run"
@@ -192,7 +191,7 @@ def test_no_link_under_out_is_written_through(llama_dir, data, tmp_path, lora):
     for n in names:
         (victims / n).write_text(f"victim {n}")
         (out / n).symlink_to(victims / n)
-    train(cfg(llama_dir, data, out, overwrite=True, **kw))
+    train(ckpt_cfg(llama_dir, data, out, overwrite=True, **kw))
     assert all((victims / n).read_text() == f"victim {n}" for n in names)
     assert all(not (out / n).is_symlink() for n in names if (out / n).exists())
     assert (out / "metrics.jsonl").is_file() and (out / "r2q_config.json").is_file()
@@ -231,7 +230,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_temp_dir(llama_dir,
     monkeypatch.setattr(ck, "save_file", _enospc)
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"cannot write .*step-0000001: no space left on the device \(.* free"):
-        train(cfg(llama_dir, data, out))
+        train(ckpt_cfg(llama_dir, data, out))
     assert not list((out / "checkpoints").glob(".tmp-step-*"))
 
 
@@ -246,7 +245,7 @@ def test_disk_full_at_the_final_save_is_one_line_and_leaves_no_temp_dir(llama_di
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     out = tmp_path / "run"
     with pytest.raises(UserError, match=f"cannot write {out}: no space left on the device"):
-        train(cfg(llama_dir, data, out, save_every=0))
+        train(ckpt_cfg(llama_dir, data, out, save_every=0))
     assert not list(out.glob(".tmp-save-*")) and not (out / "r2q_config.json").exists()
 
 
@@ -278,7 +277,7 @@ def test_disk_full_on_a_real_small_file_system(llama_dir, data, tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN); the patched-write tests cover it")
     try:
         with pytest.raises(UserError, match="no space left on the device"):
-            train(cfg(llama_dir, data, mnt / "run", cache_dir=str(tmp_path / "cache")))
+            train(ckpt_cfg(llama_dir, data, mnt / "run", cache_dir=str(tmp_path / "cache")))
         assert not list((mnt / "run" / "checkpoints").glob(".tmp-step-*"))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -341,7 +340,7 @@ def test_a_search_too_wide_for_memory_is_refused(llama_dir, tmp_path, capsys, mo
 
 
 def test_a_pickled_lora_adapter_is_refused_with_how_to_convert(llama_dir, data, tmp_path, capsys):
-    train(cfg(llama_dir, data, tmp_path / "lora", lora_r=4, max_steps=1, save_every=0))
+    train(ckpt_cfg(llama_dir, data, tmp_path / "lora", lora_r=4, max_steps=1, save_every=0))
     d = tmp_path / "lora"
     (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
     code, _, err = run_cli(capsys, "credit", "--model", d, "--ref", llama_dir, "--prompt", "a", "--response", "b")
@@ -369,7 +368,7 @@ def test_a_huge_line_is_cut_before_tokenising_with_the_same_tokens(tokenizer):
 
 
 def test_fsdp_in_one_process_says_it_shards_nothing(llama_dir, data, tmp_path, capsys):
-    train(cfg(llama_dir, data, tmp_path / "run", fsdp=True, max_steps=1, save_every=0))
+    train(ckpt_cfg(llama_dir, data, tmp_path / "run", fsdp=True, max_steps=1, save_every=0))
     assert "--fsdp: one process, so there is nothing to shard" in capsys.readouterr().err
 
 
@@ -379,16 +378,16 @@ def test_messages_name_the_option_to_change(llama_dir, data, tmp_path, capsys):
     ds_dir = tmp_path / "ds"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(pref_rows(8, 1))}).save_to_disk(str(ds_dir))
     with pytest.raises(UserError, match="choose one with --eval-split"):
-        train(cfg(llama_dir, data, tmp_path / "a", eval_data=str(ds_dir), eval_split="test"))
+        train(ckpt_cfg(llama_dir, data, tmp_path / "a", eval_data=str(ds_dir), eval_split="test"))
     with pytest.raises(UserError, match="after --eval-fraction 0.99 held out .*; lower --eval-fraction"):
-        train(cfg(llama_dir, data, tmp_path / "b", eval_fraction=0.99))
+        train(ckpt_cfg(llama_dir, data, tmp_path / "b", eval_fraction=0.99))
 
 
 def test_a_checkpoint_of_another_model_is_said_not_to_fit_not_damaged(tokenizer, data, tmp_path, capsys):
     """An intact checkpoint whose tensors do not fit the model now at --model (same path, other shapes) is skipped
     as not fitting, not as damaged."""
     start = _model(tmp_path, tokenizer, "start", 0)
-    c = cfg(start, data, tmp_path / "run", max_steps=2, ref="none")
+    c = ckpt_cfg(start, data, tmp_path / "run", max_steps=2, ref="none")
     train(c)
     save_model(tiny_model("llama", len(tokenizer), seed=0, hidden=96), tokenizer, start)
     capsys.readouterr()

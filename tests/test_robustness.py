@@ -9,46 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ckpt_cfg, one_line_error, pref_rows, run_cli, write_jsonl
 from safetensors.torch import load_file, save_file
-from test_train import pref_rows, write_jsonl
 
 from r2q.checkpoint import list_checkpoints, load_weights, verify, write_manifest
 from r2q.errors import UserError
 from r2q.models import save_model, tiny_model
-from r2q.train import TrainConfig, train
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """r2q in this process: (exit code, stdout, stderr)."""
-    from r2q.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from r2q.train import train
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("robust")
     return write_jsonl(d / "train.jsonl", pref_rows(32, 0))
-
-
-def cfg(model, data, out, **kw):
-    base = dict(model=str(model), data=str(data), out=str(out), lr=2e-3, batch_size=8, quiet=True,
-                max_steps=4, save_every=1, keep_last=4, cache_dir=str(Path(out).parent / "cache"))
-    return TrainConfig(**dict(base, **kw))
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +47,7 @@ def _damage(ck: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["deleted", "truncated", "pickle only", "manifest missing"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(llama_dir, data, tmp_path, capsys, how):
     """1, 8: the run resumes from step 3, not from the starting weights, and ends where the whole run ended."""
-    c = cfg(llama_dir, data, tmp_path / "run")
+    c = ckpt_cfg(llama_dir, data, tmp_path / "run")
     full = train(c)
     final = weights(tmp_path / "run")
     cks = list_checkpoints(tmp_path / "run")
@@ -93,13 +66,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(llama_dir, dat
 
 
 def test_no_usable_checkpoint_is_an_error_and_no_checkpoint_starts_over_said_so(llama_dir, data, tmp_path, capsys):
-    c = cfg(llama_dir, data, tmp_path / "run", max_steps=2)
+    c = ckpt_cfg(llama_dir, data, tmp_path / "run", max_steps=2)
     train(c)
     for ck in list_checkpoints(tmp_path / "run"):
         _damage(ck, "truncated")
     with pytest.raises(UserError, match="none of the 2 checkpoints .* is usable"):
         train(dataclasses.replace(c, resume=True))
-    fresh = cfg(llama_dir, data, tmp_path / "new", max_steps=1)
+    fresh = ckpt_cfg(llama_dir, data, tmp_path / "new", max_steps=1)
     capsys.readouterr()
     train(dataclasses.replace(fresh, resume=True))
     assert "--resume: no checkpoint in" in capsys.readouterr().err
@@ -122,7 +95,7 @@ def test_strict_loading_names_missing_and_misshapen_tensors(tokenizer, tmp_path)
 
 def test_fresh_run_into_an_earlier_run_refuses_and_resume_checks_the_settings(llama_dir, data, tmp_path):
     """3: the earlier run's checkpoints are never mixed with, resumed under other settings, or deleted silently."""
-    c = cfg(llama_dir, data, tmp_path / "run", max_steps=2)
+    c = ckpt_cfg(llama_dir, data, tmp_path / "run", max_steps=2)
     train(c)
     with pytest.raises(UserError, match="holds an earlier run.*--resume.*--overwrite"):
         train(dataclasses.replace(c, lr=1e-3))
@@ -132,7 +105,7 @@ def test_fresh_run_into_an_earlier_run_refuses_and_resume_checks_the_settings(ll
     with pytest.raises(UserError, match="--data"):
         train(dataclasses.replace(c, data=str(other), resume=True))
     shutil.copy(other, tmp_path / "same-name.jsonl")
-    c2 = cfg(llama_dir, tmp_path / "same-name.jsonl", tmp_path / "run2", max_steps=1)
+    c2 = ckpt_cfg(llama_dir, tmp_path / "same-name.jsonl", tmp_path / "run2", max_steps=1)
     train(c2)
     shutil.copy(data, tmp_path / "same-name.jsonl")  # same path, other rows
     with pytest.raises(UserError, match="the training data"):
@@ -146,7 +119,7 @@ def test_fresh_run_into_an_earlier_run_refuses_and_resume_checks_the_settings(ll
 
 def test_half_written_metrics_line_is_dropped_on_resume(llama_dir, data, tmp_path, capsys):
     """8: what a SIGKILL while appending to metrics.jsonl leaves."""
-    c = cfg(llama_dir, data, tmp_path / "run", max_steps=3)
+    c = ckpt_cfg(llama_dir, data, tmp_path / "run", max_steps=3)
     train(c)
     m = tmp_path / "run" / "metrics.jsonl"
     m.write_text(m.read_text() + '{"step": 4, "split": "tr')
@@ -168,7 +141,7 @@ def test_credit_finds_the_recorded_reference_from_another_directory(llama_dir, l
     shutil.copytree(llama_dir, tmp_path / "a" / "start")
     shutil.copytree(llama_ref_dir, tmp_path / "b" / "start")  # same relative name, another model
     monkeypatch.chdir(tmp_path / "a")
-    train(cfg("start", data, tmp_path / "run", max_steps=1, save_every=0))
+    train(ckpt_cfg("start", data, tmp_path / "run", max_steps=1, save_every=0))
     rec = json.loads((tmp_path / "run" / "r2q_config.json").read_text())
     assert rec["model"] == str(tmp_path / "a" / "start") and rec["data"] == str(data)
     monkeypatch.chdir(tmp_path / "b")
@@ -188,7 +161,7 @@ def test_reference_with_another_vocabulary_is_refused(llama_dir, tokenizer, data
         ref = tmp_path / f"ref{extra}"
         tiny_model("llama", len(tokenizer) + extra).save_pretrained(ref)  # weights only
         with pytest.raises(UserError, match="the policy scores .* tokens but the reference"):
-            train(cfg(llama_dir, data, tmp_path / f"run{extra}", ref=str(ref)))
+            train(ckpt_cfg(llama_dir, data, tmp_path / f"run{extra}", ref=str(ref)))
         code, _, err = run_cli(capsys, "credit", "--model", llama_dir, "--ref", ref, "--prompt", "a",
                                "--response", "b", "--quiet")
         assert "shared vocabulary" in one_line_error(code, err)

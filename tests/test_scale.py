@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import cfg, pref_rows, write_jsonl
+from conftest import pref_rows, train_cfg, write_jsonl
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from r2q.data import preference_examples_from_rows
@@ -27,17 +27,17 @@ def pairs(tmp_path_factory):
 def test_dpo_turns_dropout_off_unless_kept(pairs, tokenizer, tmp_path):
     """The first step's policy is the reference (ref init): without dropout its implicit rewards are exactly 0,
     with the model's dropout on they are noise."""
-    off = train(cfg("", pairs, tmp_path / "off", max_steps=1), model=dropout_gpt2(len(tokenizer)),
+    off = train(train_cfg("", pairs, tmp_path / "off", max_steps=1), model=dropout_gpt2(len(tokenizer)),
                 tokenizer=tokenizer)
     assert off.metrics[0]["rewards/chosen"] == 0.0 and off.metrics[0]["rewards/rejected"] == 0.0
-    kept = train(cfg("", pairs, tmp_path / "kept", max_steps=1, keep_dropout=True),
+    kept = train(train_cfg("", pairs, tmp_path / "kept", max_steps=1, keep_dropout=True),
                  model=dropout_gpt2(len(tokenizer)), tokenizer=tokenizer)
     assert abs(kept.metrics[0]["rewards/chosen"]) > 1e-4
     m = dropout_gpt2(len(tokenizer))
     disable_dropout(m)
     assert all(d.p == 0.0 for d in m.modules() if isinstance(d, torch.nn.Dropout))
     with pytest.raises(UserError, match="--keep-dropout is a DPO option"):
-        train(cfg("", pairs, tmp_path / "sft", max_steps=1, keep_dropout=True), "sft",
+        train(train_cfg("", pairs, tmp_path / "sft", max_steps=1, keep_dropout=True), "sft",
               model=dropout_gpt2(len(tokenizer)), tokenizer=tokenizer)
 
 
@@ -75,8 +75,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_less_saved(arch, t
 
 
 def test_train_with_gradient_checkpointing_matches_plain(pairs, llama_dir, tmp_path):
-    plain = train(cfg(llama_dir, pairs, tmp_path / "plain", max_steps=2))
-    ckpt = train(cfg(llama_dir, pairs, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
+    plain = train(train_cfg(llama_dir, pairs, tmp_path / "plain", max_steps=2))
+    ckpt = train(train_cfg(llama_dir, pairs, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
     for a, b in zip(plain.model.state_dict().values(), ckpt.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert getattr(ckpt.model, "is_activation_checkpointing", None) or ckpt.model.is_gradient_checkpointing
@@ -88,9 +88,9 @@ def test_lora_reference_is_the_model_with_adapters_off(pairs, llama_dir, tmp_pat
     from r2q.models import load_model
 
     lora = dict(max_steps=3, lora_r=4, lora_alpha=8.0)
-    base = train(cfg(llama_dir, pairs, tmp_path / "off", **lora))
-    explicit = train(cfg(llama_dir, pairs, tmp_path / "copy", ref=str(llama_dir), **lora))
-    cached = train(cfg(llama_dir, pairs, tmp_path / "pre", precompute_ref=True, **lora))
+    base = train(train_cfg(llama_dir, pairs, tmp_path / "off", **lora))
+    explicit = train(train_cfg(llama_dir, pairs, tmp_path / "copy", ref=str(llama_dir), **lora))
+    cached = train(train_cfg(llama_dir, pairs, tmp_path / "pre", precompute_ref=True, **lora))
     for a, b, c in zip(base.metrics, explicit.metrics, cached.metrics):
         for k in ("loss", "rewards/chosen", "rewards/rejected"):
             assert a[k] == pytest.approx(b[k], abs=1e-6) and a[k] == pytest.approx(c[k], abs=1e-6), k
@@ -106,7 +106,7 @@ def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_
     from r2q.models import load_model
     from r2q.tokens import completion_logps
 
-    res = train(cfg(llama_dir, pairs, tmp_path / "a", max_steps=2, lora_r=4, lr=1e-2, save_every=1))
+    res = train(train_cfg(llama_dir, pairs, tmp_path / "a", max_steps=2, lora_r=4, lr=1e-2, save_every=1))
     out = tmp_path / "a"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()  # the adapter only, in PEFT's format
@@ -127,7 +127,7 @@ def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_
     assert rep["meta"]["ref"] == str(llama_dir.resolve())
     gens, _ = generate(load_model(out), tokenizer, ["the film"], GenerateConfig(method="greedy", max_new_tokens=4))
     assert gens[0].num_tokens > 0
-    merged = train(cfg(llama_dir, pairs, tmp_path / "m", max_steps=2, lora_r=4, lr=1e-2, merge=True))
+    merged = train(train_cfg(llama_dir, pairs, tmp_path / "m", max_steps=2, lora_r=4, lr=1e-2, merge=True))
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "adapter" / "adapter_config.json"
                                                                  ).is_file()
     with torch.no_grad():
@@ -138,9 +138,9 @@ def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_
     torch.testing.assert_close(full, returned, atol=1e-5, rtol=1e-5)
     # a run resumed from an adapter checkpoint ends with the uninterrupted run's adapter
     kw = dict(lora_r=4, lr=1e-2, save_every=1, schedule="constant")
-    whole = train(cfg(llama_dir, pairs, tmp_path / "whole", max_steps=3, **kw))
-    train(cfg(llama_dir, pairs, tmp_path / "part", max_steps=1, **kw))
-    resumed = train(cfg(llama_dir, pairs, tmp_path / "part", max_steps=3, resume=True, **kw))
+    whole = train(train_cfg(llama_dir, pairs, tmp_path / "whole", max_steps=3, **kw))
+    train(train_cfg(llama_dir, pairs, tmp_path / "part", max_steps=1, **kw))
+    resumed = train(train_cfg(llama_dir, pairs, tmp_path / "part", max_steps=3, resume=True, **kw))
     assert resumed.steps == 3
     for (n, a), (_, c) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
         if "lora_" in n:
@@ -149,11 +149,11 @@ def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_
 
 def test_lora_options_need_lora_r(pairs, llama_dir, tmp_path):
     with pytest.raises(UserError, match="--lora-alpha is a LoRA option"):
-        train(cfg(llama_dir, pairs, tmp_path / "x", lora_alpha=4.0))
+        train(train_cfg(llama_dir, pairs, tmp_path / "x", lora_alpha=4.0))
     with pytest.raises(UserError, match="--lora-target-modules nope"):
-        train(cfg(llama_dir, pairs, tmp_path / "y", lora_r=2, lora_target_modules="nope", max_steps=1))
+        train(train_cfg(llama_dir, pairs, tmp_path / "y", lora_r=2, lora_target_modules="nope", max_steps=1))
     with pytest.raises(UserError, match="add --keep-dropout"):
-        train(cfg(llama_dir, pairs, tmp_path / "z", lora_r=2, lora_dropout=0.1))
+        train(train_cfg(llama_dir, pairs, tmp_path / "z", lora_r=2, lora_dropout=0.1))
 
 
 def hub_repo(root, splits):
@@ -194,7 +194,7 @@ def test_hub_data_sets_by_name_and_layout(llama_dir, tmp_path, monkeypatch, toke
     assert len(load_preferences(repo, tokenizer, split="test")[0]) == 8
     assert len(load_preferences(repo, tokenizer, subset="small")[0]) == 6
     monkeypatch.chdir(tmp_path)  # ORG/NAME resolving to a local repository directory
-    res = train(cfg(llama_dir, "trl-lib/prefs", tmp_path / "run", max_steps=2, batch_size=4,
+    res = train(train_cfg(llama_dir, "trl-lib/prefs", tmp_path / "run", max_steps=2, batch_size=4,
                     eval_data="trl-lib/prefs"))
     assert res.steps == 2 and res.metrics[-1]["split"] == "eval"
     with pytest.raises(UserError, match="no-such-org/no-such-set: cannot load this data set"):
@@ -206,7 +206,7 @@ def test_hub_data_sets_by_name_and_layout(llama_dir, tmp_path, monkeypatch, toke
 def test_bf16_weights_train_in_bf16(pairs, llama_dir, tmp_path):
     from safetensors.torch import load_file
 
-    res = train(cfg(llama_dir, pairs, tmp_path / "bf16", max_steps=2, dtype="bf16-weights"))
+    res = train(train_cfg(llama_dir, pairs, tmp_path / "bf16", max_steps=2, dtype="bf16-weights"))
     assert all(p.dtype == torch.bfloat16 for p in res.model.parameters())
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}

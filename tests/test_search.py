@@ -1,10 +1,10 @@
 """Search: parity with transformers' beam search, the paper's identities, exact small-problem optima."""
 
 import itertools
-import random
 
 import pytest
 import torch
+from conftest import EOS, PAD, V, hf_beams, prompts_of, sharp_model
 from transformers import GenerationConfig
 
 from r2q.models import tiny_model
@@ -12,41 +12,6 @@ from r2q.search import GenerateConfig, generate_ids, score_sequences
 from r2q.search.beam import beam_search
 from r2q.search.lm import Lockstep, left_pad
 from r2q.search.sampling import draw, filter_logits, sample
-
-V, PAD, EOS = 40, 0, 1
-
-
-def sharp_model(arch, seed, vocab=V, scale=6.0, eos_bias=1.5):
-    """A random tiny LM made peaky (so beams rarely tie) and fond of EOS (so hypotheses finish)."""
-    m = tiny_model(arch, vocab, seed=seed)
-    head = m.get_output_embeddings()
-    with torch.no_grad():
-        head.weight.mul_(scale)
-        if arch == "llama":
-            m.model.norm.weight.fill_(1.0)
-        head.weight[EOS] += eos_bias * head.weight.abs().mean() * torch.sign(head.weight.sum(0))
-    m.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
-    return m.eval()
-
-
-def prompts_of(n, seed, vocab=V):
-    rng = random.Random(seed)
-    return [[rng.randrange(2, vocab) for _ in range(rng.randint(1, 8))] for _ in range(n)]
-
-
-def hf_beams(model, prompts, K, lp, es, max_new):
-    ids, mask = left_pad(prompts, PAD)
-    gc = GenerationConfig(num_beams=K, do_sample=False, length_penalty=lp, early_stopping=es, max_new_tokens=max_new,
-                          num_return_sequences=K, pad_token_id=PAD, eos_token_id=EOS)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
-    res = []
-    for b in range(len(prompts)):
-        rows = []
-        for k in range(K):
-            row = out[b * K + k, ids.shape[1]:].tolist()
-            rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
-        res.append(rows)
-    return res
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -4,37 +4,19 @@ import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS
+from conftest import pref_rows, train_cfg, write_jsonl
 from safetensors.torch import load_file
 
 from r2q.errors import UserError
 from r2q.models import load_model
-from r2q.train import TrainConfig, train
-
-
-def pref_rows(n, seed):
-    """Pairs whose preference is decided by one word: the chosen ends with 'good', the rejected with 'bad'."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
-        rows.append({"prompt": prompt, "chosen": f" {body} good.", "rejected": f" {body} bad."})
-    return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from r2q.train import train
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +25,9 @@ def pref_files(tmp_path_factory):
     return write_jsonl(d / "train.jsonl", pref_rows(96, 0)), write_jsonl(d / "eval.jsonl", pref_rows(32, 1))
 
 
-def cfg(model_dir, data, out, **kw):
-    base = dict(model=str(model_dir), data=str(data), out=str(out), lr=2e-3, batch_size=8, quiet=True,
-                cache_dir=str(Path(out).parent / "cache"))
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def test_dpo_raises_heldout_margin_and_accuracy(llama_dir, pref_files, tmp_path):
     train_f, eval_f = pref_files
-    res = train(cfg(llama_dir, train_f, tmp_path / "run", eval_data=str(eval_f), max_steps=24, eval_every=24,
+    res = train(train_cfg(llama_dir, train_f, tmp_path / "run", eval_data=str(eval_f), max_steps=24, eval_every=24,
                     warmup_steps=2))
     evals = [m for m in res.metrics if m["split"] == "eval"]
     assert len(evals) == 1
@@ -72,7 +47,7 @@ def test_dpo_raises_heldout_margin_and_accuracy(llama_dir, pref_files, tmp_path)
 
 def test_eval_on_start_logs_step_0_where_policy_is_reference(llama_dir, pref_files, tmp_path):
     train_f, eval_f = pref_files
-    c = cfg(llama_dir, train_f, tmp_path / "a", eval_data=str(eval_f), max_steps=2, save_every=2,
+    c = train_cfg(llama_dir, train_f, tmp_path / "a", eval_data=str(eval_f), max_steps=2, save_every=2,
             eval_on_start=True)
     res = train(c)
     (start,) = [m for m in res.metrics if m["split"] == "eval" and m["step"] == 0]
@@ -85,7 +60,7 @@ def test_eval_on_start_logs_step_0_where_policy_is_reference(llama_dir, pref_fil
     assert [m["step"] for m in train(c).metrics] == [2]
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["split"] == "eval"].count(0) == 1
-    res = train(cfg(llama_dir, train_f, tmp_path / "b", eval_data=str(eval_f), max_steps=2))
+    res = train(train_cfg(llama_dir, train_f, tmp_path / "b", eval_data=str(eval_f), max_steps=2))
     assert [m["step"] for m in res.metrics if m["split"] == "eval"] == [2]
 
 
@@ -93,10 +68,10 @@ def test_ref_init_for_in_memory_model_and_ref_none(llama_dir, pref_files, tmp_pa
     train_f, _ = pref_files
     model = load_model(llama_dir)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    res = train(cfg("", train_f, tmp_path / "a", max_steps=3), model=model, tokenizer=tokenizer)
+    res = train(train_cfg("", train_f, tmp_path / "a", max_steps=3), model=model, tokenizer=tokenizer)
     assert res.metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # reference = the starting weights
     assert any(not torch.equal(start[k], v) for k, v in res.model.state_dict().items())
-    res = train(cfg(llama_dir, train_f, tmp_path / "b", max_steps=1, ref="none"))
+    res = train(train_cfg(llama_dir, train_f, tmp_path / "b", max_steps=1, ref="none"))
     # reference-free: the reward is beta * log pi, negative for any real distribution
     assert res.metrics[0]["rewards/chosen"] < 0
 
@@ -108,14 +83,14 @@ def test_reference_cache_is_reused(llama_dir, llama_ref_dir, pref_files, tmp_pat
     calls = []
     real = tr.score_reference
     monkeypatch.setattr(tr, "score_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
-    c = cfg(llama_dir, train_f, tmp_path / "a", max_steps=2, ref=str(llama_ref_dir), precompute_ref=True)
+    c = train_cfg(llama_dir, train_f, tmp_path / "a", max_steps=2, ref=str(llama_ref_dir), precompute_ref=True)
     first = tr.Trainer(c, "dpo")
     assert len(calls) == 1 and first.ref is None and first.ref_cache_hits == 0
     m1 = first.run().metrics
     second = tr.Trainer(dataclasses.replace(c, overwrite=True), "dpo")
     assert len(calls) == 1 and second.ref_cache_hits == 1  # no reference forward the second time
     # the cached and the live reference give the same numbers
-    live = train(cfg(llama_dir, train_f, tmp_path / "b", max_steps=2, ref=str(llama_ref_dir)))
+    live = train(train_cfg(llama_dir, train_f, tmp_path / "b", max_steps=2, ref=str(llama_ref_dir)))
     for a, b in zip(m1, live.metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["rewards/chosen"] == pytest.approx(b["rewards/chosen"], rel=1e-4, abs=1e-6)
@@ -123,7 +98,7 @@ def test_reference_cache_is_reused(llama_dir, llama_ref_dir, pref_files, tmp_pat
 
 def test_sft_lowers_nll(llama_dir, pref_files, tmp_path):
     train_f, _ = pref_files
-    res = train(cfg(llama_dir, train_f, tmp_path / "sft", max_steps=15, lr=3e-3), mode="sft")
+    res = train(train_cfg(llama_dir, train_f, tmp_path / "sft", max_steps=15, lr=3e-3), mode="sft")
     losses = [m["loss"] for m in res.metrics if m["split"] == "train"]
     assert losses[-1] < losses[0] - 0.5
 
@@ -145,7 +120,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(llama_dir, pref_files, tmp_pat
     monkeypatch.setattr(tr, "pair_stats", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(UserError, match="non-finite loss at step 4.*step-0000002"):
-        train(cfg(llama_dir, train_f, out, max_steps=6, save_every=2))
+        train(train_cfg(llama_dir, train_f, out, max_steps=6, save_every=2))
     ck = out / "checkpoints" / "step-0000002"
     assert (ck / "trainer_state.json").exists()
     assert all(torch.isfinite(t).all() for t in load_file(ck / "model.safetensors").values())

@@ -2,7 +2,7 @@
 
 Implements "From r to Q*: Your Language Model is Secretly a Q-Function" (Rafailov et al., 2024).
 
-Layers (tests/test_architecture.py keeps them): a core of formulas and plumbing (tokens, rewards, losses, data,
+Layers (tests/test_layers.py keeps them): a core of formulas and plumbing (tokens, rewards, losses, data,
 models, checkpoint, ...) under what the commands compute (train, credit, search, tasks, theory checks), under the
 views, under the command line and the demo. Imports sit at the top of each module; the only imports inside
 functions are of heavy or optional packages (transformers, accelerate, datasets, pyarrow, matplotlib, sklearn,

@@ -190,7 +190,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, eos: str = 
     return fast
 
 
-# the architectures tested (tests/test_architectures.py): HF model_type -> config fields beyond the shared ones
+# the architectures tested (tests/test_model_families.py): HF model_type -> config fields beyond the shared ones
 ARCHITECTURES = {
     "llama": {}, "gpt2": {}, "gpt_neox": {}, "mistral": {"sliding_window": 64}, "qwen2": {}, "qwen3": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "sliding_window": 64}, "gemma3_text": {"head_dim": 16, "sliding_window": 64},

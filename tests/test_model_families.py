@@ -3,8 +3,7 @@ two DPO steps run, credit runs, and beam search matches transformers' generate t
 
 import pytest
 import torch
-from test_search import EOS, PAD, hf_beams
-from test_train import cfg, pref_rows, write_jsonl
+from conftest import EOS, PAD, hf_beams, pref_rows, train_cfg, write_jsonl
 from transformers import GenerationConfig
 
 from r2q.credit import score_pairs
@@ -36,7 +35,7 @@ def test_architecture(arch, tokenizer, pairs, tmp_path):
         plain = completion_logps(model, examples_batch(ex, tokenizer.pad_token_id, share_prefix=False))
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
 
-    res = train(cfg("", pairs, tmp_path / "run", max_steps=2, batch_size=4), model=model_of(arch, tokenizer),
+    res = train(train_cfg("", pairs, tmp_path / "run", max_steps=2, batch_size=4), model=model_of(arch, tokenizer),
                 tokenizer=tokenizer)
     assert res.steps == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
 
@@ -68,12 +67,12 @@ def test_a_model_that_cannot_take_the_shared_mask_falls_back_to_the_plain_layout
     real = t.shared_layout
     t.shared_layout = lambda share, *ms, say=None: real(share, flash, say=say)  # the trainer sees a flash model
     try:
-        fell = train(cfg("", pairs, tmp_path / "fell", max_steps=2, batch_size=4), model=model_of("llama", tokenizer),
-                     tokenizer=tokenizer)
+        fell = train(train_cfg("", pairs, tmp_path / "fell", max_steps=2, batch_size=4),
+                     model=model_of("llama", tokenizer), tokenizer=tokenizer)
     finally:
         t.shared_layout = real
     assert "pairs run in the plain layout" in capsys.readouterr().err
-    plain = train(cfg("", pairs, tmp_path / "plain", max_steps=2, batch_size=4, share_prefix=False),
+    plain = train(train_cfg("", pairs, tmp_path / "plain", max_steps=2, batch_size=4, share_prefix=False),
                   model=model_of("llama", tokenizer), tokenizer=tokenizer)
     assert [m["loss"] for m in fell.metrics] == pytest.approx([m["loss"] for m in plain.metrics], abs=1e-6)
 
@@ -117,8 +116,8 @@ def test_packed_pairs_give_the_plain_log_probs(tokenizer, pairs, tmp_path):
         for impl in ("eager", "sdpa"):
             model.set_attn_implementation(impl)
             torch.testing.assert_close(completion_logps(model, packed), plain, atol=1e-5, rtol=1e-5)
-    a = train(cfg("", pairs, tmp_path / "a", max_steps=2, batch_size=8), model=model_of("llama", tokenizer),
+    a = train(train_cfg("", pairs, tmp_path / "a", max_steps=2, batch_size=8), model=model_of("llama", tokenizer),
               tokenizer=tokenizer)
-    b = train(cfg("", pairs, tmp_path / "b", max_steps=2, batch_size=8, pack=64), model=model_of("llama", tokenizer),
-              tokenizer=tokenizer)
+    b = train(train_cfg("", pairs, tmp_path / "b", max_steps=2, batch_size=8, pack=64),
+              model=model_of("llama", tokenizer), tokenizer=tokenizer)
     assert [m["loss"] for m in a.metrics] == pytest.approx([m["loss"] for m in b.metrics], abs=1e-5)
