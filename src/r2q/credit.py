@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ from .losses import dpo_loss
 from .models import pad_id
 from .paths import write_atomic
 from .progress import progress_bar
+from .reference import CachedReference, LiveReference, NoReference, Reference, batch_slots, cached
 from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
-from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, pad_rows, shared_layout, token_pieces
+from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, shared_layout, token_pieces
 
 
 @dataclass
@@ -192,13 +194,23 @@ def _prompt_text(tokenizer, ids: Sequence[int]) -> str:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _cached_ref(ref, tokenizer, examples, cache_dir) -> list[torch.Tensor] | None:
-    seqs = refcache.completion_sequences(examples)
-    path = refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples)
-    logps = refcache.try_load(path, len(seqs))
-    if logps is None or [len(x) for x in logps] != [len(c) for _, c in seqs]:
-        return None  # not ours after all (a hash collision or a damaged file): score the reference
-    return logps
+def _reference(ref, tokenizer, examples, ref_logps, use_cache: bool, cache_dir) -> Reference:
+    """The reference as credit scores with it: given rows, else the training cache when it has this data, else the
+    model run live; none for the reference-free reward."""
+    if isinstance(ref, Reference):
+        return ref
+    if ref_logps is not None:
+        n = len(refcache.completion_sequences(examples))
+        if len(ref_logps) != n:
+            raise ValueError(f"{len(ref_logps)} reference rows for {n} completions")
+        return CachedReference([r.float().cpu() for r in ref_logps])
+    if ref is None:
+        return NoReference()
+    if use_cache:
+        hit = cached(refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples), examples)
+        if hit is not None:
+            return hit
+    return LiveReference(ref)
 
 
 @torch.no_grad()
@@ -210,9 +222,10 @@ def score_examples(
 ) -> CreditReport:
     """Credit for tokenised examples (all PreferenceExample or all SFTExample).
 
-    ref: a model, or None for the reference-free reward r_t = beta * log pi. ref_logps: per-token reference
-    log-probs in the cache's order ([chosen_0, rejected_0, chosen_1, ...] or one per completion); when not
-    given and use_cache, the training cache in cache_dir (default $R2Q_CACHE) is looked up, then ref is run.
+    ref: a model, a `r2q.reference.Reference`, or None for the reference-free reward r_t = beta * log pi.
+    ref_logps: per-token reference log-probs in the cache's order ([chosen_0, rejected_0, chosen_1, ...] or one
+    per completion); when not given and use_cache, the training cache in cache_dir (default $R2Q_CACHE) is looked
+    up, then ref is run.
     Each batch of B pairs is one (B, T) prefix-shared row block giving (2B, L) completion-aligned log-probs.
     """
     if beta <= 0:
@@ -221,16 +234,10 @@ def score_examples(
         raise UserError("there is nothing to score")
     pairs = isinstance(examples[0], PreferenceExample)
     seqs = refcache.completion_sequences(examples)
-    ref_source = "none" if ref is None else "model"
-    if ref is not None and ref_logps is None and use_cache:
-        ref_logps = _cached_ref(ref, tokenizer, examples, cache_dir)
-    if ref_logps is not None:
-        ref_source = "cache"
-        if len(ref_logps) != len(seqs):
-            raise ValueError(f"{len(ref_logps)} reference rows for {len(seqs)} completions")
+    reference = _reference(ref, tokenizer, examples, ref_logps, use_cache, cache_dir)
     pad = pad_id(tokenizer)
     per = 2 if pairs else 1
-    share_prefix = shared_layout(share_prefix, policy, ref, say=note)
+    share_prefix = shared_layout(share_prefix, policy, reference.model, say=note)
     pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
     turns = [turn_steps(pieces[s], (examples[s // per].turns or [None] * per)[s % per]) for s in range(len(seqs))]
     out: list[CompletionCredit] = [None] * len(seqs)  # type: ignore[list-item]  # filled batch by batch
@@ -238,38 +245,41 @@ def score_examples(
     # length-sorted batches pad little; results go back to their slots
     order = sorted(range(len(examples)), key=lambda i: len(seqs[per * i][0]) + sum(len(c) for _, c in
                                                                                    seqs[per * i : per * i + per]))
-    modes = [(m, m.training) for m in (policy, ref) if m is not None]
+    with _eval_mode(policy, reference.model), progress_bar(progress, transient=True) as bar:
+        task = bar.add_task("credit", total=len(examples), info="")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            b = examples_batch([examples[i] for i in idx], pad, share_prefix)
+            slots = batch_slots(idx, pairs)  # batch rows: chosen..., rejected... (pairs) or one per completion
+            ref_lp = reference.logps(b, slots)
+            made, R = _credits(b, _logps(policy, b), None if ref_lp is None else ref_lp.float().cpu(), beta,
+                               [pieces[s] for s in slots], delimiter, [turns[s] for s in slots])
+            for s, (tokens, fields) in zip(slots, made):
+                prompt_ids, ids = seqs[s]
+                out[s] = CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, prompt_ids),
+                                          text="".join(tokens), tokens=tokens, token_ids=list(ids), **fields)
+            if pairs:
+                pair_loss.update(zip(idx, dpo_loss(R[: len(idx)], R[len(idx) :], beta).tolist()))
+            bar.advance(task, len(idx))
+    return _report(tokenizer, examples, out, pair_loss, beta, reference.kind, top_k, min_count)
+
+
+@contextmanager
+def _eval_mode(*models):
+    """The models in eval mode (no dropout) for the block, each put back in its own mode after."""
+    modes = [(m, m.training) for m in models if m is not None]
     for m, _ in modes:
         m.eval()
     try:
-        with progress_bar(progress, transient=True) as bar:
-            task = bar.add_task("credit", total=len(examples), info="")
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                chunk = [examples[i] for i in idx]
-                b = examples_batch(chunk, pad, share_prefix)
-                # batch rows: chosen..., rejected... (pairs) or one per completion
-                slots = [2 * i for i in idx] + [2 * i + 1 for i in idx] if pairs else list(idx)
-                pol = _logps(policy, b)
-                if ref_logps is not None:
-                    ref_lp = pad_rows([ref_logps[s].float().cpu() for s in slots], b.max_len)
-                else:
-                    ref_lp = None if ref is None else _logps(ref, b)
-                made, R = _credits(b, pol, ref_lp, beta, [pieces[s] for s in slots], delimiter,
-                                   [turns[s] for s in slots])
-                for s, (tokens, fields) in zip(slots, made):
-                    prompt_ids, ids = seqs[s]
-                    out[s] = CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, prompt_ids),
-                                              text="".join(tokens), tokens=tokens, token_ids=list(ids), **fields)
-                if pairs:
-                    B = len(chunk)
-                    for j, loss in enumerate(dpo_loss(R[:B], R[B:], beta).tolist()):
-                        pair_loss[idx[j]] = loss
-                bar.advance(task, len(chunk))
+        yield
     finally:
         for m, was_training in modes:
             m.train(was_training)
-    comps = out
+
+
+def _report(tokenizer, examples, comps: list[CompletionCredit], pair_loss: dict[int, float], beta: float,
+            ref_source: str, top_k: int, min_count: int | None) -> CreditReport:
+    pairs = isinstance(examples[0], PreferenceExample)
     top_pos, top_neg = top_tokens(tokenizer, comps, top_k, min_count)
     report = CreditReport("pairs" if pairs else "completions", beta, {}, top_pos, top_neg, ref_source=ref_source)
     if pairs:
