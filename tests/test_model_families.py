@@ -62,7 +62,7 @@ def test_a_model_that_cannot_take_the_shared_mask_falls_back_to_the_plain_layout
     said = []
     assert shared_layout(True, flash, say=said.append) is False and len(said) == 1
     assert "flash_attention_2" in said[0] and "\n" not in said[0]
-    import r2q.train as t
+    import r2q.train.loop as t
 
     real = t.shared_layout
     t.shared_layout = lambda share, *ms, say=None: real(share, flash, say=say)  # the trainer sees a flash model

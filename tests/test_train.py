@@ -77,17 +77,19 @@ def test_ref_init_for_in_memory_model_and_ref_none(llama_dir, pref_files, tmp_pa
 
 
 def test_reference_cache_is_reused(llama_dir, llama_ref_dir, pref_files, tmp_path, monkeypatch):
-    import r2q.train as tr
+    import r2q.reference as rf
+    from r2q.train import Trainer
 
     train_f, _ = pref_files
     calls = []
-    real = tr.score_reference
-    monkeypatch.setattr(tr, "score_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rf.score_reference
+    monkeypatch.setattr(rf, "score_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     c = train_cfg(llama_dir, train_f, tmp_path / "a", max_steps=2, ref=str(llama_ref_dir), precompute_ref=True)
-    first = tr.Trainer(c, "dpo")
-    assert len(calls) == 1 and first.ref is None and first.ref_cache_hits == 0
+    first = Trainer(c, "dpo")
+    assert len(calls) == 1 and first.refs["train"].kind == "cache" and first.refs["train"].model is None
+    assert first.ref_cache_hits == 0
     m1 = first.run().metrics
-    second = tr.Trainer(dataclasses.replace(c, overwrite=True), "dpo")
+    second = Trainer(dataclasses.replace(c, overwrite=True), "dpo")
     assert len(calls) == 1 and second.ref_cache_hits == 1  # no reference forward the second time
     # the cached and the live reference give the same numbers
     live = train(train_cfg(llama_dir, train_f, tmp_path / "b", max_steps=2, ref=str(llama_ref_dir)))
@@ -104,7 +106,7 @@ def test_sft_lowers_nll(llama_dir, pref_files, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(llama_dir, pref_files, tmp_path, monkeypatch):
-    import r2q.train as tr
+    import r2q.train.loop as tr
 
     train_f, _ = pref_files
     real = tr.pair_stats

@@ -10,11 +10,14 @@ scipy, tensorboard), so that `import r2q` and `r2q --help` stay fast and a missi
 """
 
 from .errors import UserError
-from .losses import dpo_loss, sft_loss
+from .losses import dpo_loss, pair_stats, sft_loss
 from .rewards import (
     aggregate_steps,
     cumulative_rewards,
+    expected_reward,
+    guided_logps,
     implicit_rewards,
+    kl_ref_pi,
     likelihood_score,
     sequence_rewards,
     step_ends_from_text,
@@ -35,9 +38,13 @@ __all__ = [
     "completion_logps",
     "cumulative_rewards",
     "dpo_loss",
+    "expected_reward",
     "flat_token_logps",
+    "guided_logps",
     "implicit_rewards",
+    "kl_ref_pi",
     "likelihood_score",
+    "pair_stats",
     "sequence_rewards",
     "sft_loss",
     "step_ends_from_text",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .rewards import implicit_rewards, kl_ref_pi, sequence_rewards
+
 LOSS_TYPES = ("sigmoid", "ipo", "cdpo")
 
 
@@ -50,3 +52,32 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -
     if reduction == "mean":
         return nll / mask.sum().clamp(min=1)
     raise ValueError(f"unknown reduction {reduction!r}; use mean or sum")
+
+
+def pair_stats(pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor, beta: float, loss_type: str,
+               label_smoothing: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses (B,) and detached per-pair metrics by name, each (B,); `r2q train` logs their means.
+
+    pol, ref: (2B, L) per-token log-probs of the chosen rows then the rejected rows (ref None: reference-free);
+    mask (2B, L)."""
+    B = pol.shape[0] // 2
+    r = implicit_rewards(pol, ref, mask, beta)
+    R = sequence_rewards(r, mask)
+    losses = dpo_loss(R[:B], R[B:], beta, loss_type, label_smoothing)
+    with torch.no_grad():
+        n = mask.sum(-1).float()
+        lp = sequence_rewards(pol, mask)
+        log_ratio = R / beta  # log pi(y|x) - log pi_ref(y|x) per sequence
+        ratio = torch.exp(log_ratio.clamp(max=50.0))
+        stats = {
+            "loss": losses.detach(), "rewards/chosen": R[:B], "rewards/rejected": R[B:],
+            "rewards/margin": R[:B] - R[B:], "rewards/accuracy": (R[:B] > R[B:]).float(),
+            "rewards/chosen_token_mean": R[:B] / n[:B], "rewards/rejected_token_mean": R[B:] / n[B:],
+            "logps/chosen": lp[:B], "logps/rejected": lp[B:],
+            "logps/chosen_token_mean": lp[:B] / n[:B], "logps/rejected_token_mean": lp[B:] / n[B:],
+            # estimates on the data, exact in expectation when the completions are samples of pi_ref:
+            # KL(pi_ref||pi) = E_ref[-log ratio], KL(pi||pi_ref) = E_ref[ratio * log ratio]
+            "kl/ref_pi_est": kl_ref_pi(torch.stack([R[:B], R[B:]], -1), beta),
+            "kl/pi_ref_est": (ratio[:B] * log_ratio[:B] + ratio[B:] * log_ratio[B:]) / 2,
+        }
+    return losses, stats

@@ -70,6 +70,16 @@ class Record:
         return self.inputs.get("reference")
 
 
+def recorded_config(config: dict[str, Any], mode: str) -> dict[str, Any]:
+    """A run's settings as the record and its checkpoints keep them: local paths made absolute, so `credit` and
+    `--resume` find the same files from any directory (a hub id is not a path: kept as given)."""
+    d = dict(config, mode=mode)
+    for k in ("model", "data", "ref", "eval_data", "cache_dir", "out"):
+        if d.get(k) and Path(d[k]).exists():
+            d[k] = str(Path(d[k]).resolve())
+    return d
+
+
 def write_record(out: str | os.PathLike, config: dict[str, Any], inputs: dict[str, str | None]) -> Path:
     """DIR/r2q_config.json, atomically: the settings, with the input fingerprints under `inputs`."""
     return write_atomic(Path(out) / RECORD, json.dumps(dict(config, inputs=inputs), indent=1))

@@ -62,6 +62,21 @@ def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return rewards.masked_fill(~mask, 0.0).sum(-1)
 
 
+def expected_reward(rewards: torch.Tensor, ref_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """E_{y~pi_ref}[R(y)] of sequence implicit rewards R(y) = beta * log pi(y|x)/pi_ref(y|x), which is exactly
+    -beta * KL(pi_ref || pi) (so <= 0, and 0 only at pi = pi_ref): the reason rewards under reference samples fall.
+
+    rewards (..., N): N completions of a prompt; ref_probs (..., N): their pi_ref(y|x) when the N completions are
+    all of them (exact), or None when they are N samples of pi_ref (the Monte Carlo mean).  -> (...)
+    """
+    return rewards.mean(-1) if ref_probs is None else (ref_probs * rewards).sum(-1)
+
+
+def kl_ref_pi(rewards: torch.Tensor, beta: float, ref_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(pi_ref || pi) in nats per completion, from the same identity: -E_ref[R] / beta.  (..., N) -> (...)"""
+    return -expected_reward(rewards, ref_probs) / beta
+
+
 def step_ids(step_ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Index of the step each token belongs to, given (S, L) bool marks of the tokens that end a step.
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..rewards import token_rewards
+from ..rewards import expected_reward, token_rewards
 from ..search import GenerateConfig, generate_ids
 from ..tasks import arithmetic
 from .dpo import (
@@ -326,7 +326,7 @@ def falling_run(mdp: TheoryMDP, data_seq_logp: torch.Tensor, steps: int, lr: flo
     out: dict[str, list[float]] = {k: [] for k in ("e_ref", "neg_beta_kl", "chosen", "rejected", "tv")}
     for _, logp in train_run(mdp, pairs, steps, lr):
         Rt = implicit_sequence_rewards(tree, logp, mdp.ref_logp, mdp.beta)
-        out["e_ref"].append(float(tree.blocks(ref_seq.exp() * Rt).sum(-1).mean()))
+        out["e_ref"].append(float(expected_reward(tree.blocks(Rt), tree.blocks(ref_seq.exp())).mean()))
         out["neg_beta_kl"].append(float(-mdp.beta * kl_by_states(tree, mdp.ref_logp, logp).mean()))
         c, r = chosen_rejected_rewards(Rt, pairs)
         out["chosen"].append(c)
