@@ -93,7 +93,7 @@ def test_json_matches_plain_forward_passes(models, tokenizer, tmp_path, share_pr
     assert len(d["pairs"][0]["chosen"]["step_rewards"]) == 3
     s = d["summary"]
     assert s["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-6)
-    assert s["rewards/margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-6)
+    assert s["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-6)
     # the token table: means of the per-token rewards over every place each token is scored
     first = d["top_negative"][0]
     seen = [x for p in d["pairs"] for c in (p["chosen"], p["rejected"])
@@ -125,7 +125,7 @@ def test_pair_sums_match_trainer_metrics(llama_dir, models, tokenizer, tmp_path)
                       train_examples=examples, eval_examples=examples)
     metrics = trainer.evaluate()
     summary = score_examples(load_model(llama_dir), ref, tokenizer, examples, beta, use_cache=False).summary
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert summary[key] == pytest.approx(metrics[key], abs=1e-5), key
 
 
@@ -167,7 +167,7 @@ def test_run_credit_reads_beta_and_reference_from_the_training_run(llama_dir, to
                       batch_size=2, lr=1e-3, quiet=True, cache_dir=str(tmp_path / "cache")))
     out = run_credit(model=str(tmp_path / "run"), data=str(data), quiet=True, cache_dir=str(tmp_path / "cache"))
     assert out["beta"] == 0.4 and out["meta"]["ref"] == str(llama_dir)  # ref 'init': the starting model
-    assert "rewards/accuracy" in capsys.readouterr().out
+    assert "rewards/accuracies" in capsys.readouterr().out
 
 
 def test_user_errors(llama_dir, tmp_path):

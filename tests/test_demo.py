@@ -56,7 +56,7 @@ def test_summary_has_every_finding_per_seed_with_measured_points(demo_run):
         for name in ("dpo-a", "dpo-b", "dpo-a-rt", "dpo-b-rt", "dpo-shuffled", "dpo-shuffled-rt"):
             dyn = res["dynamics"]["runs"][name]
             # step 0 is measured before the first update, where the policy is the reference: 0 up to float noise
-            assert dyn["eval"][0]["step"] == 0 and abs(dyn["eval"][0]["rewards/margin"]) < 1e-5
+            assert dyn["eval"][0]["step"] == 0 and abs(dyn["eval"][0]["rewards/margins"]) < 1e-5
             assert dyn["kl_curve"][0]["step"] == 0 and abs(dyn["kl_curve"][0]["expected_reward_under_ref"]) < 1e-5
             assert dyn["kl_curve"][-1]["step"] == res["dpo"][name]["steps"]
             assert dyn["last_quarter_steps"][-1] == res["dpo"][name]["steps"]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from r2q.train import TrainConfig, Trainer
 
 TOL = 1e-5
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "kl/ref_pi_est")
 
 
@@ -102,7 +102,7 @@ def assert_same_run(ref, got, what: str) -> None:
     ma, mb = metrics(ref), metrics(got)
     assert [(m["split"], m["step"]) for m in mb] == [(m["split"], m["step"]) for m in ma], what
     for x, y in zip(ma, mb):
-        for k in METRICS + (("grad_norm", "lr") if x["split"] == "train" else ()):
+        for k in METRICS + (("grad_norm", "learning_rate") if x["split"] == "train" else ()):
             assert y[k] == pytest.approx(x[k], rel=TOL, abs=TOL), f"{what}: {x['split']} step {x['step']} {k}"
 
 

@@ -32,12 +32,12 @@ def test_dpo_raises_heldout_margin_and_accuracy(llama_dir, pref_files, tmp_path)
     evals = [m for m in res.metrics if m["split"] == "eval"]
     assert len(evals) == 1
     # at step 0 the policy is its reference: every implicit reward is 0 and accuracy is 0
-    assert evals[-1]["rewards/margin"] > 0.5
-    assert evals[-1]["rewards/accuracy"] >= 0.9
+    assert evals[-1]["rewards/margins"] > 0.5
+    assert evals[-1]["rewards/accuracies"] >= 0.9
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["split"] == "train"] == list(range(1, 25))
     for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen_token_mean", "kl/ref_pi_est",
-                "kl/pi_ref_est", "grad_norm", "lr", "tokens_per_s"):
+                "kl/pi_ref_est", "grad_norm", "learning_rate", "tokens_per_s"):
         assert key in lines[0]
     assert lines[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at the start
     # the saved model is the trained one: same logits, bit for bit
@@ -53,7 +53,7 @@ def test_eval_on_start_logs_step_0_where_policy_is_reference(llama_dir, pref_fil
     (start,) = [m for m in res.metrics if m["split"] == "eval" and m["step"] == 0]
     assert res.metrics[0] is start  # logged before the first step
     # ref=init: at step 0 the policy is the reference, so every implicit reward is 0 and the loss is log 2
-    assert start["rewards/margin"] == 0.0 and start["rewards/chosen"] == 0.0
+    assert start["rewards/margins"] == 0.0 and start["rewards/chosen"] == 0.0
     assert start["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # resuming the finished run evaluates at its end only; the step-0 row stays in the file once
     c.resume = True

@@ -152,7 +152,7 @@ def test_terminal_view_is_not_styled_by_model_text(report):
     text = console.export_text(clear=False)
     assert "<script>alert(1)</script>" in text and "[bold]rich[/bold]" in text  # shown, not interpreted
     assert "\\x1b[31m" in text
-    assert "rewards/accuracy" in text and "tokens with the largest mean reward" in text
+    assert "rewards/accuracies" in text and "tokens with the largest mean reward" in text
     ansi = console.export_text(styles=True)
     assert "\x1b[31m" not in ansi.replace("\\x1b[31m", "")  # the model's escape sequence never reaches the tty
     assert "48;2;" in ansi  # truecolor backgrounds

@@ -139,8 +139,8 @@ class TokenStat:
 @dataclass
 class CreditReport:
     """Credit for a data set: `pairs` (kind "pairs") or `completions` (kind "completions"), with summary
-    means (pairs: the `r2q train` metric names loss, rewards/chosen, rewards/rejected, rewards/margin,
-    rewards/accuracy) and the tokens with the largest positive and negative mean reward."""
+    means (pairs: the `r2q train` metric names loss, rewards/chosen, rewards/rejected, rewards/margins,
+    rewards/accuracies) and the tokens with the largest positive and negative mean reward."""
 
     kind: str
     beta: float
@@ -362,7 +362,7 @@ def summarize(report: CreditReport) -> dict[str, float]:
         n = len(P)
         s.update({"loss": sum(p.loss for p in P) / n, "rewards/chosen": sum(p.chosen.reward for p in P) / n,
                   "rewards/rejected": sum(p.rejected.reward for p in P) / n,
-                  "rewards/margin": sum(p.margin for p in P) / n, "rewards/accuracy": sum(p.correct for p in P) / n,
+                  "rewards/margins": sum(p.margin for p in P) / n, "rewards/accuracies": sum(p.correct for p in P) / n,
                   "pairs": n})
     else:
         s.update({"rewards/mean": sum(c.reward for c in items) / len(items), "completions": len(items)})

@@ -71,7 +71,7 @@ def pair_stats(pol: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor, 
         ratio = torch.exp(log_ratio.clamp(max=50.0))
         stats = {
             "loss": losses.detach(), "rewards/chosen": R[:B], "rewards/rejected": R[B:],
-            "rewards/margin": R[:B] - R[B:], "rewards/accuracy": (R[:B] > R[B:]).float(),
+            "rewards/margins": R[:B] - R[B:], "rewards/accuracies": (R[:B] > R[B:]).float(),
             "rewards/chosen_token_mean": R[:B] / n[:B], "rewards/rejected_token_mean": R[B:] / n[B:],
             "logps/chosen": lp[:B], "logps/rejected": lp[B:],
             "logps/chosen_token_mean": lp[:B] / n[:B], "logps/rejected_token_mean": lp[B:] / n[B:],

@@ -128,4 +128,4 @@ def stage_dpo(ctx, d: Path, spec: RunSpec) -> dict[str, Any]:
         (ck / "optimizer.safetensors").unlink(missing_ok=True)
     last = [m for m in res.metrics if m["split"] == "eval"][-1]
     return asdict(DPORun(spec.name, str(d / "model"), str(start), spec.beta, lr, 1.0, res.steps, tr, ev, spec.rt,
-                         last["loss"], last["rewards/accuracy"], last["rewards/margin"]))
+                         last["loss"], last["rewards/accuracies"], last["rewards/margins"]))

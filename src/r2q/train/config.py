@@ -3,6 +3,7 @@ options make together."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from ..config import check_options, check_prompt_fits, flag, option
@@ -72,6 +73,12 @@ class TrainConfig:
     resume: bool = option(False, "Continue from the newest verified checkpoint in --out (same settings required)")
     overwrite: bool = option(False, "Start over in an --out that holds an earlier run (deletes its checkpoints)")
     log_every: int = option(1, "Write metrics every N steps", ge=1)
+    report_to: str = option("auto", "Trackers that get the metrics besides D/metrics.jsonl: comma-separated names of "
+                            "accelerate's trackers (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
+                            "swanlab, trackio), 'all' (every one installed), 'none', or 'auto' (tensorboard when "
+                            "installed). Metric names are TRL's; eval metrics are prefixed eval_. Each tracker reads "
+                            "its own settings from the environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...)")
+    run_name: str = option("", "Run name for the trackers (default: the name of --out)")
     skip_bad: bool = option(False, "Skip malformed rows (counted and reported) instead of stopping")
     trust_remote_code: bool = option(False, "Allow model code from the checkpoint (off: safer)")
     quiet: bool = option(False, "No progress bar")
@@ -82,7 +89,8 @@ class TrainConfig:
 
 # options that may differ between a run and its resumption: they change neither the updates nor the data
 FREE_ON_RESUME = {"resume", "overwrite", "quiet", "eval_every", "eval_on_start", "save_every", "keep_last",
-                  "log_every", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data", "eval_split", "out"}
+                  "log_every", "report_to", "run_name", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data",
+                  "eval_split", "out"}
 
 
 DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dropout", "pack")
@@ -92,6 +100,7 @@ def validate(cfg: TrainConfig, mode: str) -> None:
     """What the ranges of single options cannot say (those are checked when the config is made)."""
     if not cfg.out:
         raise UserError("--out is required")
+    trackers(cfg.report_to)
     if cfg.label_smoothing and cfg.loss != "cdpo":
         raise UserError(f"--label-smoothing is for --loss cdpo (got --loss {cfg.loss})")
     check_prompt_fits(cfg.max_length, cfg.max_prompt_length)
@@ -113,3 +122,26 @@ def validate(cfg: TrainConfig, mode: str) -> None:
 def given(cfg: TrainConfig, names) -> list[str]:
     """The options among `names` set to something other than their default."""
     return [n for n in names if getattr(cfg, n) != getattr(TrainConfig, n)]
+
+
+# accelerate's trackers and the module each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def trackers(report_to: str) -> list[str]:
+    """The trackers --report-to asks for, each checked to be installed (without importing it)."""
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    installed = [t for t, module in TRACKERS.items() if importlib.util.find_spec(module) is not None]
+    if names in ([], ["none"]):
+        return []
+    if names == ["auto"]:
+        return ["tensorboard"] if "tensorboard" in installed else []
+    if names == ["all"]:
+        return installed
+    for n in names:
+        if n not in TRACKERS:
+            raise UserError(f"--report-to {n}: not a tracker; choose from {', '.join(TRACKERS)}, all, none or auto")
+        if n not in installed:
+            raise UserError(f"--report-to {n}: {TRACKERS[n]} is not installed (pip install {TRACKERS[n]})")
+    return list(dict.fromkeys(names))

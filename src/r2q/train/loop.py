@@ -200,7 +200,7 @@ class Trainer:
         m = self._reduce(stats)
         dt = time.perf_counter() - t0
         tok = self.acc.reduce(torch.tensor([float(tokens)], device=self.acc.device), "sum").item()
-        m.update(grad_norm=float(gnorm), lr=lr, tokens_per_s=tok / dt, examples_per_s=len(step_idx) / dt,
+        m.update(grad_norm=float(gnorm), learning_rate=lr, tokens_per_s=tok / dt, examples_per_s=len(step_idx) / dt,
                  step_time_s=dt)
         return m
 
@@ -230,7 +230,7 @@ class Trainer:
         if self.acc.is_main_process:
             append_line(self.out / "metrics.jsonl", json.dumps(m))
         if self.acc.log_with:
-            self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+            self.acc.log(setup.tracker_metrics(m), step=m["step"])
 
     def _full_state(self, optimizer: bool = True) -> tuple[dict | None, dict | None]:
         """FSDP: the whole model (and optimizer) state, gathered by every process, on process 0's CPU."""
@@ -336,9 +336,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._start()
-        if self.acc.log_with:
-            self.acc.init_trackers("r2q", config={k: v for k, v in asdict(cfg).items()
-                                                  if isinstance(v, (int, float, str, bool))})
+        setup.start_trackers(self.acc, cfg, self.mode, self.out)
         progress = progress_bar(not cfg.quiet and self.acc.is_main_process)
         with progress:
             task = progress.add_task("sft" if self.mode == "sft" else "dpo", total=self.total_steps,
@@ -392,7 +390,7 @@ def _lora(cfg: TrainConfig) -> tuple[int, float, float, str] | None:
 
 
 def _brief(m: dict[str, Any]) -> str:
-    keys = ("loss", "rewards/margin", "rewards/accuracy") if "rewards/margin" in m else ("loss", "ppl")
+    keys = ("loss", "rewards/margins", "rewards/accuracies") if "rewards/margins" in m else ("loss", "ppl")
     return "  ".join(f"{k.split('/')[-1]} {m[k]:.4g}" for k in keys)
 
 

@@ -14,14 +14,14 @@ import torch
 
 from .. import refcache
 from ..data import load_preferences, load_sft
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models import check_model_path, check_vocab, load_model, load_reference, pad_id
 from ..paths import check_out_dir
 from ..prepare import shard
 from ..record import model_fingerprint
 from ..reference import AdaptersOff, LiveReference, NoReference, Reference, precomputed
 from ..tokens import shared_layout
-from .config import TrainConfig
+from .config import TrainConfig, trackers
 from .order import epoch_steps, example_tokens
 
 
@@ -33,7 +33,7 @@ def accelerator(cfg: TrainConfig, out: Path):
 
     acc = Accelerator(gradient_accumulation_steps=1, project_dir=str(out),
                       mixed_precision="bf16" if cfg.dtype in ("bf16", "bfloat16") else "no",
-                      log_with="tensorboard" if _has_tensorboard() else None)
+                      log_with=trackers(cfg.report_to) or None)
     if int(os.environ.get("WORLD_SIZE", "1")) > acc.num_processes:
         # e.g. torchrun on a machine without GPUs: accelerate ignores WORLD_SIZE, so every process would train
         # alone on its own full batch and all of them would write --out
@@ -43,12 +43,23 @@ def accelerator(cfg: TrainConfig, out: Path):
     return acc
 
 
-def _has_tensorboard() -> bool:
+def start_trackers(acc, cfg: TrainConfig, mode: str, out: Path) -> None:
+    """Open the run in each tracker, with the settings as its config and --run-name (default: --out's name)."""
+    if not acc.log_with:
+        return
+    name = cfg.run_name or out.name
+    config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
     try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        acc.init_trackers("r2q", config=dict(config, mode=mode),
+                          init_kwargs={"wandb": {"name": name, "dir": str(out)}, "mlflow": {"run_name": name}})
+    except Exception as e:  # a tracker's own setup (a store it cannot open, a login it lacks): its message, one line
+        raise UserError(f"--report-to {cfg.report_to}: the tracker could not start: {first_line(e)}") from e
+
+
+def tracker_metrics(m: dict) -> dict[str, float]:
+    """A metrics line as trackers get it: the numbers only, eval ones prefixed eval_ (as transformers' Trainer)."""
+    pre = "eval_" if m.get("split") == "eval" else ""
+    return {pre + k: v for k, v in m.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def check_inputs(cfg: TrainConfig, mode: str, model, tokenizer, ref_model) -> None:
