@@ -363,3 +363,16 @@ def test_best_of_n_takes_turns_as_steps_at_an_end_of_turn_token(tokenizer):
     for how, pick in (("reward-min", min), ("reward-last", lambda s: s[-1])):
         got = sample_scores(toks, pol, refl, 0.5, how, tok, "<|end|>", [ex[0].prompt_ids])
         assert float(got[0]) == pytest.approx(pick(c.step_rewards), abs=1e-5)
+
+
+def test_each_completion_carries_its_implicit_prm_scores(models, tokenizer):
+    """The per-step output a PRM user reads: step rewards, and their min / sum / last (sum = the reward)."""
+    pol, ref = models
+    rep = score_texts(pol, ref, tokenizer, ["12+7=", "3+4="], ["2+7=9\n1+0=1\n19", "3+4=7"], 0.1)
+    multi, single = rep.completions
+    assert len(multi.step_rewards) == 3 and len(single.step_rewards) == 1
+    for c in rep.completions:
+        assert c.prm["min"] == pytest.approx(min(c.step_rewards), abs=1e-6)
+        assert c.prm["last"] == pytest.approx(c.step_rewards[-1], abs=1e-6)
+        assert c.prm["sum"] == pytest.approx(c.reward, abs=1e-5) == pytest.approx(sum(c.rewards), abs=1e-5)
+    assert json.loads(json.dumps(rep.to_dict()))["completions"][0]["prm"] == multi.prm

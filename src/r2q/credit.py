@@ -43,7 +43,14 @@ from .models import pad_id
 from .paths import write_atomic
 from .progress import progress_bar
 from .reference import CachedReference, LiveReference, NoReference, Reference, batch_slots, cached
-from .rewards import cumulative_rewards, implicit_rewards, sequence_rewards, step_ends_from_text, step_rewards
+from .rewards import (
+    aggregate_steps,
+    cumulative_rewards,
+    implicit_rewards,
+    sequence_rewards,
+    step_ends_from_text,
+    step_rewards,
+)
 from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, shared_layout, token_pieces
 
 
@@ -110,6 +117,9 @@ class CompletionCredit:
     step_ends: list[int]
     reward: float
     step_roles: list[str] | None = None  # conversations: the role of each step (a step is a message, a turn)
+    # the implicit process reward model's score of the whole completion from its step rewards: their min (the
+    # weakest step, PRIME's best-of-N score), sum (= reward) and last
+    prm: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -332,6 +342,7 @@ def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter, turns=None
             ends[row] = False
             ends[row, : len(ts[0])] = torch.tensor(ts[0], dtype=torch.bool)
     steps, step_mask = step_rewards(r, ends, mask)
+    prm = {how: aggregate_steps(steps, step_mask, how).tolist() for how in ("min", "sum", "last")}
     made = []
     for row in range(len(texts)):
         n = int(b.lengths[row])
@@ -341,7 +352,8 @@ def _credits(b: TokenBatch, pol, ref_lp, beta, texts, delimiter, turns=None
             rewards=r[row, :n].tolist(), logps=pol[row, :n].tolist(),
             ref_logps=None if ref_lp is None else ref_lp[row, :n].tolist(), cumulative=q[row, :n].tolist(),
             step_rewards=steps[row, :k].tolist(), step_ends=(marks + [n - 1])[:k], reward=float(R[row]),
-            step_roles=None if turns[row] is None else turns[row][1][:k])))
+            step_roles=None if turns[row] is None else turns[row][1][:k],
+            prm={how: v[row] for how, v in prm.items()})))
     return made, R
 
 
