@@ -20,9 +20,8 @@ def test_every_command_takes_exactly_its_config_fields():
 
     import typer
 
-    from r2q.cli import app
+    from r2q.cli import InspectConfig, app
     from r2q.credit import CreditConfig
-    from r2q.data import InspectConfig
     from r2q.demo import DemoConfig
     from r2q.search import GenerateConfig
     from r2q.theory import TheoryConfig

@@ -351,7 +351,8 @@ def test_a_pickled_lora_adapter_is_refused_with_how_to_convert(llama_dir, data, 
 def test_a_huge_line_is_cut_before_tokenising_with_the_same_tokens(tokenizer):
     """Memory follows --max-length, not the line: a multi-megabyte prompt and completion give the tokens that
     tokenising them whole and truncating would."""
-    from r2q.data import _encode_row, _truncate, preference_examples_from_rows
+    from r2q.data import preference_examples_from_rows
+    from r2q.data.encode import _encode_row, _truncate
 
     big = " ".join(f"word{i % 97} the film" for i in range(300_000))  # ~5 MB
     row = {"prompt": big, "chosen": big, "rejected": "fine"}

@@ -16,9 +16,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .config import check_options, option
 from .credit import CreditConfig, credit_from_file, score_texts
-from .data import InspectConfig, read_rows, read_text
 from .data import inspect_data as _inspect
+from .data import read_rows, read_text
 from .demo import DemoConfig
 from .demo import run as run_demo
 from .errors import UserError, note
@@ -44,6 +45,22 @@ out = Console()
 def version() -> None:
     """Print the r2q version."""
     out.print(f"r2q {__version__}")
+
+
+@dataclasses.dataclass
+class InspectConfig:
+    """Options of `r2q inspect-data`; the CLI is generated from these fields. The counting itself is
+    r2q.data.inspect_data, which Python users call directly."""
+
+    data: str = option("", "Preference or SFT data (.jsonl, .json, .parquet, .csv, dataset dir)", positional=True)
+    model: str = option("", "Model (or tokenizer) directory whose tokenizer to use")
+    max_length: int = option(1024, "Max tokens of prompt + completion", ge=2)
+    max_prompt_length: int = option(512, "Max prompt tokens (cut from the left); less than --max-length", ge=1)
+
+    def __post_init__(self):
+        check_options(self)
+        if not self.model:
+            raise UserError("--model is required (its tokenizer counts the tokens)")
 
 
 def _inspect_data(cfg: InspectConfig) -> None:

@@ -33,10 +33,10 @@ from .data import (
     DataReport,
     PreferenceExample,
     SFTExample,
-    _read,
     preference_examples_from_rows,
     sft_examples_from_rows,
 )
+from .data.read import _read
 from .errors import UserError, note
 from .losses import dpo_loss
 from .models import pad_id
