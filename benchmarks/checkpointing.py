@@ -27,8 +27,8 @@ def child(ckpt: bool, a) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from r2q.models import tiny_config
     from r2q.tokens import TokenScorer, build_pair_batch
+    from r2q.toy import tiny_config
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

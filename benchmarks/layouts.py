@@ -50,8 +50,8 @@ def child(layout: str, T: int, pairs: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from r2q.models import tiny_config
     from r2q.tokens import TokenScorer
+    from r2q.toy import tiny_config
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

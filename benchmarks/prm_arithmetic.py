@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from r2q.credit import score_pairs
-from r2q.models import load_model, load_tokenizer, save_model, tiny_model, train_bpe_tokenizer
+from r2q.models import load_model, load_tokenizer
 from r2q.stats import bootstrap
 from r2q.tasks import arithmetic
+from r2q.toy import save_model, tiny_model, train_bpe_tokenizer
 from r2q.train import TrainConfig, train
 
 METHODS = ("implicit PRM", "likelihood (DPO)", "likelihood (SFT)")

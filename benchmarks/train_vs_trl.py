@@ -127,7 +127,7 @@ def prepare(work: Path, a) -> dict:
     """Tokenizer, initial model and pairs, written under `work`; returns a summary."""
     import torch
 
-    from r2q.models import save_model, tiny_config, train_bpe_tokenizer
+    from r2q.toy import save_model, tiny_config, train_bpe_tokenizer
 
     t0 = time.perf_counter()
     gen = TextGen(a.seed)

@@ -34,7 +34,7 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
 def tokenizer_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from r2q.models import train_bpe_tokenizer
+    from r2q.toy import train_bpe_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     train_bpe_tokenizer(corpus(), vocab_size=320).save_pretrained(d)
@@ -50,7 +50,7 @@ def tokenizer(tokenizer_dir):
 
 
 def _saved_model(tmp_path_factory, tokenizer, arch, seed):
-    from r2q.models import save_model, tiny_model
+    from r2q.toy import save_model, tiny_model
 
     d = tmp_path_factory.mktemp(f"{arch}{seed}")
     save_model(tiny_model(arch, len(tokenizer), seed=seed), tokenizer, d)
@@ -141,7 +141,7 @@ def sharp_model(arch, seed, vocab=V, scale=6.0, eos_bias=1.5):
     """A random tiny LM made peaky (so beams rarely tie) and fond of EOS (so hypotheses finish)."""
     from transformers import GenerationConfig
 
-    from r2q.models import tiny_model
+    from r2q.toy import tiny_model
 
     m = tiny_model(arch, vocab, seed=seed)
     head = m.get_output_embeddings()

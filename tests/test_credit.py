@@ -14,8 +14,9 @@ from r2q.cli import run_credit as _run_credit
 from r2q.credit import CreditConfig, credit_from_file, score_examples, score_pairs, score_texts
 from r2q.data import SFTExample, preference_examples_from_rows, sft_examples_from_rows
 from r2q.errors import UserError
-from r2q.models import load_model, save_model, tiny_model, train_bpe_tokenizer
+from r2q.models import load_model
 from r2q.tokens import token_pieces
+from r2q.toy import save_model, tiny_model, train_bpe_tokenizer
 from r2q.train import TrainConfig, Trainer, train
 
 ROWS = [

@@ -19,7 +19,7 @@ from conftest import ckpt_cfg, one_line_error, pref_rows, run_cli, write_jsonl
 from safetensors.torch import load_file
 
 from r2q.errors import UserError
-from r2q.models import save_model, tiny_model
+from r2q.toy import save_model, tiny_model
 from r2q.train import train
 
 

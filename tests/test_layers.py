@@ -13,7 +13,7 @@ LAYERS = [
      "r2q.losses", "r2q.data", "r2q.models", "r2q.refcache", "r2q.checkpoint", "r2q.record", "r2q.reference",
      "r2q.prepare"),
     # 1. what the commands compute: training, credit, search, the tasks, the theory's checks
-    ("r2q.train", "r2q.credit", "r2q.search", "r2q.tasks", "r2q.theory.mdp", "r2q.theory.dpo",
+    ("r2q.train", "r2q.credit", "r2q.search", "r2q.tasks", "r2q.toy", "r2q.theory.mdp", "r2q.theory.dpo",
      "r2q.theory.neural", "r2q.theory.checks"),
     # 2. views of results
     ("r2q.views",),

@@ -20,7 +20,7 @@ def test_parameter_counts_are_the_published_ones():
 def test_lora_count_is_what_peft_trains(tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from r2q.models import tiny_model
+    from r2q.toy import tiny_model
 
     for arch in ("llama", "gpt_neox"):
         m = tiny_model(arch, len(tokenizer))

@@ -8,10 +8,10 @@ from transformers import GenerationConfig
 
 from r2q.credit import score_pairs
 from r2q.data import preference_examples_from_rows
-from r2q.models import ARCHITECTURES, tiny_model
 from r2q.search.beam import beam_search
 from r2q.search.lm import Lockstep
 from r2q.tokens import completion_logps, examples_batch, shared_layout
+from r2q.toy import ARCHITECTURES, tiny_model
 from r2q.train import train
 
 ARCHS = list(ARCHITECTURES)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from r2q.checkpoint import list_checkpoints, load_weights, verify, write_manifest
 from r2q.errors import UserError
-from r2q.models import save_model, tiny_model
+from r2q.toy import save_model, tiny_model
 from r2q.train import train
 
 

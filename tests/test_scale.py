@@ -7,8 +7,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from r2q.data import preference_examples_from_rows
 from r2q.errors import UserError
-from r2q.models import disable_dropout, tiny_model
+from r2q.models import disable_dropout
 from r2q.tokens import TokenScorer, examples_batch
+from r2q.toy import tiny_model
 from r2q.train import train
 
 

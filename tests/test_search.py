@@ -7,11 +7,11 @@ import torch
 from conftest import EOS, PAD, V, hf_beams, prompts_of, sharp_model
 from transformers import GenerationConfig
 
-from r2q.models import tiny_model
 from r2q.search import GenerateConfig, generate_ids, score_sequences
 from r2q.search.beam import beam_search
 from r2q.search.lm import Lockstep, left_pad
 from r2q.search.sampling import draw, filter_logits, sample
+from r2q.toy import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -65,7 +65,8 @@ def model_dirs(request, tmp_path_factory, llama_dir, llama_ref_dir):
     disagree strongly (rewards ~1) and the rtol=1e-4 comparison bites."""
     if request.param == "random":
         return llama_dir, llama_ref_dir
-    from r2q.models import load_model, save_model
+    from r2q.models import load_model
+    from r2q.toy import save_model
 
     out = []
     for name, src in (("policy", llama_dir), ("ref", llama_ref_dir)):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..models import load_model, load_tokenizer, save_model, tiny_model, train_bpe_tokenizer
+from ..models import load_model, load_tokenizer
 from ..search import GenerateConfig, generate
 from ..stats import mean_ci
 from ..tasks.imdb_sentiment import (
@@ -22,6 +22,7 @@ from ..tasks.imdb_sentiment import (
     sentences,
     split_reviews,
 )
+from ..toy import save_model, tiny_model, train_bpe_tokenizer
 from ..train import TrainConfig, train
 from .common import percentiles, read_jsonl, write_jsonl
 

@@ -1,6 +1,6 @@
 """The tree MDP with a tiny transformer as reference and policy, scored through r2q's token code paths.
 
-The model is an HF causal LM from `r2q.models.tiny_model` over the tree's own vocabulary (id 0 is EOS and BOS,
+The model is an HF causal LM from `r2q.toy.tiny_model` over the tree's own vocabulary (id 0 is EOS and BOS,
 1..K the content tokens), so the model puts no probability outside the tree except at forced states, where the
 horizon makes EOS certain: there log pi(EOS|s) is set to 0 (log 1) for every policy, exactly what masking the
 other logits would do. Prompt p is the ids ``[0, 1 + p]`` (p < K).
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import tiny_model
 from ..rewards import implicit_rewards, sequence_rewards
 from ..tokens import build_batch, completion_logps
+from ..toy import tiny_model
 from .dpo import Pairs, pair_loss
 from .mdp import DTYPE, EOS, TokenTree
 
