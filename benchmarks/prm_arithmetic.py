@@ -57,8 +57,8 @@ def build(out: Path, seed: int, digits: int, n_sft: int, n_pairs: int, sft_epoch
     save_model(tiny_model("llama", len(tok), seed=seed, hidden=128, layers=4), tok, start)
     _write(out / f"sft-{seed}.jsonl", rows)
     train(TrainConfig(model=str(start), data=str(out / f"sft-{seed}.jsonl"), out=str(sft_dir), lr=3e-3,
-                      batch_size=32, epochs=sft_epochs, warmup_steps=50, schedule="cosine", max_length=96, max_prompt_length=16, seed=seed,
-                      quiet=True, report_to="none"), mode="sft")
+                      batch_size=32, epochs=sft_epochs, warmup_steps=50, schedule="cosine", max_length=96,
+                      max_prompt_length=16, seed=seed, quiet=True, report_to="none"), mode="sft")
     pairs = arithmetic.make_pairs(n_pairs, seed=2000 + seed, digits=digits)
     _write(out / f"pairs-{seed}.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs])
     train(TrainConfig(model=str(sft_dir), data=str(out / f"pairs-{seed}.jsonl"), out=str(dpo_dir), ref="init",

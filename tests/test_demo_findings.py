@@ -220,5 +220,5 @@ def test_stage_key_changes_with_the_code_settings_and_seed(monkeypatch, tmp_path
 
 def test_the_real_stages_hash_the_modules_they_run():
     names = {p.name for p in source_files("r2q.demo.lm")}
-    assert {"lm.py", "train.py", "imdb_sentiment.py", "models.py"} <= names
+    assert {"lm.py", "loop.py", "setup.py", "imdb_sentiment.py", "models.py"} <= names  # the trainer is a package
     assert "report.py" not in names and "claims.py" not in names  # the report's code does not recompute SFT

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..checkpoint import list_checkpoints
 from ..credit import score_pairs
 from ..models import load_model, load_tokenizer
-from ..rewards import token_rewards
+from ..rewards import expected_reward, kl_ref_pi, token_rewards
 from ..search import GenerateConfig, encode_prompts, generate, score_sequences
 from ..stats import mean_ci
 from .common import read_jsonl
@@ -47,9 +48,9 @@ def _kl(policy, ref_samples, beta: float) -> dict[str, float]:
     and KL itself in nats per sample."""
     enc, toks, ref_lp, eos = ref_samples
     lp = np.array(score_sequences(policy, None, enc, toks, eos, beta)[0])
-    r = token_rewards(lp, ref_lp, beta)
-    return {"expected_reward_under_ref": float(r.mean()), "stderr": float(r.std() / math.sqrt(len(r))),
-            "kl_nats": float(-r.mean() / beta)}
+    r = torch.as_tensor(token_rewards(lp, ref_lp, beta), dtype=torch.float64)  # R(y) of each reference sample
+    return {"expected_reward_under_ref": float(expected_reward(r)), "stderr": float(r.std(unbiased=False) /
+            math.sqrt(len(r))), "kl_nats": float(kl_ref_pi(r, beta))}
 
 
 def _one_run(ctx, run, tok) -> dict[str, Any]:
@@ -81,8 +82,8 @@ def _one_run(ctx, run, tok) -> dict[str, Any]:
     train = [m for m in metrics if m["split"] == "train"]
     out["train"], out["eval"] = train, [m for m in metrics if m["split"] == "eval"]
     late_train = [m for m in train if m["step"] > 0.75 * total]
-    out["last_quarter_train"] = {k: mean_ci([m[f"rewards/{k}"] for m in late_train], nb)
-                                 for k in ("chosen", "rejected", "margin")}
+    names = {"chosen": "rewards/chosen", "rejected": "rewards/rejected", "margin": "rewards/margins"}
+    out["last_quarter_train"] = {k: mean_ci([m[name] for m in late_train], nb) for k, name in names.items()}
     # step 0: the starting policy is the reference's weights, scored like every checkpoint (not assumed)
     curve = [(0, Path(run.reference))] + (points if run.name in CURVES else []) + [(total, Path(run.model))]
     out["kl_curve"] = [{"step": s, **_kl(ref if s == 0 else load_model(c).eval(), ref_samples, run.beta)}
