@@ -199,11 +199,11 @@ BAD_LINES = [
     ('{"prompt": "a", "chosen": "b",', "malformed JSON at column"),
     ('[1, 2]', "expected a JSON object, got list"),
     ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
-    ('{"chosen": "b", "rejected": "c"}', "missing field 'prompt'"),
+    ('{"chosen": "b", "rejected": "c"}', "share no leading text"),  # an implicit prompt needs a shared start
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}',
      "field 'chosen' must be a string or a list of messages, got int"),
-    ('{"prompt": "a", "chosen": "b", "rejected": ""}', "field 'rejected' is empty"),
-    ('{"prompt": "a", "chosen": " \\n", "rejected": "c"}', "field 'chosen' is empty or only whitespace"),
+    ('{"prompt": [{"role": "user", "content": "hi"}], "chosen": [], '
+     '"rejected": [{"role": "assistant", "content": "y"}]}', "field 'chosen' has no messages"),
     ('{"prompt": "a", "chosen": null, "rejected": "c"}', "field 'chosen' is null"),
     ('{"prompt": "a", "chosen": NaN, "rejected": "c"}', "field 'chosen' is NaN"),
     ('{"prompt": [{"content": "hi"}], "chosen": [{"role": "assistant", "content": "x"}], '
@@ -456,7 +456,7 @@ def test_sft_formats(tokenizer):
     ({"messages": [USER, GOOD, USER]}, "messages after the last assistant message"),
     ({"messages": "hi"}, "must be a list of messages"),
     ({"text": 5}, "field 'text' must be a string, got int"),
-    ({"prompt": "a", "completion": ""}, "field 'completion' is empty"),
+    ({"text": " \n"}, "field 'text' is empty"),
     ({"completion": "a"}, "missing field 'prompt'"),
     ({"input": "a"}, "missing fields: need"),
     ({"text": "a", "text_eos": 0}, "field 'text_eos' must be true or false, got int"),

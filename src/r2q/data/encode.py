@@ -61,6 +61,7 @@ class DataReport:
     n_prompt_truncated: int = 0
     n_completion_truncated: int = 0
     n_identical: int = 0
+    n_empty_completions: int = 0  # empty replies, trained as EOS alone
     formats: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -71,12 +72,18 @@ class DataReport:
         parts.append(f"{self.n_completion_truncated} rows with a truncated completion")
         if self.n_identical:
             parts.append(f"{self.n_identical} with chosen identical to rejected")
+        if self.n_empty_completions:
+            parts.append(f"{self.n_empty_completions} empty completions (EOS alone)")
+        if self.formats.get("implicit-prompt"):
+            parts.append(f"{self.formats['implicit-prompt']} prompts taken from the shared start of chosen and "
+                         "rejected")
         return f"{self.source}: " + ", ".join(parts)
 
     def notes(self, max_skipped: int = 3) -> list[str]:
         """What a command says about loading (the summary and the first skipped rows), or nothing when every row
         was used whole: skipped, cut or identical rows change what is trained or scored."""
-        if not (self.n_skipped or self.n_prompt_truncated or self.n_completion_truncated or self.n_identical):
+        if not (self.n_skipped or self.n_prompt_truncated or self.n_completion_truncated or self.n_identical
+                or self.n_empty_completions):
             return []
         return [self.summary()] + [f"  skipped: {msg}" for msg in self.skipped[:max_skipped]]
 
@@ -212,6 +219,7 @@ def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source:
             report.formats[fmt] = report.formats.get(fmt, 0) + 1
             if kind == "preference" and comps[0] == comps[1]:
                 report.n_identical += 1
+            report.n_empty_completions += sum(c in ([], [tokenizer.eos_token_id]) for c in comps)
     if report.n_rows == 0:
         raise UserError(f"{source}: there are no rows")
     if not encoded:

@@ -5,7 +5,10 @@ tokenizer's chat template.
 - preference, conversational: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen`` / ``rejected``
   lists of messages (usually one assistant message)
 - preference, implicit prompt: ``{"chosen": [msgs], "rejected": [msgs]}``; the prompt is the longest run of
-  leading messages the two share (whole messages compared; at least one message is left to each completion)
+  leading messages the two share (whole messages compared; at least one message is left to each completion).
+  Strings without a prompt (HH-RLHF's ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``) are
+  cut where TRL cuts them (`implicit_prompt`)
+- an empty completion (``""``) is a completion of EOS alone, as TRL trains it; the data report counts them
 - SFT: ``{"prompt", "completion"}`` (strings or messages), ``{"text": str}``, ``{"messages": [msgs]}``, or
   any preference row (trained on ``chosen``)
 
@@ -79,12 +82,26 @@ def _messages(value: Any, name: str) -> list[dict] | None:
 
 
 def _check_completion(value: str | list[dict], name: str) -> None:
-    if isinstance(value, str):
-        empty = not value.strip()
-    else:
-        empty = not value or not any(m["content"].strip() for m in value)
-    if empty:
-        raise _RowError(f"field {name!r} is empty or only whitespace")
+    """A completion may be empty text (it is then EOS alone, as TRL trains it), but not an empty list of messages:
+    that is no reply at all."""
+    if not isinstance(value, str) and not value:
+        raise _RowError(f"field {name!r} has no messages")
+
+
+def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a row whose prompt is inside both completions (TRL's standard implicit-prompt
+    format, e.g. HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..."), cut where TRL's `extract_prompt` cuts it: at the
+    first character where the two differ, one earlier when that character follows a space (so the completions
+    keep their leading space); when one string is a prefix of the other, one character before the shorter ends."""
+    n = min(len(chosen), len(rejected))
+    cut = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if cut == 0 or n == 0:
+        raise _RowError("no 'prompt', and 'chosen' and 'rejected' share no leading text to take it from")
+    if cut is None:
+        cut = n - 1
+    elif chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def _shared_prefix(a: list[dict], b: list[dict]) -> int:
@@ -103,6 +120,11 @@ def _parse_preference(row: Mapping) -> tuple[str, str | list[dict], list[str | l
     chosen, rejected = _messages(chosen_raw, "chosen"), _messages(rejected_raw, "rejected")
     if (chosen is None) != (rejected is None):
         raise _RowError("fields 'chosen' and 'rejected' must both be strings or both lists of messages")
+    if chosen is None and _is_missing(row.get("prompt")):
+        if not isinstance(chosen_raw, str) or not isinstance(rejected_raw, str):
+            raise _RowError("fields 'chosen' and 'rejected' must be strings or lists of messages")
+        prompt, *comps = implicit_prompt(chosen_raw, rejected_raw)
+        return "implicit-prompt", prompt, comps
     if chosen is not None and rejected is not None and _is_missing(row.get("prompt")):
         n = _shared_prefix(chosen, rejected)
         if n == 0:
@@ -110,7 +132,7 @@ def _parse_preference(row: Mapping) -> tuple[str, str | list[dict], list[str | l
         _check_completion(chosen[n:], "chosen")
         _check_completion(rejected[n:], "rejected")
         return "implicit-prompt", chosen[:n], [chosen[n:], rejected[n:]]
-    prompt_raw = _get(row, "prompt", " (needed unless 'chosen' and 'rejected' are lists of messages)")
+    prompt_raw = _get(row, "prompt")
     prompt = _messages(prompt_raw, "prompt")
     if (prompt is None) != (chosen is None):
         raise _RowError("fields 'prompt', 'chosen' and 'rejected' must all be strings or all message lists")
@@ -139,7 +161,8 @@ def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | l
         text = _get(row, "text")
         if not isinstance(text, str):
             raise _RowError(f"field 'text' must be a string, got {_tname(text)}")
-        _check_completion(text, "text")
+        if not text.strip():
+            raise _RowError("field 'text' is empty or only whitespace: a text row has nothing else to learn")
         return "text", None, [text], "text"
     if "completion" in row:
         comp_raw, prompt_raw = _get(row, "completion"), _get(row, "prompt")
