@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import check_options, option
+from .config import check_options, option, read_config_file
 from .credit import CreditConfig, credit_from_file, score_texts
 from .data import inspect_data as _inspect
 from .data import read_rows, read_text
@@ -103,17 +103,30 @@ def _options_from(cls):
     return inspect.Signature(params)
 
 
+CONFIG = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, default="",
+    annotation=Annotated[str, typer.Option(help="A YAML or JSON file of options (keys are option names, e.g. "
+                                                "max_length: 512); options given on the command line override it. "
+                                                "A run's r2q_config.json is one", show_default=False)])
+
+
 def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
     """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to
-    `run` by name): `run(cls(**fields), **extra)`."""
+    `run` by name, and --config): `run(cls(**fields), **extra)`, fields from --config where the command line
+    leaves them at their default."""
     names = {f.name for f in dataclasses.fields(cls)}
     extra = extra or []
-    assert not names & {p.name for p in extra}
+    assert not names & {p.name for p in extra} and "config" not in names
 
-    def command(**kw) -> None:
+    def command(ctx: typer.Context, config: str = "", **kw) -> None:
+        if config:  # what the command line gave (not left at its default) wins over the file
+            given = {k for k in names if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
+            kw.update({k: v for k, v in read_config_file(config, cls).items() if k not in given})
         run(cls(**{k: v for k, v in kw.items() if k in names}), **{k: v for k, v in kw.items() if k not in names})
 
-    command.__signature__ = inspect.Signature(extra + list(_options_from(cls).parameters.values()))
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context] + extra + [CONFIG] +
+                                              list(_options_from(cls).parameters.values()))
     command.__doc__ = doc
     app.command(name)(command)
 

@@ -66,3 +66,58 @@ def _problem(v: Any, meta: Any) -> str | None:
     if le is not None and v > le:
         return f"must be at most {le:g}; got {v:g}"
     return None
+
+
+# keys a run record (r2q_config.json) holds besides the options: accepted in a config file and not applied
+RECORD_ONLY = {"mode", "inputs"}
+
+
+def read_config_file(path: str, cls: type) -> dict[str, Any]:
+    """The options a YAML or JSON config file sets for config dataclass `cls`: keys are option names (`max_length`
+    or `max-length`), values of the option's type. A run's r2q_config.json is a config file too (its record-only
+    keys are skipped). An unknown key, a wrong type or an unreadable file is a UserError naming it."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: the parser's message says where
+        raise UserError(f"--config {path}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}"
+                        f" ({' '.join(str(e).split())[:200]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in RECORD_ONLY:
+            continue
+        if name not in fields:
+            raise UserError(f"--config {path}: unknown option {key!r} (not an option of this command)")
+        out[name] = _typed(value, fields[name], path, key)
+    return out
+
+
+def _typed(value: Any, f: dataclasses.Field, path: str, key: str) -> Any:
+    want = type(f.default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, want) and (want is bool or not isinstance(value, bool)):
+        return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise UserError(f"--config {path}: {key!r} must be {names.get(want, want.__name__)}, got "
+                    f"{type(value).__name__} {value!r}"[:300])
