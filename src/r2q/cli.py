@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ from .errors import UserError, note
 from .models import check_vocab, load_model, load_reference, load_tokenizer
 from .paths import check_out_file, write_atomic
 from .record import read_record, reference_changed
-from .search import GenerateConfig, generate, validate
+from .search import GenerateConfig, check_models, generate
 from .theory import TheoryConfig
 from .theory import run as run_theory
 from .train import TrainConfig, train
@@ -87,12 +88,13 @@ def _options_from(cls):
     params = []
     for f in dataclasses.fields(cls):
         name = f.type if isinstance(f.type, str) else f.type.__name__
-        typ = {"int": int, "float": float, "str": str, "bool": bool}[name]
+        # an Enum option (e.g. --early-stopping) is its value's string on the command line; the config converts it
+        typ = str if isinstance(f.default, Enum) else {"int": int, "float": float, "str": str, "bool": bool}[name]
         shown: bool | str = f.default != ""
         if isinstance(f.default, str) and not f.default.isprintable():  # e.g. a newline: shown as \n
             shown = f.default.encode("unicode_escape").decode()
         shown = f.metadata.get("shown") or shown
-        default = f.default
+        default = f.default.value if isinstance(f.default, Enum) else f.default
         if f.metadata.get("positional"):
             opt = typer.Argument(help=f.metadata.get("help", ""), show_default=shown)
             default = inspect.Parameter.empty if f.default == "" else f.default
@@ -172,7 +174,7 @@ def _read_prompts(path: Path) -> list[str]:
 def _generate_command() -> None:
     def command(cfg: GenerateConfig, model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str,
                 quiet: bool, trust_remote_code: bool) -> None:
-        validate(cfg, ref or None, base or None)  # before loading: validate asks only whether each model is given
+        check_models(cfg, ref or None, base or None)  # before loading: it asks only whether each model is given
         check_out_file(out_path, "--out")
         texts = _read_prompts(prompts)
         tok = load_tokenizer(model, trust_remote_code)

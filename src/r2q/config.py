@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import field
+from enum import Enum
 from typing import Any
 
 from .errors import UserError
@@ -111,7 +112,7 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
 
 
 def _typed(value: Any, f: dataclasses.Field, path: str, key: str) -> Any:
-    want = type(f.default)
+    want = str if isinstance(f.default, Enum) else type(f.default)  # the config turns the string into the Enum
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is int and isinstance(value, float) and value.is_integer():

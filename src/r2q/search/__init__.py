@@ -14,64 +14,19 @@ from typing import Any
 
 import torch
 
-from ..config import check_options, flag, option
+from ..config import flag
 from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
 from ..rewards import guided_logps, likelihood_score, sequence_rewards, token_rewards
 from ..tokens import build_batch, completion_logps
 from .beam import beam_search
-from .bon import RANKINGS, checked_scores, load_external_scorer, sample_scores
+from .bon import checked_scores, load_external_scorer, sample_scores
 from .chunk_beam import chunk_beam_search
+from .config import METHODS, RANKINGS, WIDTH, EarlyStopping, GenerateConfig, check_models
 from .lm import Compute, Lockstep, free_memory, kv_bytes_per_token, vocab_of
 from .mcts import mcts
 from .sampling import sample
-
-METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "guided", "mcts")
-
-
-@dataclass
-class GenerateConfig:
-    """Options of `r2q generate`; the CLI is generated from these fields."""
-
-    method: str = option("beam", f"Decoding method: {', '.join(METHODS)}", choices=METHODS)
-    max_new_tokens: int = option(64, "Max tokens generated per prompt", ge=1)
-    num_beams: int = option(4, "Beams (beam, reward-beam) or beam width W (chunk-beam)", ge=1)
-    num_samples: int = option(4, "Samples per prompt (best-of-n) or per beam (chunk-beam)", ge=1)
-    temperature: float = option(1.0, "Sampling temperature (> 0; --method greedy for argmax decoding)", gt=0)
-    top_k: int = option(0, "Sample from the k most likely tokens only (0 = all)", ge=0)
-    top_p: float = option(1.0, "Nucleus sampling mass, in (0, 1]", gt=0, le=1)
-    beta: float = option(0.1, "beta of the implicit reward beta * log pi/pi_ref", gt=0)
-    length_penalty: float = option(0.0, "Beam score = sum / length**penalty (0 = plain sum, the paper's Eq. 13)")
-    early_stopping: str = option("false", "Beam early stopping as in transformers: false, true or never",
-                             choices=("false", "true", "never"))
-    ref_term: bool = option(False, "reward-beam / mcts: add beta * log pi_ref to the reward (= beta * log pi)")
-    ranking: str = option("reward", f"best-of-n ranking: {', '.join(RANKINGS)}", choices=RANKINGS)
-    scorer: str = option("", "External scorer for --ranking external: a reward-model directory, or module:function, "
-                           "which imports and RUNS that Python code (the current directory is searched); it is "
-                           "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
-    delimiter: str = option("\n", "Step delimiter for reward-min / reward-last (a chat model's end-of-turn token, "
-                            "e.g. <|im_end|>, makes each turn a step)")
-    alpha: float = option(1.0, "guided: decode from pi_base * (pi / pi_ref)**alpha, normalised (Eq. 14)", ge=0)
-    do_sample: bool = option(False, "guided: sample from that distribution (with --temperature, --top-k, --top-p) "
-                             "instead of taking its argmax")
-    chunk_len: int = option(8, "chunk-beam: tokens per chunk", ge=1)
-    simulations: int = option(64, "mcts: simulations per prompt", ge=1)
-    c_puct: float = option(1.0, "mcts: exploration constant", ge=0)
-    expand_top_k: int = option(16, "mcts: children per node (most likely tokens)", ge=1)
-    rollout: bool = option(True, "mcts: value leaves by a greedy rollout (else by rewards so far)")
-    rollout_len: int = option(8, "mcts: cap on each rollout's tokens, so a simulation costs at most this many "
-                              "forward positions per model (0 = to EOS or --max-new-tokens); a capped rollout values "
-                              "its leaf by the rewards it collected", ge=0)
-    backup: str = option("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
-    budget: int = option(0, "Tokens processed per prompt (every model, prompt included, at most): sets the width, "
-                         "--num-samples (best-of-n), --num-beams (beam, reward-beam, chunk-beam) or --simulations "
-                         "(mcts), to the largest that fits when nothing ends early (0: use those options)", ge=0)
-    seed: int = option(0, "Seed for sampling", ge=0)
-    batch_size: int = option(8, "Prompts decoded together", ge=1)
-
-    def __post_init__(self):
-        check_options(self)
 
 
 @dataclass
@@ -89,34 +44,6 @@ class Generation:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
         d.update(self.extra)
         return d
-
-
-def _early(v: str | bool) -> bool | str:
-    if isinstance(v, bool):
-        return v
-    v = v.lower()
-    if v not in ("true", "false", "never"):
-        raise UserError(f"--early-stopping must be true, false or never, not {v!r}")
-    return {"true": True, "false": False}.get(v, "never")
-
-
-def validate(cfg: GenerateConfig, ref, base) -> None:
-    """What the ranges of single options cannot say (those are checked when the config is made)."""
-    check_options(cfg)
-    if cfg.method in ("reward-beam", "chunk-beam", "guided") and ref is None:
-        raise UserError(f"{cfg.method} needs a reference model (--ref)")
-    if cfg.method == "best-of-n" and cfg.ranking == "external" and not cfg.scorer:
-        raise UserError("--ranking external needs --scorer")
-    if cfg.scorer and not (cfg.method == "best-of-n" and cfg.ranking == "external"):
-        raise UserError("--scorer is used by --method best-of-n --ranking external only")
-    if cfg.budget and cfg.method not in WIDTH:
-        raise UserError(f"--budget sets a search width; {cfg.method} has none (its cost is fixed by --max-new-tokens)")
-    if base is not None and cfg.method not in ("chunk-beam", "guided"):
-        raise UserError("--base is the model chunk-beam and guided decode from; other methods do not use it")
-
-
-WIDTH = {"best-of-n": "num_samples", "beam": "num_beams", "reward-beam": "num_beams", "chunk-beam": "num_beams",
-         "mcts": "simulations"}  # what --budget sets for each method
 
 
 def cost_per_prompt(cfg: GenerateConfig, prompt_len: float, with_ref: bool) -> tuple[float, float]:
@@ -216,7 +143,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
 
             models, mono = [policy, ref], False
         hyps = beam_search(Lockstep(models, compute), prompts, pad_id, eos_ids, cfg.num_beams, cfg.max_new_tokens,
-                           fn, cfg.length_penalty, _early(cfg.early_stopping), monotone=mono, model_logps=True)
+                           fn, cfg.length_penalty, cfg.early_stopping.hf, monotone=mono, model_logps=True)
         out = [(h[0][0], h[0][1], lps(h[0][2])) if h else ([], float("-inf"), [0.0, None])
                for h in hyps]
     elif m == "best-of-n":
@@ -306,7 +233,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 def generate(policy, tokenizer, prompts: Sequence[str], cfg: GenerateConfig, ref=None, base=None,
              progress: bool = False) -> tuple[list[Generation], dict[str, float]]:
     """Decode every prompt with cfg.method; returns one Generation per prompt and the total compute."""
-    validate(cfg, ref, base)
+    check_models(cfg, ref, base)
     for m in (policy, ref, base):
         if m is not None:
             m.eval()

@@ -13,8 +13,7 @@ import torch
 from ..errors import UserError
 from ..rewards import aggregate_steps, step_ends_from_text, step_rewards, token_rewards
 from ..tokens import token_pieces
-
-RANKINGS = ("likelihood", "reward", "reward-min", "reward-last", "external")
+from .config import RANKINGS  # noqa: F401  (re-exported where it was)
 
 
 def sample_scores(tokens: list[list[int]], pol: list[torch.Tensor], ref: list[torch.Tensor] | None, beta: float,
