@@ -330,7 +330,7 @@ def test_a_huge_budget_is_refused_before_anything_is_allocated(llama_dir, llama_
 
 
 def test_a_search_too_wide_for_memory_is_refused(llama_dir, tmp_path, capsys, monkeypatch):
-    import r2q.search as search
+    import r2q.search.decode as search
 
     monkeypatch.setattr(search, "free_memory", lambda device: 10_000_000)  # 10 MB free
     (tmp_path / "p.txt").write_text("the film\n")
