@@ -82,7 +82,7 @@ def hf_generate(model, prompts, K: int, new: int) -> list[list[int]]:
 def r2q_generate(model, prompts, K: int, new: int, method: str = "beam", ref=None, **kw):
     cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=new, length_penalty=0.0, **kw)
     out, compute = generate_ids(model, prompts, cfg, [EOS], PAD, ref=ref, generator=torch.Generator().manual_seed(0))
-    return [t for t, _, _ in out], compute
+    return [h.token_ids for h in out], compute
 
 
 def timed(fn):

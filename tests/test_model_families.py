@@ -50,7 +50,7 @@ def test_architecture(arch, tokenizer, pairs, tmp_path):
     with torch.no_grad():
         hf = hf_beams(m, prompts, 3, 0.0, False, max_new=8)
         ours = beam_search(Lockstep([m]), prompts, PAD, [EOS], 3, 8, lambda l: l[0], num_return=3)
-    assert [[t for t, _ in o] for o in ours] == hf
+    assert [[h.token_ids for h in o] for o in ours] == hf
 
 
 def test_a_model_that_cannot_take_the_shared_mask_falls_back_to_the_plain_layout(tokenizer, pairs, tmp_path, capsys):

@@ -27,8 +27,8 @@ def test_beam_matches_transformers_generate(arch):
         ours = beam_search(lock, prompts, PAD, [EOS], K, 10, lambda l: l[0], length_penalty=lp,
                            early_stopping=es, num_return=K)
         for b in range(len(prompts)):
-            assert [t for t, _ in ours[b]] == hf[b], (K, lp, es, b)
-            finished_early += sum(len(t) < 10 for t, _ in ours[b])
+            assert [h.token_ids for h in ours[b]] == hf[b], (K, lp, es, b)
+            finished_early += sum(h.num_tokens < 10 for h in ours[b])
         # every step after the prefill runs K rows per prompt still searching: fewer once a prompt is done
         steps = lock.compute.forward_passes - 1
         decoded = lock.compute.tokens_processed - sum(map(len, prompts))
@@ -43,9 +43,9 @@ def test_beam_scores_are_sum_of_logps():
     prompts = prompts_of(4, seed=2)
     hyps = beam_search(Lockstep([model]), prompts, PAD, [EOS], 3, 8, lambda l: l[0], num_return=3)
     flat_p = [prompts[b] for b in range(4) for _ in hyps[b]]
-    flat_t = [t for b in range(4) for t, _ in hyps[b]]
+    flat_t = [h.token_ids for b in range(4) for h in hyps[b]]
     logp, _ = score_sequences(model, None, flat_p, flat_t, PAD, 0.1)
-    got = [s for b in range(4) for _, s in hyps[b]]
+    got = [h.score for b in range(4) for h in hyps[b]]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(logp), atol=1e-4, rtol=1e-5)
 
 
@@ -58,13 +58,13 @@ def test_reward_beam_with_ref_term_is_likelihood_beam():
         lik, _ = generate_ids(pol, prompts, cfg, [EOS], PAD)
         cfg = GenerateConfig(method="reward-beam", num_beams=K, max_new_tokens=9, ref_term=True, beta=0.5)
         rew, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
-        assert [t for t, _, _ in lik] == [t for t, _, _ in rew]
-        for (_, a, _), (_, b, _) in zip(lik, rew):
-            assert b == pytest.approx(0.5 * a, rel=1e-4)
+        assert [h.token_ids for h in lik] == [h.token_ids for h in rew]
+        for a, b in zip(lik, rew):
+            assert b.score == pytest.approx(0.5 * a.score, rel=1e-4)
         # without the reference term the objective differs and so, here, does the answer
     cfg = GenerateConfig(method="reward-beam", num_beams=3, max_new_tokens=9, beta=0.5)
     no_term, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
-    assert [t for t, _, _ in no_term] != [t for t, _, _ in lik]
+    assert [h.token_ids for h in no_term] != [h.token_ids for h in lik]
 
 
 def test_reward_beam_keeps_reference_cache_in_lockstep():
@@ -73,8 +73,8 @@ def test_reward_beam_keeps_reference_cache_in_lockstep():
     prompts = prompts_of(5, seed=4)
     cfg = GenerateConfig(method="reward-beam", num_beams=4, max_new_tokens=8, beta=0.3)
     out, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
-    _, reward = score_sequences(pol, ref, prompts, [t for t, _, _ in out], PAD, 0.3)
-    torch.testing.assert_close(torch.tensor([s for _, s, _ in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+    _, reward = score_sequences(pol, ref, prompts, [h.token_ids for h in out], PAD, 0.3)
+    torch.testing.assert_close(torch.tensor([h.score for h in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_matches_transformers_and_compute_is_counted():
@@ -85,10 +85,10 @@ def test_greedy_matches_transformers_and_compute_is_counted():
         hf = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
             do_sample=False, max_new_tokens=7, pad_token_id=PAD, eos_token_id=EOS))
     out, compute = generate_ids(model, prompts, GenerateConfig(method="greedy", max_new_tokens=7), [EOS], PAD)
-    for b, (t, _, _) in enumerate(out):
+    for b, t in enumerate(h.token_ids for h in out):
         row = hf[b, ids.shape[1]:].tolist()
         assert t == (row[: row.index(EOS) + 1] if EOS in row else row)
-    steps = max(len(t) for t, _, _ in out)
+    steps = max(h.num_tokens for h in out)
     assert compute.forward_passes == steps
     assert compute.tokens_processed >= sum(map(len, prompts)) + (steps - 1)
 
@@ -164,8 +164,8 @@ def test_best_of_n_picks_the_best_by_its_ranking():
     for b in range(3):
         cands = [(0.2 * (s.logps[0][b * 6 + i] - s.logps[1][b * 6 + i]).sum().item(), s.tokens[b * 6 + i])
                  for i in range(6)]
-        assert out[b][0] == max(cands)[1]
-        assert out[b][1] == pytest.approx(max(cands)[0], abs=1e-5)
+        assert out[b].token_ids == max(cands)[1]
+        assert out[b].score == pytest.approx(max(cands)[0], abs=1e-5)
     assert compute.forward_passes == 2 * max(map(len, s.tokens))  # policy and reference, one pass per step
 
 
@@ -176,9 +176,9 @@ def test_chunk_beam_with_one_candidate_is_sampling_from_the_base():
     out, _ = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=untuned, base=base,
                           generator=torch.Generator().manual_seed(3))
     s = sample(Lockstep([base]), prompts, PAD, [EOS], 8, generator=torch.Generator().manual_seed(3))
-    assert [t for t, _, _ in out] == s.tokens
+    assert [h.token_ids for h in out] == s.tokens
     _, reward = score_sequences(tuned, untuned, prompts, s.tokens, PAD, 1.0)
-    torch.testing.assert_close(torch.tensor([x for _, x, _ in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([h.score for h in out]), torch.tensor(reward), atol=1e-4, rtol=1e-4)
 
 
 def test_chunk_beam_prefers_higher_implicit_reward():
@@ -189,7 +189,7 @@ def test_chunk_beam_prefers_higher_implicit_reward():
         cfg = GenerateConfig(method="chunk-beam", num_beams=W, num_samples=K, chunk_len=2, max_new_tokens=8, beta=1.0)
         out, _ = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=untuned, base=base,
                               generator=torch.Generator().manual_seed(4))
-        scores[W, K] = sum(s for _, s, _ in out) / len(out)
+        scores[W, K] = sum(h.score for h in out) / len(out)
     assert scores[2, 4] > scores[1, 1]
 
 
@@ -220,11 +220,11 @@ def test_mcts_finds_the_exhaustive_optimum(ref_term, rollout):
     out, compute = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref)
     greedy, _ = generate_ids(pol, prompts, GenerateConfig(method="greedy", max_new_tokens=depth), [EOS], PAD)
     found_beyond_greedy = 0
-    for p, (toks, ret, _), (g, _, _) in zip(prompts, out, greedy):
+    for p, h, g in zip(prompts, out, greedy):
         best, best_ret, _ = enumerate_best(pol, ref, p, vocab, depth, beta, ref_term)
-        assert toks == best
-        assert ret == pytest.approx(best_ret, abs=1e-4)
-        found_beyond_greedy += g != best
+        assert h.token_ids == best
+        assert h.score == pytest.approx(best_ret, abs=1e-4)
+        found_beyond_greedy += g.token_ids != best
     assert found_beyond_greedy >= 1  # the optimum is not simply the policy's greedy answer
     assert compute.forward_passes > 0
 
@@ -235,7 +235,7 @@ def test_wide_beam_finds_the_exhaustive_optimum():
     for p in ([2, 3], [4, 4]):
         best, _, seqs = enumerate_best(pol, None, p, vocab, depth, 1.0)
         hyps = beam_search(Lockstep([pol]), [p], PAD, [EOS], len(seqs), depth, lambda l: l[0])
-        assert hyps[0][0][0] == best
+        assert hyps[0][0].token_ids == best
 
 
 def _direct_guided_logps(base, tuned, ref, seq, alpha):
@@ -254,7 +254,8 @@ def test_guided_greedy_follows_the_combined_distribution(alpha):
     cfg = GenerateConfig(method="guided", alpha=alpha, max_new_tokens=6)
     with torch.no_grad():
         out, compute = generate_ids(tuned, prompts, cfg, [EOS], PAD, ref=ref, base=base)
-        for p, (toks, score, (lp_tuned, lp_ref)) in zip(prompts, out):
+        for p, h in zip(prompts, out):
+            toks, score, lp_tuned, lp_ref = h.token_ids, h.score, h.logp, h.ref_logp
             total = 0.0
             for t, a in enumerate(toks):
                 d = _direct_guided_logps(base, tuned, ref, p + toks[:t], alpha)
@@ -266,8 +267,8 @@ def test_guided_greedy_follows_the_combined_distribution(alpha):
             assert lp_tuned - lp_ref == pytest.approx(lr[0], abs=1e-4)
     if alpha == 0.0:  # alpha = 0 is the base alone
         g, _ = generate_ids(base, prompts, GenerateConfig(method="greedy", max_new_tokens=6), [EOS], PAD)
-        assert [t for t, _, _ in out] == [t for t, _, _ in g]
-    assert compute.forward_passes == 3 * max(len(t) for t, _, _ in out)  # three models in lockstep, one pass a step
+        assert [h.token_ids for h in out] == [h.token_ids for h in g]
+    assert compute.forward_passes == 3 * max(h.num_tokens for h in out)  # three models in lockstep, one pass a step
 
 
 def test_guided_sampling_draws_from_the_combined_distribution():
@@ -280,7 +281,7 @@ def test_guided_sampling_draws_from_the_combined_distribution():
                               generator=torch.Generator().manual_seed(0))
         want = _direct_guided_logps(base, tuned, ref, prompt, alpha).exp()
         tuned_alone = torch.softmax(tuned(input_ids=torch.tensor([prompt])).logits[0, -1].double(), -1)
-    freq = torch.bincount(torch.tensor([t[0] for t, _, _ in out]), minlength=V).double() / n
+    freq = torch.bincount(torch.tensor([h.token_ids[0] for h in out]), minlength=V).double() / n
     tol = 4 * (want * (1 - want) / n).sqrt().max() + 1e-3
     assert (freq - want).abs().max() < tol
     # a test that could tell the combined law from the tuned one: no frequencies lie within tol of both
@@ -323,7 +324,7 @@ def test_mcts_rollout_len_caps_the_cost_per_simulation():
     # prefill, per simulation one expansion step and at most one more rollout step, and one greedy finish of an
     # answer that is still incomplete (at most 11 steps), for both models
     assert c_cap.forward_passes <= 2 + 6 * 2 * 2 + 2 * 11 < c_full.forward_passes
-    assert all(t[-1] == EOS or len(t) == 12 for t, _, _ in capped)  # every answer is a complete sequence
+    assert all(h.token_ids[-1] == EOS or h.num_tokens == 12 for h in capped)  # every answer is a complete sequence
 
 
 @pytest.mark.parametrize("method", ["greedy", "sample", "guided", "best-of-n", "beam", "reward-beam", "chunk-beam",

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import UserError
 from ..progress import progress_bar
 from .read import _read, _RowError, _tname
-from .rows import Turns, _eos_flag, _parse_preference, _parse_sft, _render
+from .rows import Turns, _eos_flag, _parse_preference, _parse_sft, _render, render_prompt
 
 MAX_SKIPPED_MESSAGES = 20
 
@@ -110,6 +110,16 @@ def _encode_prompt(tokenizer, text: str) -> list[int]:
             raise _RowError("the prompt is empty and the tokenizer has no BOS token to stand in for it")
         ids = [bos]
     return ids
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A prompt's token ids as training encodes a prompt, so that decoding starts where a trained completion
+    starts: a list of chat messages is rendered with the chat template and its generation prompt; an empty prompt
+    is BOS alone. A bad prompt is a UserError."""
+    try:
+        return _encode_prompt(tokenizer, render_prompt(tokenizer, prompt))
+    except _RowError as e:
+        raise UserError(str(e)) from None
 
 
 def _with_eos(ids: list[int], eos_id: int, ended: bool) -> list[int]:

@@ -182,6 +182,23 @@ def _parse_sft(row: Mapping) -> tuple[str, str | list[dict] | None, list[str | l
 
 # ---- rendering conversations
 
+def render_prompt(tokenizer, prompt: Any) -> str:
+    """A prompt to decode from as text: a string as it is, a list of messages through the tokenizer's chat
+    template with its generation prompt (the assistant's turn opened), as training renders a conversation's
+    prompt. A bad message list or a failing template is a _RowError."""
+    msgs = _messages(prompt, "prompt")
+    if msgs is None:
+        return prompt
+    if not msgs:
+        raise _RowError("field 'prompt' has no messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise _RowError("the prompt is a list of messages but the tokenizer has no chat template")
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError) as e:
+        raise _RowError(f"the chat template failed: {first_line(e)}") from e
+
+
 def _render(tokenizer, prompt: list[dict], completions: list[list[dict]], names: Sequence[str]
             ) -> tuple[list[str], list[Turns | None]]:
     """[prompt text, completion texts...] from the chat template, each completion continuing the prompt, and

@@ -16,8 +16,10 @@ from typing import Any
 
 _WHERE = {
     "config": ("METHODS", "RANKINGS", "WIDTH", "EarlyStopping", "GenerateConfig", "check_models"),
-    "decode": ("Generation", "generate", "generate_ids", "encode_prompts", "score_sequences", "sequence_logps",
-                 "cost_per_prompt", "with_budget", "decoding_rows", "check_memory", "MAX_WIDTH"),
+    "hypothesis": ("Hypothesis", "Generation"),
+    "methods": ("Job", "Method", "REGISTRY"),
+    "decode": ("generate", "generate_ids", "encode_prompts", "score_sequences", "sequence_logps",
+               "cost_per_prompt", "with_budget", "decoding_rows", "check_memory", "MAX_WIDTH"),
 }
 _MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..rewards import token_rewards
+from .hypothesis import Hypothesis
 from .lm import Lockstep, left_pad
 from .sampling import draw, filter_logits
 
@@ -31,34 +32,28 @@ def chunk_beam_search(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> list[tuple[list[int], float, list[float]]]:
-    """Best (tokens, implicit-reward score, [log p under tuned, under untuned]) per prompt, the log-probs summed
-    as the search went. lock.models = [base, tuned, untuned]."""
+) -> list[Hypothesis]:
+    """The best hypothesis per prompt: its implicit-reward score and its log-probs under the tuned (logp) and the
+    untuned (ref_logp) model, summed as the search went. lock.models = [base, tuned, untuned]."""
     if len(lock.models) != 3:
         raise ValueError("chunk beam search needs three models: base, tuned, untuned")
-    B, W, K = len(prompts), beam_width, samples_per_beam
-    dev = lock.device
-    eos = torch.tensor(list(eos_ids), device=dev)
-    ids, mask = left_pad(prompts, pad_id)
-    logps = lock.prefill(ids, mask)
+    (B, W, K), dev = (len(prompts), beam_width, samples_per_beam), lock.device
+    N, eos = B * W * K, torch.tensor(list(eos_ids), device=dev)
+    logps = lock.prefill(*left_pad(prompts, pad_id))
     # first chunk: W*K samples from the one prompt; later: K from each of the W survivors
     expand = torch.arange(B, device=dev).repeat_interleave(W * K)
     lock.select(expand)
     logps = [lp.index_select(0, expand) for lp in logps]
-    N = B * W * K
     seqs = torch.full((N, 0), pad_id, dtype=torch.long, device=dev)
     score = torch.zeros(N, device=dev)
     lp_sum = torch.zeros(N, 2, device=dev)  # log p of each prefix under the tuned and the untuned model
-    alive = torch.ones(N, dtype=torch.bool, device=dev)
-    first_copy = torch.ones(N, dtype=torch.bool, device=dev)  # among K copies of a finished beam, one competes
+    # rows still decoding; among the K copies of a finished beam, the one that competes
+    alive, first_copy = torch.ones(N, dtype=torch.bool, device=dev), torch.ones(N, dtype=torch.bool, device=dev)
+    offset = torch.arange(B, device=dev)[:, None] * (W * K)  # each prompt's first row
     t = 0
     while t < max_new_tokens:
         for _ in range(min(chunk_len, max_new_tokens - t)):
-            w = torch.softmax(filter_logits(logps[0], temperature, top_k, top_p), dim=-1)
-            nxt = draw(w, generator)
-            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-            tok_lp = torch.cat([logps[1].gather(-1, nxt[:, None]), logps[2].gather(-1, nxt[:, None])], dim=-1)
-            tok_lp = torch.where(alive[:, None], tok_lp.float(), torch.zeros_like(tok_lp, dtype=torch.float))
+            nxt, tok_lp = _draw(logps, alive, pad_id, temperature, top_k, top_p, generator)
             lp_sum = lp_sum + tok_lp
             score = score + token_rewards(tok_lp[:, 0], tok_lp[:, 1], beta)
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
@@ -71,18 +66,30 @@ def chunk_beam_search(
         if not alive.any() or t >= max_new_tokens:
             break
         # keep the W best prefixes per prompt, then K copies of each
-        ranked = torch.where(first_copy, score, torch.full_like(score, float("-inf"))).view(B, W * K)
-        best = torch.topk(ranked, W, dim=-1).indices + torch.arange(B, device=dev)[:, None] * (W * K)
+        best = torch.topk(_ranked(score, first_copy, B), W, dim=-1).indices + offset
         idx = best.reshape(-1).repeat_interleave(K)
         lock.select(idx)
         logps = [lp.index_select(0, idx) for lp in logps]
         seqs, score, alive, lp_sum = seqs[idx], score[idx], alive[idx], lp_sum[idx]
         first_copy = alive | (torch.arange(N, device=dev) % K == 0)
-    ranked = torch.where(first_copy, score, torch.full_like(score, float("-inf"))).view(B, W * K)
-    best = ranked.argmax(-1) + torch.arange(B, device=dev) * (W * K)
     out = []
-    for i in best.tolist():
+    for i in (_ranked(score, first_copy, B).argmax(-1) + offset[:, 0]).tolist():
         row = seqs[i].tolist()
         n = next((j + 1 for j, x in enumerate(row) if x in eos_ids), len(row))
-        out.append((row[:n], float(score[i]), lp_sum[i].tolist()))
+        out.append(Hypothesis(row[:n], float(score[i]), *lp_sum[i].tolist()))
     return out
+
+
+def _draw(logps: list[torch.Tensor], alive: torch.Tensor, pad_id: int, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the base (pad where the row has ended) and its log-probs (N, 2) under the tuned and
+    the untuned model (0 where the row has ended)."""
+    nxt = draw(torch.softmax(filter_logits(logps[0], temperature, top_k, top_p), dim=-1), generator)
+    nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+    tok_lp = torch.cat([logps[1].gather(-1, nxt[:, None]), logps[2].gather(-1, nxt[:, None])], dim=-1).float()
+    return nxt, torch.where(alive[:, None], tok_lp, torch.zeros_like(tok_lp))
+
+
+def _ranked(score: torch.Tensor, competes: torch.Tensor, B: int) -> torch.Tensor:
+    """(B, rows per prompt) scores, -inf for the rows that do not compete."""
+    return torch.where(competes, score, torch.full_like(score, float("-inf"))).view(B, -1)

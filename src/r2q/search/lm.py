@@ -8,7 +8,6 @@ policy and the reference of reward-guided search on the same prefixes.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 from collections.abc import Sequence
@@ -73,108 +72,9 @@ def _cache_kwarg(model) -> str:
 
 def _last_logits_kwarg(model) -> dict[str, int]:
     """Ask for the last position's logits only (the LM head over a whole prompt is wasted work, and with a large
-    vocabulary the biggest part of the prefill), under the name this transformers version uses."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: 1}
-    return {}
-
-
-@functools.cache
-def _buffered_layer():
-    """A full-attention KV cache layer that writes each new position into preallocated room (doubling when full)
-    instead of concatenating the whole cache every step, and reorders for beam search into a second buffer of the
-    same size (no allocation per step, the filled part only). `keys` / `values` are views of the filled part, as
-    a DynamicLayer's tensors would be. (Made on first use, so that importing r2q does not import transformers.)"""
-    from transformers.cache_utils import DynamicLayer
-
-    class BufferedLayer(DynamicLayer):
-        def lazy_initialization(self, key_states, value_states):
-            self.device = key_states.device
-            self._k = self._v = self._alt = None
-            self._n = 0
-            self.keys = self.values = None
-            self.is_initialized = True
-
-        def _view(self):
-            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            new = key_states.shape[-2]
-            if self._k is None or self._k.shape[0] != key_states.shape[0]:
-                self._k, self._v, self._alt = key_states, value_states, None  # the prefill: room comes on step 1
-                self._n = new
-            else:
-                if self._n + new > self._k.shape[-2]:
-                    self._grow(self._n + new)
-                self._k[:, :, self._n : self._n + new] = key_states
-                self._v[:, :, self._n : self._n + new] = value_states
-                self._n += new
-            self._view()
-            return self.keys, self.values
-
-        def _grow(self, need: int) -> None:
-            cap = max(need, 2 * self._k.shape[-2])
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                buf = old.new_empty(*old.shape[:2], cap, old.shape[-1])
-                buf[:, :, : self._n] = old[:, :, : self._n]
-                setattr(self, name, buf)
-
-        def get_seq_length(self) -> int:
-            return self._n if self.is_initialized and self._k is not None else 0
-
-        def reorder_cache(self, beam_idx) -> None:
-            if not self.get_seq_length():
-                return
-            idx = beam_idx.to(self._k.device)
-            if idx.shape[0] != self._k.shape[0]:  # rows duplicated or dropped: new buffers
-                self._k = self._k[:, :, : self._n].index_select(0, idx)
-                self._v = self._v[:, :, : self._n].index_select(0, idx)
-                self._alt = None
-            else:  # into a second buffer of the same size, then swap: no allocation, the filled part only
-                if self._alt is None or self._alt[0].shape != self._k.shape:
-                    self._alt = (torch.empty_like(self._k), torch.empty_like(self._v))
-                ak, av = self._alt
-                torch.index_select(self._k[:, :, : self._n], 0, idx, out=ak[:, :, : self._n])
-                torch.index_select(self._v[:, :, : self._n], 0, idx, out=av[:, :, : self._n])
-                self._alt = (self._k, self._v)
-                self._k, self._v = ak, av
-            self._view()
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove < 0 and self.get_seq_length():
-                self._n = max(self._n + tokens_to_remove, 0)
-                self._view()
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.get_seq_length():
-                self.reorder_cache(torch.arange(self._k.shape[0]).repeat_interleave(repeats))
-
-        def batch_select_indices(self, indices) -> None:
-            if self.get_seq_length():
-                self.reorder_cache(torch.as_tensor(indices).flatten())
-
-    return BufferedLayer
-
-
-def new_cache(model):
-    """An empty cache for `model`: its own DynamicCache, with every plain full-attention layer buffered
-    (sliding-window and other special layers are kept as the model makes them)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    try:
-        cache = DynamicCache(config=model.config)
-    except Exception:  # a config the cache cannot read: the model makes its own
-        return None
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None  # mixed or special layers: leave them to transformers
-    cache.layers = [_buffered_layer()() for _ in cache.layers]
-    return cache
+    vocabulary the biggest part of the prefill), where the model's forward takes `logits_to_keep` (every causal
+    LM of transformers >= 4.56 does; a custom model may not)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +105,8 @@ class Lockstep:
     def _run(self, i: int, ids: torch.Tensor) -> torch.Tensor:
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -ids.shape[1]:]
         if self.caches[i] is None:
+            from .cache import new_cache  # transformers' cache classes: imported when a search first runs
+
             self.caches[i] = new_cache(self.models[i])
         kw = {self.keys[i]: self.caches[i]} if self.caches[i] is not None else {}
         out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw,

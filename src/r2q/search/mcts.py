@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..rewards import token_rewards
+from .hypothesis import Hypothesis
 from .lm import Lockstep, left_pad, row_kv, stack_kv
 
 
@@ -66,6 +67,86 @@ def _path_kv(node: Node, m: int):
     return [(torch.cat([k for k, _ in layer], 1), torch.cat([v for _, v in layer], 1)) for layer in layers]
 
 
+@dataclass
+class _Search:
+    """One batch's trees and the settings every step of the search reads."""
+
+    lock: Lockstep
+    eos: set[int]
+    pad_id: int
+    max_new_tokens: int
+    beta: float
+    c_puct: float
+    expand_top_k: int
+    ref_term: bool
+    backup: str
+    rollout_len: int
+    roots: list[Node] = field(default_factory=list)
+    best: list[tuple[list[int], float]] = field(default_factory=list)  # per prompt: the best complete sequence
+
+    def offer(self, b: int, toks: list[int], ret: float) -> None:
+        if ret > self.best[b][1]:
+            self.best[b] = (toks, ret)
+
+    def expand(self, node: Node, logps: list[torch.Tensor]) -> None:
+        _expand(node, logps, self.beta, self.expand_top_k, self.ref_term, self.eos, self.max_new_tokens)
+
+    def rollout(self, leaves: list[tuple[int, Node]], logps, max_steps: int) -> list[tuple[float, list[int], bool]]:
+        return _rollout(self.lock, leaves, logps, self.beta, self.ref_term, self.eos, self.max_new_tokens,
+                        self.pad_id, max_steps)
+
+    def select(self, b: int) -> Node | None:
+        """Walk prompt b's tree by PUCT to a leaf; a terminal reached is backed up and offered here, and None is
+        returned unless the leaf is one to expand."""
+        node, (lo, hi) = self.roots[b], _bounds(self.roots[b], self.backup)
+        while node.children:
+            node.visits += 1
+            sq = math.sqrt(node.visits)
+            open_children = [c for c in node.children.values() if not _exhausted(c)]
+            if not open_children:
+                break
+            node = max(open_children, key=lambda ch: _puct(ch, lo, hi, sq, self.c_puct, self.backup))  # noqa: B023
+        if node.terminal:
+            node.visits += 1
+            _backup(node, 0.0, self.backup)
+            self.offer(b, node.tokens(), sum(n.reward for n in node.path()))
+        elif not node.children and not _exhausted(node):
+            return node
+        return None
+
+    def grow(self, leaves: list[tuple[int, Node]], rollout: bool) -> None:
+        """Expand every leaf with one batched forward, value each (by a rollout, or 0) and back the values up."""
+        logps = _step_into(self.lock, [n for _, n in leaves])
+        for i, (_, node) in enumerate(leaves):
+            node.kv = [row_kv(c, i, c.get_seq_length() - 1) for c in self.lock.caches]
+            self.expand(node, [lp[i] for lp in logps])
+        values = self.rollout(leaves, logps, self.rollout_len) if rollout else [(0.0, [], False) for _ in leaves]
+        for (b, node), (v, tail, complete) in zip(leaves, values):
+            node.visits += 1
+            _backup(node, v, self.backup)
+            if complete:
+                self.offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
+
+    def finish(self) -> None:
+        """A prompt with no complete sequence found (capped rollouts, few simulations) gets its most visited path,
+        finished by one greedy rollout: the answer is always a complete sequence."""
+        unfinished = []
+        for b, root in enumerate(self.roots):
+            if self.best[b][0]:
+                continue
+            node = root
+            while node.children and any(c.visits for c in node.children.values()):
+                node = max(node.children.values(), key=lambda c: c.visits)
+            if node.terminal or node is root:
+                self.best[b] = (node.tokens(), sum(n.reward for n in node.path()))
+            else:
+                unfinished.append((b, node))
+        if unfinished:
+            tails = self.rollout(unfinished, _step_into(self.lock, [n for _, n in unfinished]), 0)
+            for (b, node), (v, tail, _) in zip(unfinished, tails):
+                self.best[b] = (node.tokens() + tail, sum(n.reward for n in node.path()) + v)
+
+
 def mcts(
     lock: Lockstep,
     prompts: Sequence[Sequence[int]],
@@ -80,80 +161,31 @@ def mcts(
     rollout: bool = True,
     backup: str = "max",
     rollout_len: int = 0,
-) -> list[tuple[list[int], float]]:
-    """Best (tokens, return) per prompt. lock.models = [policy, ref] (or [policy] for reference-free).
-    rollout_len caps each rollout (0: to EOS or max_new_tokens); a capped rollout values its leaf by the
-    rewards it collected, and only complete rollouts are offered as answers. A prompt whose search found no
+) -> list[Hypothesis]:
+    """The best hypothesis per prompt, scored by its return. lock.models = [policy, ref] (or [policy] for
+    reference-free). rollout_len caps each rollout (0: to EOS or max_new_tokens); a capped rollout values its leaf
+    by the rewards it collected, and only complete rollouts are offered as answers. A prompt whose search found no
     complete sequence gets its most visited path finished by a greedy rollout (counted in the compute)."""
     if backup not in ("max", "mean"):
         raise ValueError("backup must be 'max' or 'mean'")
-    B = len(prompts)
-    eos = set(eos_ids)
     ids, mask = left_pad(prompts, pad_id)
     logps = lock.prefill(ids, mask)
     T = ids.shape[1]
-    roots = []
+    s = _Search(lock, set(eos_ids), pad_id, max_new_tokens, beta, c_puct, expand_top_k, ref_term, backup,
+                rollout_len, best=[([], float("-inf"))] * len(prompts))
     for b, p in enumerate(prompts):
         root = Node(-1, None, 0.0, 1.0, 0)
         root.kv = [row_kv(c, b, T - len(p)) for c in lock.caches]
-        _expand(root, [lp[b] for lp in logps], beta, expand_top_k, ref_term, eos, max_new_tokens)
-        roots.append(root)
-    best: list[tuple[list[int], float]] = [([], float("-inf"))] * B
-
-    def offer(b: int, toks: list[int], ret: float) -> None:
-        if ret > best[b][1]:
-            best[b] = (toks, ret)
-
+        s.expand(root, [lp[b] for lp in logps])
+        s.roots.append(root)
     for _ in range(simulations):
-        leaves: list[tuple[int, Node]] = []
-        for b, root in enumerate(roots):
-            node, lo, hi = root, *_bounds(root, backup)
-            while node.children:
-                node.visits += 1
-                sq = math.sqrt(node.visits)
-                open_children = [c for c in node.children.values() if not _exhausted(c)]
-                if not open_children:
-                    break
-                node = max(open_children, key=lambda ch: _puct(ch, lo, hi, sq, c_puct, backup))  # noqa: B023
-            if node.terminal:
-                node.visits += 1
-                _backup(node, 0.0, backup)
-                offer(b, node.tokens(), sum(n.reward for n in node.path()))
-            elif not node.children and not _exhausted(node):
-                leaves.append((b, node))
-        if not leaves:
-            if all(_exhausted(r) for r in roots):
-                break
-            continue
-        logps = _step_into(lock, [n for _, n in leaves])
-        for i, (_, node) in enumerate(leaves):
-            node.kv = [row_kv(c, i, c.get_seq_length() - 1) for c in lock.caches]
-            _expand(node, [lp[i] for lp in logps], beta, expand_top_k, ref_term, eos, max_new_tokens)
-        values = _rollout(lock, leaves, logps, beta, ref_term, eos, max_new_tokens, pad_id, rollout_len) if rollout \
-            else [(0.0, [], False) for _ in leaves]
-        for (b, node), (v, tail, complete) in zip(leaves, values):
-            node.visits += 1
-            _backup(node, v, backup)
-            if complete:
-                offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
-    # a prompt with no complete sequence found (capped rollouts, few simulations) gets its most visited path,
-    # finished by one greedy rollout: the answer is always a complete sequence
-    unfinished = []
-    for b, root in enumerate(roots):
-        if not best[b][0]:
-            node = root
-            while node.children and any(c.visits for c in node.children.values()):
-                node = max(node.children.values(), key=lambda c: c.visits)
-            if node.terminal or node is root:
-                best[b] = (node.tokens(), sum(n.reward for n in node.path()))
-            else:
-                unfinished.append((b, node))
-    if unfinished:
-        logps = _step_into(lock, [n for _, n in unfinished])
-        tails = _rollout(lock, unfinished, logps, beta, ref_term, eos, max_new_tokens, pad_id)
-        for (b, node), (v, tail, _) in zip(unfinished, tails):
-            best[b] = (node.tokens() + tail, sum(n.reward for n in node.path()) + v)
-    return best
+        leaves = [(b, leaf) for b in range(len(prompts)) if (leaf := s.select(b)) is not None]
+        if leaves:
+            s.grow(leaves, rollout)
+        elif all(_exhausted(r) for r in s.roots):
+            break
+    s.finish()
+    return [Hypothesis(toks, ret) for toks, ret in s.best]
 
 
 def _step_into(lock: Lockstep, nodes: list[Node]) -> list[torch.Tensor]:

@@ -107,19 +107,20 @@ def sample(
             rows, nxt, live = rows[keep], nxt[keep], live[keep]
         logps = lock.step(nxt, alive=live)
     steps = t + 1  # a row that did not end ran every step
-    tok, lps = tok[:, :steps].cpu(), [x[:, :steps].cpu() for x in lps]
-    drawn_all = drawn[:, :steps].cpu() if drawn is not None else None
-    out_tokens, out_lps, out_drawn = [], [[] for _ in lock.models], []
-    for i in range(N):
+    return _cut_at_eos(tok[:, :steps].cpu(), [x[:, :steps].cpu() for x in lps],
+                       drawn[:, :steps].cpu() if drawn is not None else None, eos_ids, proposal)
+
+
+def _cut_at_eos(tok: torch.Tensor, lps: list[torch.Tensor], drawn: torch.Tensor | None, eos_ids: Sequence[int],
+                proposal: int | Callable) -> Samples:
+    """Each row's tokens up to its first EOS (included), with the log-probs recorded for them."""
+    out_tokens, out_lps, out_drawn = [], [[] for _ in lps], []
+    for i in range(tok.shape[0]):
         row = tok[i].tolist()
-        n = len(row)
-        for j, x in enumerate(row):
-            if x in eos_ids:
-                n = j + 1
-                break
+        n = next((j + 1 for j, x in enumerate(row) if x in eos_ids), len(row))
         out_tokens.append(row[:n])
-        if drawn_all is not None:
-            out_drawn.append(drawn_all[i, :n])
-        for m in range(len(lock.models)):
+        if drawn is not None:
+            out_drawn.append(drawn[i, :n])
+        for m in range(len(lps)):
             out_lps[m].append(lps[m][i, :n])
-    return Samples(out_tokens, out_lps, out_drawn if drawn_all is not None else out_lps[proposal])
+    return Samples(out_tokens, out_lps, out_drawn if drawn is not None else out_lps[proposal])

@@ -234,7 +234,7 @@ def r2q_search(tree: TokenTree, model, ref, beta: float, method: str) -> SearchF
                                   ref_term=True, max_new_tokens=tree.horizon - 1)}[method]
     prompts = [prompt_ids(tree, p) for p in range(tree.n_prompts)]
     out, _ = generate_ids(model, prompts, cfg, [EOS], EOS, ref=ref)
-    found = [tuple(t) if t and t[-1] == EOS else tuple(t) + (EOS,) for t, _, _ in out]
+    found = [tuple(t) if t and t[-1] == EOS else tuple(t) + (EOS,) for t in (h.token_ids for h in out)]
     return lambda p: found[p]
 
 
