@@ -181,10 +181,12 @@ def _ival(x) -> Interval:
 
 
 def claim_list(settings: dict, runs: list[str]) -> list[Claim]:
-    """Every claim the demo tests, for a profile's settings and the DPO runs it has."""
-    beams = sorted(settings["beams"])
-    wide = beams[-1]
-    small = 4 if 4 in beams and wide > 4 else beams[0]
+    """Every claim the demo tests, for a profile's settings and the DPO runs it has, in the report's order."""
+    return _setup_claims(settings, runs) + _credit_claims() + _search_claims(settings) + _dynamics_claims()
+
+
+def _setup_claims(settings: dict, runs: list[str]) -> list[Claim]:
+    """The setup works: each DPO run learned (loss, accuracy), stayed near its reference (KL), and outputs end."""
     lo, hi = settings["kl_range"]
     C: list[Claim] = []
     trained = [r for r in runs if "shuffled" not in r]
@@ -201,6 +203,12 @@ def claim_list(settings: dict, runs: list[str]) -> list[Claim]:
                    lambda res, sh: _ival(min((x["eos"] for x in sh["eos"]["by_prompt"]), key=lambda v: v[0]))))
     C.append(Claim("eos:beam", "setup", f"beam outputs end by EOS (at least {EOS_NEEDED:.0%} at every width)",
                    "lowest EOS share over widths", EOS_NEEDED, "above", _eos_beams))
+    return C
+
+
+def _credit_claims() -> list[Claim]:
+    """Finding 1: the token rewards give credit where the gold reward does."""
+    C: list[Claim] = []
     for k in ("dpo-a", "dpo-b"):
         C.append(Claim(f"spearman:{k}", "1 credit", f"{k}: token rewards follow gold word weights more closely than "
                        "every null's (Spearman, paired over pairs)", "Spearman - best null's Spearman", 0.0, "above",
@@ -222,6 +230,15 @@ def claim_list(settings: dict, runs: list[str]) -> list[Claim]:
     C.append(Claim("picture-clean:dpo-b", "1 credit", "dpo-b: the swapped word is the extreme token of the edited "
                    "response in most edits (a clean heatmap, as the paper's figure)", "share of edits", 0.5, "above",
                    lambda res, sh: _ival(res["credit"]["models"]["dpo-b"]["picture_share"])))
+    return C
+
+
+def _search_claims(settings: dict) -> list[Claim]:
+    """Finding 2: likelihood search on the policy (beam) against greedy decoding, and over-optimisation."""
+    beams = sorted(settings["beams"])
+    wide = beams[-1]
+    small = 4 if 4 in beams and wide > 4 else beams[0]
+    C: list[Claim] = []
     for lp in settings["length_penalties"]:
         C.append(Claim(f"beam-vs-greedy:lp{lp:g}", "2 search", f"beam {small} finds higher gold than greedy decoding "
                        f"of the same policy (length penalty {lp:g})", f"gold(beam {small}) - gold(greedy), paired",
@@ -237,6 +254,12 @@ def claim_list(settings: dict, runs: list[str]) -> list[Claim]:
         C.append(Claim(f"length:lp{lp:g}", "2 search", f"wider beams give longer outputs: beam {wide} against beam "
                        f"{small} (length penalty {lp:g})", f"length(beam {wide}) - length(beam {small}), paired",
                        0.0, "above", _length(lp, small, wide)))
+    return C
+
+
+def _dynamics_claims() -> list[Claim]:
+    """Finding 3: where the chosen rewards go in training depends on the reference."""
+    C: list[Claim] = []
     for r in ("dpo-a", "dpo-a-rt"):
         for side in ("chosen", "rejected"):
             C.append(Claim(f"fall:{r}:{side}", "3 dynamics", f"{r} (reference SFT-trained on chosen): held-out "
