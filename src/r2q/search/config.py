@@ -76,6 +76,8 @@ class GenerateConfig:
     rollout_len: int = option(8, "mcts: cap on each rollout's tokens, so a simulation costs at most this many "
                               "forward positions per model (0 = to EOS or --max-new-tokens); a capped rollout values "
                               "its leaf by the rewards it collected", ge=0)
+    sims_per_call: int = option(1, "mcts: simulations of each prompt selected together, with a virtual loss, and "
+                                "expanded by one forward per model (1: one after another)", ge=1)
     backup: str = option("max", "mcts: edge value = best return seen (max) or the mean", choices=("max", "mean"))
     budget: int = option(0, "Tokens processed per prompt (every model, prompt included, at most): sets the width, "
                          "--num-samples (best-of-n), --num-beams (beam, reward-beam, chunk-beam) or --simulations "

@@ -40,6 +40,7 @@ class Node:
     value: float = float("-inf")  # best (or mean) return from self onward, reward to reach self excluded
     total: float = 0.0
     terminal: bool = False
+    pending: bool = False  # selected in this batch of simulations, not yet expanded
 
     def path(self) -> list[Node]:
         n, out = self, []
@@ -65,6 +66,9 @@ def _path_kv(node: Node, m: int):
             for layer, (k, v) in zip(layers, n.kv[m]):
                 layer.append((k, v))
     return [(torch.cat([k for k, _ in layer], 1), torch.cat([v for _, v in layer], 1)) for layer in layers]
+
+
+BLOCKED = False  # `_Search.select`: every open path of the tree ends at a leaf already selected in this batch
 
 
 @dataclass
@@ -95,15 +99,23 @@ class _Search:
         return _rollout(self.lock, leaves, logps, self.beta, self.ref_term, self.eos, self.max_new_tokens,
                         self.pad_id, max_steps)
 
-    def select(self, b: int) -> Node | None:
+    def select(self, b: int) -> Node | None | bool:
         """Walk prompt b's tree by PUCT to a leaf; a terminal reached is backed up and offered here, and None is
-        returned unless the leaf is one to expand."""
+        returned unless the leaf is one to expand. The leaf is marked pending and its visit counted at once (a
+        virtual loss), so the next selection of the same batch goes elsewhere; BLOCKED (and nothing counted) when
+        every open path ends at a pending leaf."""
         node, (lo, hi) = self.roots[b], _bounds(self.roots[b], self.backup)
+        walked = []
         while node.children:
             node.visits += 1
+            walked.append(node)
             sq = math.sqrt(node.visits)
-            open_children = [c for c in node.children.values() if not _exhausted(c)]
+            open_children = [c for c in node.children.values() if not (_exhausted(c) or c.pending)]
             if not open_children:
+                if any(c.pending for c in node.children.values()):
+                    for n in walked:
+                        n.visits -= 1
+                    return BLOCKED
                 break
             node = max(open_children, key=lambda ch: _puct(ch, lo, hi, sq, self.c_puct, self.backup))  # noqa: B023
         if node.terminal:
@@ -111,6 +123,8 @@ class _Search:
             _backup(node, 0.0, self.backup)
             self.offer(b, node.tokens(), sum(n.reward for n in node.path()))
         elif not node.children and not _exhausted(node):
+            node.visits += 1
+            node.pending = True
             return node
         return None
 
@@ -122,7 +136,7 @@ class _Search:
             self.expand(node, [lp[i] for lp in logps])
         values = self.rollout(leaves, logps, self.rollout_len) if rollout else [(0.0, [], False) for _ in leaves]
         for (b, node), (v, tail, complete) in zip(leaves, values):
-            node.visits += 1
+            node.pending = False  # its visit was counted when it was selected
             _backup(node, v, self.backup)
             if complete:
                 self.offer(b, node.tokens() + tail, sum(n.reward for n in node.path()) + v)
@@ -161,11 +175,14 @@ def mcts(
     rollout: bool = True,
     backup: str = "max",
     rollout_len: int = 0,
+    sims_per_call: int = 1,
 ) -> list[Hypothesis]:
     """The best hypothesis per prompt, scored by its return. lock.models = [policy, ref] (or [policy] for
     reference-free). rollout_len caps each rollout (0: to EOS or max_new_tokens); a capped rollout values its leaf
     by the rewards it collected, and only complete rollouts are offered as answers. A prompt whose search found no
-    complete sequence gets its most visited path finished by a greedy rollout (counted in the compute)."""
+    complete sequence gets its most visited path finished by a greedy rollout (counted in the compute).
+    sims_per_call: simulations of each prompt selected together (with a virtual loss) and expanded by one forward
+    per model; 1 is the sequential search."""
     if backup not in ("max", "mean"):
         raise ValueError("backup must be 'max' or 'mean'")
     ids, mask = left_pad(prompts, pad_id)
@@ -178,8 +195,17 @@ def mcts(
         root.kv = [row_kv(c, b, T - len(p)) for c in lock.caches]
         s.expand(root, [lp[b] for lp in logps])
         s.roots.append(root)
-    for _ in range(simulations):
-        leaves = [(b, leaf) for b in range(len(prompts)) if (leaf := s.select(b)) is not None]
+    left = [simulations] * len(prompts)
+    while any(left):
+        leaves = []
+        for b in range(len(prompts)):
+            for _ in range(min(sims_per_call, left[b])):
+                leaf = s.select(b)
+                if leaf is BLOCKED:
+                    break
+                left[b] -= 1
+                if leaf is not None:
+                    leaves.append((b, leaf))
         if leaves:
             s.grow(leaves, rollout)
         elif all(_exhausted(r) for r in s.roots):

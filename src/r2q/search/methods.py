@@ -156,7 +156,7 @@ def run_mcts(job: Job, prompts: Prompts) -> list[Hypothesis]:
     c = job.cfg
     return mcts(job.lock(job.policy, job.ref), prompts, job.pad_id, job.eos_ids, c.max_new_tokens, c.beta,
                 c.simulations, c.c_puct, c.expand_top_k, c.ref_term or job.ref is None, c.rollout, c.backup,
-                c.rollout_len)
+                c.rollout_len, c.sims_per_call)
 
 
 def cost_mcts(cfg: GenerateConfig, P: float, with_ref: bool) -> tuple[float, float]:
