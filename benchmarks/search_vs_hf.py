@@ -7,6 +7,8 @@ thread count and each width K (1 = greedy, 4, 16): r2q's `beam` (generate_ids) a
 run interleaved, `repeats` times each; the outputs must be identical token for token (the script stops if not).
 Also reward-beam against beam, best-of-n (N = 4) against one sample, and MCTS's cost per simulation (16 simulations
 minus 8, so the once-per-prompt costs cancel) without rollouts, with full rollouts and with the default 8-token cap.
+Each search is also timed against the bare forwards it needs: the same model calls (rows and positions, every model
+with its KV cache) and nothing else, so that ratio (overhead, >= 1) is what the search logic itself adds.
 Reported: medians and their ratios (r2q's speed over transformers': > 1 is faster).
 """
 
@@ -24,7 +26,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from r2q.search import GenerateConfig, generate_ids
-from r2q.search.lm import left_pad
+from r2q.search.lm import Compute, left_pad
 
 PAD, EOS = 0, 1
 SHAPES = {
@@ -85,6 +87,39 @@ def r2q_generate(model, prompts, K: int, new: int, method: str = "beam", ref=Non
     return [h.token_ids for h in out], compute
 
 
+def traced(model, prompts, K: int, new: int, method: str = "beam", ref=None, **kw):
+    """The model calls a search makes: [(model index, rows, new positions)], in order."""
+    compute = Compute(trace=[])
+    cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=new, length_penalty=0.0, **kw)
+    generate_ids(model, prompts, cfg, [EOS], PAD, ref=ref, generator=torch.Generator().manual_seed(0),
+                 compute=compute)
+    return compute.trace
+
+
+@torch.no_grad()
+def bare_forwards(models, prompts, trace) -> None:
+    """The same model calls as `trace` (the same rows and positions, each model with its KV cache) and nothing
+    else: no scores, no top-k, no reordering of beams. Where the rows change (beams or samples made from the
+    prompt, finished rows leaving) the cache keeps as many rows, whichever they are."""
+    from transformers import DynamicCache
+
+    ids, mask = left_pad(prompts, PAD)
+    for i, m in enumerate(models):
+        cache, msk, rows = DynamicCache(config=m.config), mask, ids.shape[0]
+        calls = [(r, n) for j, r, n in trace if j == i]
+        for k, (r, n) in enumerate(calls):
+            if r != rows:
+                idx = torch.arange(r) % rows
+                cache.batch_select_indices(idx)
+                msk, rows = msk.index_select(0, idx), r
+            if k:
+                msk = torch.cat([msk, msk.new_ones(r, n)], dim=1)
+            x = ids if k == 0 else torch.full((r, n), 2, dtype=torch.long)
+            pos = (msk.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
+            m(input_ids=x, attention_mask=msk, position_ids=pos, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -98,6 +133,16 @@ def median_pair(repeats: int, a, b) -> tuple[float, float]:
         ta.append(timed(a)[0])
         tb.append(timed(b)[0])
     return statistics.median(ta), statistics.median(tb)
+
+
+def overhead(repeats, shape, params, threads, models, prompts, K, new, method, **kw) -> dict:
+    """A search's time over the time of the bare forwards it needs (`bare_forwards` of its own trace)."""
+    pol, ref = models[1 if method == "guided" else 0], (models[-1] if len(models) > 1 else None)
+    trace = traced(pol, prompts, K, new, method, ref, **kw)
+    t_search, t_bare = median_pair(repeats, partial(r2q_generate, pol, prompts, K, new, method, ref, **kw),
+                                   partial(bare_forwards, models, prompts, trace))
+    return dict(shape=shape, params=params, threads=threads, K=K, what=f"{method} / its bare forwards",
+                r2q_s=t_search, other_s=t_bare, overhead=t_search / t_bare, model_calls=len(trace))
 
 
 def main() -> None:
@@ -136,12 +181,18 @@ def main() -> None:
                                  r2q_s=t_r2q, other_s=t_hf, speedup=t_hf / t_r2q, identical=True,
                                  mean_output_tokens=sum(map(len, ours)) / len(ours)))
                 print(rows[-1], flush=True)
+                rows.append(overhead(a.repeats, shape, params, threads, [pol], prompts, K, a.new_tokens, m))
+                print(rows[-1], flush=True)
             K = 4
             t_rb, t_b = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, "reward-beam", ref),
                                     partial(r2q_generate, pol, prompts, K, a.new_tokens, "beam"))
             rows.append(dict(shape=shape, params=params, threads=threads, K=K, what="reward-beam / beam",
                              r2q_s=t_rb, other_s=t_b, ratio=t_rb / t_b))
             print(rows[-1], flush=True)
+            for m, models, kw in (("reward-beam", [pol, ref], {}), ("best-of-n", [pol, ref], {"num_samples": 4}),
+                                  ("guided", [ref, pol, ref], {})):
+                rows.append(overhead(a.repeats, shape, params, threads, models, prompts, 4, a.new_tokens, m, **kw))
+                print(rows[-1], flush=True)
             t_bon, t_s = median_pair(a.repeats, partial(r2q_generate, pol, prompts, 1, a.new_tokens, "best-of-n", ref,
                                                         num_samples=4),
                                      partial(r2q_generate, pol, prompts, 1, a.new_tokens, "sample", ref))

@@ -13,8 +13,11 @@ from transformers.cache_utils import DynamicLayer
 class BufferedLayer(DynamicLayer):
     """A full-attention KV cache layer that writes each new position into preallocated room (doubling when full)
     instead of concatenating the whole cache every step, and reorders for beam search into a second buffer of the
-    same size (no allocation per step, the filled part only). `keys` / `values` are views of the filled part, as
+    same size (no allocation per step, the filled part only), or, when most rows keep their parent, moves only the
+    rows whose parent changed. `keys` / `values` are views of the filled part, as
     a DynamicLayer's tensors would be."""
+
+    reserve = 0  # positions past the prompt to allocate at the first step (see new_cache)
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
@@ -33,6 +36,7 @@ class BufferedLayer(DynamicLayer):
         if self._k is None or self._k.shape[0] != key_states.shape[0]:
             self._k, self._v, self._alt = key_states, value_states, None  # the prefill: room comes on step 1
             self._n = new
+            self._want = new + self.reserve
         else:
             if self._n + new > self._k.shape[-2]:
                 self._grow(self._n + new)
@@ -43,7 +47,7 @@ class BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self._k.shape[-2])
+        cap = max(need, 2 * self._k.shape[-2], getattr(self, "_want", 0))
         for name in ("_k", "_v"):
             old = getattr(self, name)
             buf = old.new_empty(*old.shape[:2], cap, old.shape[-1])
@@ -61,6 +65,14 @@ class BufferedLayer(DynamicLayer):
             self._k = self._k[:, :, : self._n].index_select(0, idx)
             self._v = self._v[:, :, : self._n].index_select(0, idx)
             self._alt = None
+        elif (moved := (idx != torch.arange(len(idx), device=idx.device)).nonzero().squeeze(1)).numel() * 2 < len(idx):
+            # most rows keep their own parent (a beam that stays in its slot): move only the others, in place (their
+            # sources gathered first, so a row read is never one already overwritten)
+            if moved.numel():
+                src = idx.index_select(0, moved)
+                for buf in (self._k, self._v):
+                    filled = buf[:, :, : self._n]
+                    filled.index_copy_(0, moved, filled.index_select(0, src))
         else:  # into a second buffer of the same size, then swap: no allocation, the filled part only
             if self._alt is None or self._alt[0].shape != self._k.shape:
                 self._alt = (torch.empty_like(self._k), torch.empty_like(self._v))
@@ -85,9 +97,10 @@ class BufferedLayer(DynamicLayer):
             self.reorder_cache(torch.as_tensor(indices).flatten())
 
 
-def new_cache(model):
+def new_cache(model, reserve: int = 0):
     """An empty cache for `model`: its own DynamicCache, with every plain full-attention layer buffered
-    (sliding-window and other special layers are kept as the model makes them)."""
+    (sliding-window and other special layers are kept as the model makes them). reserve: positions to make room
+    for beyond the prompt at the first step (the search's --max-new-tokens), so the buffer is allocated once."""
     try:
         cache = DynamicCache(config=model.config)
     except Exception:  # a config the cache cannot read: the model makes its own
@@ -95,4 +108,6 @@ def new_cache(model):
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None  # mixed or special layers: leave them to transformers
     cache.layers = [BufferedLayer() for _ in cache.layers]
+    for layer in cache.layers:
+        layer.reserve = reserve
     return cache

@@ -69,10 +69,11 @@ def check_memory(cfg: GenerateConfig, models: Sequence, prompt_len: int, prompts
 @torch.no_grad()
 def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
                  ref=None, base=None, tokenizer=None, scorer=None,
-                 generator: torch.Generator | None = None) -> tuple[list[Hypothesis], Compute]:
+                 generator: torch.Generator | None = None, compute: Compute | None = None
+                 ) -> tuple[list[Hypothesis], Compute]:
     """One batch: the best hypothesis per prompt (with the log-probs the search computed on the way, None where
-    it did not run that model) and the compute the search spent."""
-    job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator)
+    it did not run that model) and the compute the search spent (counted into `compute` when given)."""
+    job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator, compute or Compute())
     return REGISTRY[cfg.method].run(job, prompts), job.compute.stop()
 
 

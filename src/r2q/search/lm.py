@@ -24,6 +24,8 @@ class Compute:
     tokens_processed: int = 0
     wall_time_s: float = 0.0
     _t0: float = field(default_factory=time.perf_counter, repr=False)
+    # when a list: every model call as (model index, rows, new positions), for replaying the same forwards bare
+    trace: list[tuple[int, int, int]] | None = field(default=None, repr=False)
 
     def stop(self) -> Compute:
         self.wall_time_s = time.perf_counter() - self._t0
@@ -93,8 +95,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 class Lockstep:
     """Several causal LMs over the same N rows, each with its KV cache, advanced one token at a time."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], compute: Compute | None = None):
+    def __init__(self, models: Sequence[torch.nn.Module], compute: Compute | None = None, room: int = 0):
         self.models = list(models)
+        self.room = room  # positions the caches will grow by (the search's --max-new-tokens), allocated at once
         self.keys = [_cache_kwarg(m) for m in self.models]
         self.last_only = [_last_logits_kwarg(m) for m in self.models]
         self.caches: list = [None] * len(self.models)
@@ -107,13 +110,15 @@ class Lockstep:
         if self.caches[i] is None:
             from .cache import new_cache  # transformers' cache classes: imported when a search first runs
 
-            self.caches[i] = new_cache(self.models[i])
+            self.caches[i] = new_cache(self.models[i], self.room)
         kw = {self.keys[i]: self.caches[i]} if self.caches[i] is not None else {}
         out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw,
                              **self.last_only[i])
         self.caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         self.compute.forward_passes += 1
         self.compute.tokens_processed += int(self.mask[:, -ids.shape[1]:].sum())
+        if self.compute.trace is not None:
+            self.compute.trace.append((i, ids.shape[0], ids.shape[1]))
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
     @torch.no_grad()

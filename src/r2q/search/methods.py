@@ -45,7 +45,7 @@ class Job:
     compute: Compute = field(default_factory=Compute)
 
     def lock(self, *models) -> Lockstep:
-        return Lockstep([m for m in models if m is not None], self.compute)
+        return Lockstep([m for m in models if m is not None], self.compute, room=self.cfg.max_new_tokens)
 
     def sample(self, lock: Lockstep, prompts: Prompts, **kw) -> Samples:
         c = self.cfg
