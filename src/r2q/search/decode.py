@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
+from ..shards import processes
 from ..tokens import build_batch, completion_logps
 from .bon import load_external_scorer
 from .config import WIDTH, GenerateConfig, check_models
@@ -130,11 +131,19 @@ def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]]) -> list[list[
     return out
 
 
+SAMPLED = ("sample", "best-of-n", "chunk-beam")  # methods whose random stream runs through the batches in order
+
+
 def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: GenerateConfig, ref=None, base=None,
              progress: bool = False) -> tuple[list[Hypothesis], dict[str, float]]:
     """Decode every prompt (a string, or a list of chat messages) with cfg.method; returns one Hypothesis per
-    prompt and the total compute."""
+    prompt and the total compute. Under several processes (torchrun, accelerate launch) each decodes every N-th
+    batch and every process returns all of them, in input order: the one-process result."""
     check_models(cfg, ref, base)
+    procs = processes()
+    if procs.world > 1 and (cfg.method in SAMPLED or (cfg.method == "guided" and cfg.do_sample)):
+        raise UserError(f"--method {cfg.method} samples, and its random stream runs through the batches in order, "
+                        "so it cannot be split across processes with the same result: run it in one process")
     for m in (policy, ref, base):
         if m is not None:
             m.eval()
@@ -147,23 +156,28 @@ def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: Genera
     check_memory(cfg, [m for m in (policy, ref, base) if m is not None], max(map(len, enc)), len(enc))
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    total: dict[str, float] = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}
-    results: list[Hypothesis] = []
-    with progress_bar(progress) as bar:
+    starts = range(0, len(prompts), cfg.batch_size)
+    done: dict[int, tuple[list[Hypothesis], dict[str, float]]] = {}
+    with progress_bar(progress and procs.is_main) as bar:
         task = bar.add_task(cfg.method, total=len(prompts), info="")
-        for i in range(0, len(prompts), cfg.batch_size):
+        for k in procs.mine(len(starts)):
+            i = starts[k]
             chunk = enc[i : i + cfg.batch_size]
             hyps, compute = generate_ids(policy, chunk, cfg, eos_ids, pad, ref, base, tokenizer, scorer, g)
             _complete(hyps, chunk, policy, ref, pad, compute)
-            for k, v in compute.as_dict().items():
-                total[k] += v
-            share = {k: v / len(chunk) for k, v in compute.as_dict().items()}
+            share = {key: v / len(chunk) for key, v in compute.as_dict().items()}
             for j, h in enumerate(hyps):
                 h.prompt, h.compute = prompts[i + j], share
                 h.text = tokenizer.decode(h.token_ids, skip_special_tokens=True)
                 h.reward = token_rewards(h.logp, h.ref_logp, cfg.beta) if ref is not None else None
-            results.extend(hyps)
-            bar.update(task, advance=len(chunk))
+            done[k] = hyps, compute.as_dict()
+            bar.update(task, advance=len(chunk) * procs.world)
+    done = procs.merge(done)
+    results = [h for k in range(len(starts)) for h in done[k][0]]
+    total: dict[str, float] = {"forward_passes": 0, "tokens_processed": 0, "wall_time_s": 0.0}
+    for k in range(len(starts)):
+        for key, v in done[k][1].items():
+            total[key] += v
     if cfg.budget:
         total["width"] = cfg.width
     return results, total

@@ -1,0 +1,64 @@
+"""generate under 2 processes (torchrun, gloo on the CPU): each decodes every other batch, and the merged output
+is the one-process output, hypothesis for hypothesis, in input order."""
+
+import json
+import sys
+
+import pytest
+from test_distributed import free_port, run
+
+from r2q.shards import Processes
+
+SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from r2q.models import load_model, load_tokenizer
+from r2q.search import GenerateConfig, generate
+from r2q.shards import processes
+
+model, ref, out = sys.argv[1:4]
+tok, pol, rm = load_tokenizer(model), load_model(model), load_model(ref)
+prompts = ["the film", "a", [{"role": "user", "content": "the plot"}], "it was", "acting", "so", "never again"]
+res = {}
+for method, kw in (("beam", dict(num_beams=3)), ("greedy", {}), ("reward-beam", dict(num_beams=2)),
+                   ("mcts", dict(simulations=4, expand_top_k=3))):
+    gens, total = generate(pol, tok, prompts, GenerateConfig(method=method, max_new_tokens=6, batch_size=2, **kw),
+                           ref=rm)
+    res[method] = [{k: v for k, v in g.as_dict().items() if k != "compute_wall_time_s"} for g in gens]
+    res[method + " total"] = {k: v for k, v in total.items() if k != "wall_time_s"}
+if processes().is_main:
+    open(out, "w").write(json.dumps(res))
+"""
+
+
+def test_processes_split_batches_round_robin_and_merge_in_order():
+    p0, p1 = Processes(0, 2), Processes(1, 2)
+    assert list(p0.mine(5)) == [0, 2, 4] and list(p1.mine(5)) == [1, 3] and not p1.is_main
+    assert Processes().merge({1: "b", 0: "a"}) == {0: "a", 1: "b"}
+
+
+@pytest.mark.slow
+def test_two_processes_generate_what_one_does(llama_dir, llama_ref_dir, tmp_path):
+    script = tmp_path / "gen.py"
+    script.write_text(SCRIPT)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run([sys.executable, str(script)], [str(llama_dir), str(llama_ref_dir), str(one)], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(script)], [str(llama_dir), str(llama_ref_dir), str(two)], tmp_path)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert len(a["beam"]) == 7 and a["beam"][2]["prompt"][0]["role"] == "user"
+    assert a == b
+
+
+def test_sampling_methods_are_refused_across_processes(monkeypatch, tokenizer):
+    from conftest import sharp_model
+
+    import r2q.search.decode as decode
+    from r2q.errors import UserError
+    from r2q.search import GenerateConfig
+
+    monkeypatch.setattr(decode, "processes", lambda: Processes(0, 2))
+    pol = sharp_model("llama", seed=1, vocab=len(tokenizer))
+    with pytest.raises(UserError, match="cannot be split across processes"):
+        decode.generate(pol, tokenizer, ["a"], GenerateConfig(method="sample", max_new_tokens=2))
