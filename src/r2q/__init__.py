@@ -4,50 +4,42 @@ Implements "From r to Q*: Your Language Model is Secretly a Q-Function" (Rafailo
 
 Layers (tests/test_layers.py keeps them): a core of formulas and plumbing (tokens, rewards, losses, data,
 models, checkpoint, ...) under what the commands compute (train, credit, search, tasks, theory checks), under the
-views, under the command line and the demo. Imports sit at the top of each module; the only imports inside
-functions are of heavy or optional packages (transformers, accelerate, datasets, pyarrow, matplotlib, sklearn,
-scipy, tensorboard), so that `import r2q` and `r2q --help` stay fast and a missing extra fails only where used.
+views, under the command line and the demo. Imports sit at the top of each module, with two exceptions. Heavy or
+optional packages (transformers, accelerate, datasets, pyarrow, matplotlib, sklearn, scipy, tensorboard) are
+imported inside the functions that use them, so that importing r2q stays fast and a missing extra fails only where
+used. And the command line (cli.py) imports the engines (torch and every module that uses it) inside each command,
+once its options are checked, so that `r2q --help`, `r2q version` and option errors answer without loading torch;
+for this the options of every command are dataclasses in torch-free modules.
+
+The names in _WHERE below, and those of the packages the command line goes through (r2q.train, r2q.demo,
+r2q.theory, r2q.search), are imported when first used (PEP 562): `import r2q` loads no torch, `r2q.dpo_loss` does.
 """
 
-from .errors import UserError
-from .losses import dpo_loss, pair_stats, sft_loss
-from .rewards import (
-    aggregate_steps,
-    cumulative_rewards,
-    expected_reward,
-    guided_logps,
-    implicit_rewards,
-    kl_ref_pi,
-    likelihood_score,
-    sequence_rewards,
-    step_ends_from_text,
-    step_rewards,
-    token_rewards,
-)
-from .tokens import TokenBatch, build_batch, build_pair_batch, completion_logps, flat_token_logps
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import UserError  # noqa: F401  (in __all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TokenBatch",
-    "UserError",
-    "__version__",
-    "aggregate_steps",
-    "build_batch",
-    "build_pair_batch",
-    "completion_logps",
-    "cumulative_rewards",
-    "dpo_loss",
-    "expected_reward",
-    "flat_token_logps",
-    "guided_logps",
-    "implicit_rewards",
-    "kl_ref_pi",
-    "likelihood_score",
-    "pair_stats",
-    "sequence_rewards",
-    "sft_loss",
-    "step_ends_from_text",
-    "step_rewards",
-    "token_rewards",
-]
+_WHERE = {
+    "losses": ("dpo_loss", "pair_stats", "sft_loss"),
+    "rewards": ("aggregate_steps", "cumulative_rewards", "expected_reward", "guided_logps", "implicit_rewards",
+                "kl_ref_pi", "likelihood_score", "sequence_rewards", "step_ends_from_text", "step_rewards",
+                "token_rewards"),
+    "tokens": ("TokenBatch", "build_batch", "build_pair_batch", "completion_logps", "flat_token_logps"),
+}
+_MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
+__all__ = sorted([*_MODULE, "UserError", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULE:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

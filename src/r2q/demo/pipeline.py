@@ -35,11 +35,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ..config import check_options, option
-from ..errors import UserError
 from ..paths import check_out_dir
 from .claims import claims
 from .common import jsonable
+from .config import DemoConfig, parse_seeds
 from .credit import stage_credit
 from .dpo import DPORun, dpo_plan, stage_dpo, stage_pairs
 from .dynamics import stage_dynamics
@@ -48,35 +47,6 @@ from .profile import PROFILES, Profile
 from .report import terminal_table, write_report
 from .search import stage_search
 from .stages import Stage, StageRecord, Stages
-
-
-@dataclass
-class DemoConfig:
-    out: str = option("r2q-demo", "Output directory (stages cached here)")
-    profile: str = option("quick", "quick (minutes on a laptop CPU) or full (better fidelity)",
-                          choices=tuple(PROFILES))
-    seeds: str = option("", "Comma-separated seeds of the per-seed stages (default: the profile's, quick 0,1,2)",
-                        shown="the profile's")
-    workers: int = option(0, "Processes running stages side by side, each with cores / workers threads (0: as many "
-                             "as cores, at most 4)", ge=0, le=64, shown="cores, at most 4")
-    quiet: bool = option(False, "No progress bars inside stages")
-
-    def __post_init__(self):
-        check_options(self)
-        parse_seeds(self.seeds)
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'0,1,2' -> (0, 1, 2); '' -> (); each a distinct integer >= 0."""
-    if not text.strip():
-        return ()
-    try:
-        seeds = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, like 0,1,2; got {text!r}") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds must be distinct integers >= 0; got {text!r}")
-    return seeds
 
 
 def stage_list(p: Profile) -> list[Stage]:

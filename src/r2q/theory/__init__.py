@@ -5,13 +5,32 @@
     neural.py  the same with a tiny HF transformer, scored through r2q.tokens
     checks.py  the checks (CheckResult each) and the `check_search` hook for search methods
     report.py  `run`: tables (rich), report.html, summary.json, PNG figures
+    config.py  `TheoryConfig`, the options of `r2q theory` (no torch)
 
-Entry point: ``run(out_dir, seed=0, quick=False, progress=True) -> dict`` (the summary).
+Entry point: ``run(out_dir, seed=0, quick=False, progress=True) -> dict`` (the summary). Each name is imported
+when first used (PEP 562), so `TheoryConfig` loads without torch.
 """
 
-from .checks import CheckResult, check_search, exhaustive_search, greedy_search
-from .mdp import TheoryMDP, TokenTree, build_tree, random_mdp, soft_value_iteration
-from .report import TheoryConfig, run
+from __future__ import annotations
 
-__all__ = ["CheckResult", "TheoryConfig", "TheoryMDP", "TokenTree", "build_tree", "check_search", "exhaustive_search",
-           "greedy_search", "random_mdp", "run", "soft_value_iteration"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "checks": ("CheckResult", "check_search", "exhaustive_search", "greedy_search"),
+    "config": ("TheoryConfig",),
+    "mdp": ("TheoryMDP", "TokenTree", "build_tree", "random_mdp", "soft_value_iteration"),
+    "report": ("run",),
+}
+_MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULE:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

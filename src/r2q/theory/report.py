@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import check_options, option
 from ..errors import UserError
 from ..paths import check_out_dir, write_atomic
 from ..views.report import esc, img, png_bytes, table
@@ -28,19 +26,7 @@ from .checks import (
     check_transformer,
     default_mdp,
 )
-
-
-@dataclass
-class TheoryConfig:
-    """Options of `r2q theory`; the CLI is generated from these fields."""
-
-    out: str = option("r2q-theory", "Report directory")
-    seed: int = option(0, "Seed of the MDP instance and the sampled data", ge=0)
-    quick: bool = option(False, "Smaller checks (about half a minute)")
-    quiet: bool = option(False, "No tables while running")
-
-    def __post_init__(self):
-        check_options(self)
+from .config import TheoryConfig  # noqa: F401  (re-exported: `from r2q.theory.report import TheoryConfig`)
 
 
 def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool = True) -> dict[str, Any]:
