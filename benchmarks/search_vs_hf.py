@@ -98,14 +98,15 @@ def traced(model, prompts, K: int, new: int, method: str = "beam", ref=None, **k
 
 @torch.no_grad()
 def bare_forwards(models, prompts, trace) -> None:
-    """The same model calls as `trace` (the same rows and positions, each model with its KV cache) and nothing
-    else: no scores, no top-k, no reordering of beams. Where the rows change (beams or samples made from the
+    """The same model calls as `trace` (the same rows and positions, each model with the KV cache r2q's searches
+    use, room allocated once) and nothing else: no scores, no top-k, no reordering of beams. Where the rows change (beams or samples made from the
     prompt, finished rows leaving) the cache keeps as many rows, whichever they are."""
-    from transformers import DynamicCache
+    from r2q.search.cache import new_cache
 
     ids, mask = left_pad(prompts, PAD)
+    new = sum(n for j, _, n in trace if j == 0) - ids.shape[1]
     for i, m in enumerate(models):
-        cache, msk, rows = DynamicCache(config=m.config), mask, ids.shape[0]
+        cache, msk, rows = new_cache(m, new), mask, ids.shape[0]
         calls = [(r, n) for j, r, n in trace if j == i]
         for k, (r, n) in enumerate(calls):
             if r != rows:

@@ -374,3 +374,17 @@ def test_budget_is_refused_for_methods_without_a_width():
     from r2q.errors import UserError
     with pytest.raises(UserError, match="greedy has none"):  # making the config checks it: nothing is loaded
         GenerateConfig(method="greedy", budget=100)
+
+
+def test_new_beams_sit_in_their_parents_slots():
+    from r2q.search.beam import _stay_in_place
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        parent = torch.randint(0, 6, (3, 6), generator=g)
+        order = _stay_in_place(parent)
+        for b in range(3):
+            assert sorted(order[b].tolist()) == list(range(6))  # a permutation of the children
+            placed = parent[b][order[b]]  # the parent of the child in each slot
+            for p in set(parent[b].tolist()):
+                assert placed[p] == p  # some child of parent p stays in p's slot

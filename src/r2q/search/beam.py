@@ -70,6 +70,7 @@ def _advance(st: BeamState, scores: torch.Tensor, logps: list[torch.Tensor], t: 
 
     alive_scores = top_scores + hits.float() * NEG
     nxt = torch.topk(alive_scores, K).indices
+    nxt = torch.take_along_dim(nxt, _stay_in_place(torch.take_along_dim(src_beam, nxt, dim=1)), dim=1)
     beam_idx = (torch.take_along_dim(src_beam, nxt, dim=1) + torch.arange(B, device=tok.device)[:, None] * K)
 
     just_done = hits & (torch.arange(keep, device=tok.device) < K)[None, :]
@@ -93,11 +94,26 @@ def _advance(st: BeamState, scores: torch.Tensor, logps: list[torch.Tensor], t: 
     return new, beam_idx, bool(hits.all())
 
 
+def _stay_in_place(parent: torch.Tensor) -> torch.Tensor:
+    """An order of each prompt's K new beams (B, K) that puts the first child of every parent in the parent's own
+    slot, and the other children in the free slots in turn: a beam that continues its parent then keeps its cache
+    row, and the reorder moves only the rows whose parent changed. The live beams' order is otherwise immaterial:
+    the best live score is taken by max, and finished hypotheses are ranked by score."""
+    K = parent.shape[1]
+    onehot = torch.nn.functional.one_hot(parent, K)  # [b, child, parent slot]
+    first = (onehot.cumsum(1) * onehot).sum(-1) == 1  # the child is its parent's first
+    taken = (onehot * first[..., None]).sum(1) > 0  # slots a first child sits in
+    free = torch.argsort(taken.int(), dim=-1, stable=True)  # the free slots first, in order
+    rank = ((~first).cumsum(-1) - 1).clamp(min=0)  # each later child's place among the later children
+    slot = torch.where(first, parent, free.gather(-1, rank))
+    return torch.argsort(slot, dim=-1)  # for each slot, the child that sits there
+
+
 def _still_improvable(st: BeamState, t: int, max_new: int, length_penalty: float, early_stopping: bool | str
                       ) -> torch.Tensor:
     """transformers' heuristic: a prompt is done when its best live beam cannot beat its worst finished one."""
     best_len = max_new if early_stopping == "never" and length_penalty > 0.0 else t + 1
-    best_possible = st.running_scores[:, :1] / (best_len ** length_penalty)
+    best_possible = st.running_scores.max(dim=1, keepdim=True).values / (best_len ** length_penalty)
     worst = torch.where(st.is_finished, st.finished_scores.min(dim=1, keepdim=True).values, NEG)
     return st.can_improve & (best_possible > worst).any(-1, keepdim=True)
 
