@@ -99,8 +99,9 @@ def traced(model, prompts, K: int, new: int, method: str = "beam", ref=None, **k
 @torch.no_grad()
 def bare_forwards(models, prompts, trace) -> None:
     """The same model calls as `trace` (the same rows and positions, each model with the KV cache r2q's searches
-    use, room allocated once) and nothing else: no scores, no top-k, no reordering of beams. Where the rows change (beams or samples made from the
-    prompt, finished rows leaving) the cache keeps as many rows, whichever they are."""
+    use, room allocated once) and nothing else: no scores, no top-k, no reordering of beams. Where the rows change
+    (beams or samples made from the prompt, finished rows leaving) the cache keeps as many rows, whichever they are.
+    """
     from r2q.search.cache import new_cache
 
     ids, mask = left_pad(prompts, PAD)
@@ -216,6 +217,13 @@ def main() -> None:
                              tokens_per_sim_per_prompt=(c16.tokens_processed - c8.tokens_processed) / 8 / len(prompts),
                              tokens_vs_greedy_at_16=c16.tokens_processed / g.tokens_processed,
                              seconds_at_16=c16.wall_time_s))
+            print(rows[-1], flush=True)
+        for per_call in (1, 4, 8):  # batched MCTS: wall time per simulation, 32 simulations, default rollouts
+            t, (_, c) = timed(partial(r2q_generate, pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=32,
+                                      sims_per_call=per_call))
+            rows.append(dict(shape=shape, params=params, threads=a.threads[0], what=f"mcts sims_per_call={per_call}",
+                             seconds_per_sim=t / 32, forward_passes=c.forward_passes,
+                             tokens_processed=c.tokens_processed))
             print(rows[-1], flush=True)
     with open(a.out, "w") as f:
         json.dump(rows, f, indent=1)
