@@ -1,10 +1,11 @@
-"""generate under 2 processes (torchrun, gloo on the CPU): each decodes every other batch, and the merged output
-is the one-process output, hypothesis for hypothesis, in input order."""
+"""credit and generate under 2 processes (torchrun, gloo on the CPU): each scores or decodes every other batch, and
+the merged output is the one-process output, pair for pair and hypothesis for hypothesis, in input order."""
 
 import json
 import sys
 
 import pytest
+from conftest import pref_rows, write_jsonl
 from test_distributed import free_port, run
 
 from r2q.shards import Processes
@@ -24,9 +25,12 @@ res = {}
 for method, kw in (("beam", dict(num_beams=3)), ("greedy", {}), ("reward-beam", dict(num_beams=2)),
                    ("mcts", dict(simulations=4, expand_top_k=3))):
     gens, total = generate(pol, tok, prompts, GenerateConfig(method=method, max_new_tokens=6, batch_size=2, **kw),
-                           ref=rm)
+                           ref=rm, procs=processes())
     res[method] = [{k: v for k, v in g.as_dict().items() if k != "compute_wall_time_s"} for g in gens]
     res[method + " total"] = {k: v for k, v in total.items() if k != "wall_time_s"}
+from r2q.credit import credit_from_file
+report = credit_from_file(pol, rm, tok, sys.argv[4], 0.1, batch_size=2, procs=processes(), use_cache=False)
+res["credit"] = report.to_dict()
 if processes().is_main:
     open(out, "w").write(json.dumps(res))
 """
@@ -39,15 +43,17 @@ def test_processes_split_batches_round_robin_and_merge_in_order():
 
 
 @pytest.mark.slow
-def test_two_processes_generate_what_one_does(llama_dir, llama_ref_dir, tmp_path):
-    script = tmp_path / "gen.py"
+def test_two_processes_score_and_generate_what_one_does(llama_dir, llama_ref_dir, tmp_path):
+    script, data = tmp_path / "job.py", write_jsonl(tmp_path / "pairs.jsonl", pref_rows(7, 3))
     script.write_text(SCRIPT)
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    run([sys.executable, str(script)], [str(llama_dir), str(llama_ref_dir), str(one)], tmp_path)
+    args = [str(llama_dir), str(llama_ref_dir)]
+    run([sys.executable, str(script)], [*args, str(one), str(data)], tmp_path)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(script)], [str(llama_dir), str(llama_ref_dir), str(two)], tmp_path)
+         "--master_port", str(free_port()), str(script)], [*args, str(two), str(data)], tmp_path)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert len(a["beam"]) == 7 and a["beam"][2]["prompt"][0]["role"] == "user"
+    assert len(a["credit"]["pairs"]) == 7 and a["credit"]["summary"]
     assert a == b
 
 
@@ -58,7 +64,7 @@ def test_sampling_methods_are_refused_across_processes(monkeypatch, tokenizer):
     from r2q.errors import UserError
     from r2q.search import GenerateConfig
 
-    monkeypatch.setattr(decode, "processes", lambda: Processes(0, 2))
     pol = sharp_model("llama", seed=1, vocab=len(tokenizer))
     with pytest.raises(UserError, match="cannot be split across processes"):
-        decode.generate(pol, tokenizer, ["a"], GenerateConfig(method="sample", max_new_tokens=2))
+        decode.generate(pol, tokenizer, ["a"], GenerateConfig(method="sample", max_new_tokens=2),
+                        procs=Processes(0, 2))

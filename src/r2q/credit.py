@@ -51,6 +51,7 @@ from .rewards import (
     step_ends_from_text,
     step_rewards,
 )
+from .shards import Processes
 from .tokens import TokenBatch, completion_logps, decode_exact, examples_batch, shared_layout, token_pieces
 
 # ---------------------------------------------------------------------------------------------- results
@@ -191,7 +192,7 @@ def score_examples(
     policy, ref, tokenizer, examples: Sequence[PreferenceExample] | Sequence[SFTExample], beta: float, *,
     delimiter: str | None = "\n", batch_size: int = 16, share_prefix: bool = True,
     ref_logps: Sequence[torch.Tensor] | None = None, use_cache: bool = True, cache_dir: str | Path | None = None,
-    progress: bool = False, top_k: int = 20, min_count: int | None = None,
+    progress: bool = False, top_k: int = 20, min_count: int | None = None, procs: Processes | None = None,
 ) -> CreditReport:
     """Credit for tokenised examples (all PreferenceExample or all SFTExample).
 
@@ -200,6 +201,8 @@ def score_examples(
     per completion); when not given and use_cache, the training cache in cache_dir (default $R2Q_CACHE) is looked
     up, then ref is run.
     Each batch of B pairs is one (B, T) prefix-shared row block giving (2B, L) completion-aligned log-probs.
+    procs: the processes scoring together (`r2q.shards.processes()` under torchrun / accelerate launch; every one
+    must call): each scores every N-th batch and all return the whole report. Default: this process alone.
     """
     if beta <= 0:
         raise UserError("beta must be positive")
@@ -213,27 +216,33 @@ def score_examples(
     share_prefix = shared_layout(share_prefix, policy, reference.model, say=note)
     pieces = [token_pieces(tokenizer, c, p) for p, c in seqs]
     turns = [turn_steps(pieces[s], (examples[s // per].turns or [None] * per)[s % per]) for s in range(len(seqs))]
-    out: list[CompletionCredit] = [None] * len(seqs)  # type: ignore[list-item]  # filled batch by batch
-    pair_loss: dict[int, float] = {}
     # length-sorted batches pad little; results go back to their slots
     order = sorted(range(len(examples)), key=lambda i: len(seqs[per * i][0]) + sum(len(c) for _, c in
                                                                                    seqs[per * i : per * i + per]))
-    with _eval_mode(policy, reference.model), progress_bar(progress, transient=True) as bar:
+    starts = range(0, len(order), batch_size)
+    procs = procs or Processes()
+    done: dict[int, tuple[list[tuple[int, CompletionCredit]], dict[int, float]]] = {}
+    with _eval_mode(policy, reference.model), progress_bar(progress and procs.is_main, transient=True) as bar:
         task = bar.add_task("credit", total=len(examples), info="")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for k in procs.mine(len(starts)):
+            idx = order[starts[k] : starts[k] + batch_size]
             b = examples_batch([examples[i] for i in idx], pad, share_prefix)
             slots = batch_slots(idx, pairs)  # batch rows: chosen..., rejected... (pairs) or one per completion
             ref_lp = reference.logps(b, slots)
             made, R = _credits(b, _logps(policy, b), None if ref_lp is None else ref_lp.float().cpu(), beta,
                                [pieces[s] for s in slots], delimiter, [turns[s] for s in slots])
-            for s, (tokens, fields) in zip(slots, made):
-                prompt_ids, ids = seqs[s]
-                out[s] = CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, prompt_ids),
-                                          text="".join(tokens), tokens=tokens, token_ids=list(ids), **fields)
-            if pairs:
-                pair_loss.update(zip(idx, dpo_loss(R[: len(idx)], R[len(idx) :], beta).tolist()))
-            bar.advance(task, len(idx))
+            comps = [(s, CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, seqs[s][0]),
+                                          text="".join(tokens), tokens=tokens, token_ids=list(seqs[s][1]), **fields))
+                     for s, (tokens, fields) in zip(slots, made)]
+            loss = dict(zip(idx, dpo_loss(R[: len(idx)], R[len(idx) :], beta).tolist())) if pairs else {}
+            done[k] = comps, loss
+            bar.advance(task, len(idx) * procs.world)
+    out: list[CompletionCredit] = [None] * len(seqs)  # type: ignore[list-item]
+    pair_loss: dict[int, float] = {}
+    for comps, loss in procs.merge(done).values():
+        for s, c in comps:
+            out[s] = c
+        pair_loss.update(loss)
     return _report(tokenizer, examples, out, pair_loss, beta, reference.kind, top_k, min_count)
 
 

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..models import pad_id
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
-from ..shards import processes
+from ..shards import Processes
 from ..tokens import build_batch, completion_logps
 from .bon import load_external_scorer
 from .config import WIDTH, GenerateConfig, check_models
@@ -135,12 +135,13 @@ SAMPLED = ("sample", "best-of-n", "chunk-beam")  # methods whose random stream r
 
 
 def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: GenerateConfig, ref=None, base=None,
-             progress: bool = False) -> tuple[list[Hypothesis], dict[str, float]]:
+             progress: bool = False, procs: Processes | None = None) -> tuple[list[Hypothesis], dict[str, float]]:
     """Decode every prompt (a string, or a list of chat messages) with cfg.method; returns one Hypothesis per
-    prompt and the total compute. Under several processes (torchrun, accelerate launch) each decodes every N-th
-    batch and every process returns all of them, in input order: the one-process result."""
+    prompt and the total compute. procs: the processes decoding together (`r2q.shards.processes()` under torchrun
+    or accelerate launch; every one must call): each decodes every N-th batch and every process returns all of
+    them, in input order, the one-process result. Default: this process alone."""
     check_models(cfg, ref, base)
-    procs = processes()
+    procs = procs or Processes()
     if procs.world > 1 and (cfg.method in SAMPLED or (cfg.method == "guided" and cfg.do_sample)):
         raise UserError(f"--method {cfg.method} samples, and its random stream runs through the batches in order, "
                         "so it cannot be split across processes with the same result: run it in one process")
