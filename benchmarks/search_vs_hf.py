@@ -61,10 +61,11 @@ def demo_shape(d: str, n: int = 16):
     from r2q.search import encode_prompts
 
     root = Path(d)
-    cfg = json.loads((root / "dpo-b" / "model" / "r2q_config.json").read_text())
+    run = root / "dpo-b" if (root / "dpo-b").exists() else root / "seed-0" / "dpo-b"  # a run with --seeds
+    cfg = json.loads((run / "model" / "r2q_config.json").read_text())
     tok = load_tokenizer(root / "sft" / "model")
     rows = [json.loads(x) for x in (root / "data" / "search_prompts.jsonl").read_text().splitlines()[:n]]
-    pol, ref = load_model(root / "dpo-b" / "model").eval(), load_model(cfg["model"]).eval()
+    pol, ref = load_model(run / "model").eval(), load_model(cfg["model"]).eval()
     return pol, ref, encode_prompts(tok, [r["prompt"] for r in rows]), tok.eos_token_id
 
 
