@@ -1,4 +1,9 @@
-"""The `r2q` command line: thin wrappers that parse options and call the library."""
+"""The `r2q` command line: thin wrappers that parse options and call the library.
+
+Only the options are loaded at start-up: each command's config dataclass (torch-free modules) and typer. The
+engines (torch, transformers and the modules that use them) are imported inside each command once its options are
+checked, so `r2q --help`, `r2q version` and every option error answer at once (tests/test_startup.py keeps this).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,22 +22,14 @@ from rich.table import Table
 
 from . import __version__
 from .config import check_options, option, read_config_file
-from .credit import CreditConfig, credit_from_file, score_texts
-from .data import inspect_data as _inspect
-from .data import read_rows, read_text
-from .demo import DemoConfig
-from .demo import run as run_demo
+from .credit_config import CreditConfig
+from .demo.config import DemoConfig
 from .errors import UserError, note
-from .models import check_vocab, load_model, load_reference, load_tokenizer
 from .paths import check_out_file, write_atomic
 from .record import read_record, reference_changed
-from .search import GenerateConfig, check_models, generate
-from .theory import TheoryConfig
-from .theory import run as run_theory
-from .train import TrainConfig, train
-from .views.html import write_html
-from .views.plots import plot_credit
-from .views.terminal import render_terminal
+from .search.config import GenerateConfig, check_models
+from .theory.config import TheoryConfig
+from .train.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -64,7 +60,20 @@ class InspectConfig:
             raise UserError("--model is required (its tokenizer counts the tokens)")
 
 
+def _quiet_transformers() -> None:
+    """transformers' logs below errors and its progress bars off: each command calls this where it starts loading
+    the engines (importing transformers takes half a second, so not before the options are checked)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _inspect_data(cfg: InspectConfig) -> None:
+    from .data import inspect_data as _inspect
+    from .models import load_tokenizer
+
+    _quiet_transformers()
     info = _inspect(cfg.data, load_tokenizer(cfg.model), max_length=cfg.max_length,
                     max_prompt_length=cfg.max_prompt_length)
     table = Table(title=escape(f"{cfg.data} ({info['kind']}, {info['format']})"))
@@ -137,6 +146,9 @@ def _train(cfg, name: str, mode: str) -> None:
     for req in ("model", "data", "out"):
         if not getattr(cfg, req):
             raise UserError(f"--{req} is required")
+    _quiet_transformers()
+    from .train import train
+
     res = train(cfg, mode=mode)
     final = {k: v for k, v in (res.metrics[-1] if res.metrics else {}).items() if isinstance(v, float)}
     out.print(f"{name}: {res.steps} steps, model saved to {res.out}", markup=False, highlight=False)
@@ -152,6 +164,8 @@ _config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prom
 
 def _read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt file (one per line) or a data file with a `prompt` field (strings or messages)."""
+    from .data import read_rows, read_text
+
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".txt":
@@ -177,6 +191,10 @@ def _generate_command() -> None:
         check_models(cfg, ref or None, base or None)  # before loading: it asks only whether each model is given
         check_out_file(out_path, "--out")
         texts = _read_prompts(prompts)
+        _quiet_transformers()
+        from .models import check_vocab, load_model, load_reference, load_tokenizer
+        from .search import generate
+
         tok = load_tokenizer(model, trust_remote_code)
         policy = load_model(model, dtype, trust_remote_code)
         check_vocab(tok, policy)
@@ -239,6 +257,15 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     beta = cfg.beta or (rec.beta() if rec else None) or 0.1
     if (changed := reference_changed(rec, ref)) is not None:
         note(changed)
+    _quiet_transformers()
+    import torch
+
+    from .credit import credit_from_file, score_texts
+    from .models import check_vocab, load_model, load_reference, load_tokenizer
+    from .views.html import write_html
+    from .views.plots import plot_credit
+    from .views.terminal import render_terminal
+
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
     check_vocab(tokenizer, policy)
@@ -272,15 +299,25 @@ def run_credit(cfg, console: Console | None = None) -> dict:
 
 
 def _theory(cfg: TheoryConfig) -> None:
+    _quiet_transformers()
+    from .theory import run as run_theory
+
     summary = run_theory(cfg.out, seed=cfg.seed, quick=cfg.quick, progress=not cfg.quiet)
     if not summary["passed"]:
         raise UserError(f"some theory checks failed; see {Path(cfg.out) / 'report.html'}")
 
 
+def _demo(cfg: DemoConfig) -> None:
+    _quiet_transformers()
+    from .demo import run as run_demo
+
+    run_demo(cfg)
+
+
 _config_command("credit", CreditConfig, "Per-token implicit rewards beta*log pi/pi_ref: terminal heatmap, HTML, PNG "
                 "and JSON.", run_credit)
 _config_command("demo", DemoConfig, "The paper's three findings on the built-in imdb-sentiment task, from scratch, "
-                "with a report.", run_demo)
+                "with a report.", _demo)
 _config_command("theory", TheoryConfig, "Exact checks of the paper's identities on a token-level MDP where Q* is "
                 "known.", _theory)
 _config_command("inspect-data", InspectConfig, "Counts, token length percentiles, truncation and bad rows of a data "
@@ -289,10 +326,6 @@ _config_command("inspect-data", InspectConfig, "Counts, token length percentiles
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         rc = app(args=argv, prog_name="r2q", standalone_mode=False)
     except UserError as e:
