@@ -222,3 +222,6 @@ def test_the_real_stages_hash_the_modules_they_run():
     names = {p.name for p in source_files("r2q.demo.lm")}
     assert {"lm.py", "loop.py", "setup.py", "imdb_sentiment.py", "models.py"} <= names  # the trainer is a package
     assert "report.py" not in names and "claims.py" not in names  # the report's code does not recompute SFT
+    # the search package's __init__ imports lazily: its stage still hashes the code that decodes
+    searched = {p.name for p in source_files("r2q.demo.search")}
+    assert {"decode.py", "methods.py", "beam.py", "mcts.py", "cache.py", "hypothesis.py"} <= searched
