@@ -6,7 +6,7 @@ import sys
 
 import pytest
 from conftest import pref_rows, write_jsonl
-from test_distributed import free_port, run
+from test_distributed import free_port, run, single, torchrun
 
 from r2q.shards import Processes
 
@@ -68,3 +68,23 @@ def test_sampling_methods_are_refused_across_processes(monkeypatch, tokenizer):
     with pytest.raises(UserError, match="cannot be split across processes"):
         decode.generate(pol, tokenizer, ["a"], GenerateConfig(method="sample", max_new_tokens=2),
                         procs=Processes(0, 2))
+
+
+@pytest.mark.slow
+def test_the_commands_under_torchrun_write_what_one_process_writes(llama_dir, llama_ref_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pref_rows(5, 4))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the film"}, {"prompt": "a"},
+                                                       {"prompt": [{"role": "user", "content": "so"}]}])
+    for name, launcher in (("one", single()), ("two", torchrun(2))):
+        run(launcher, ["generate", "--model", str(llama_dir), "--ref", str(llama_ref_dir), "--prompts", str(prompts),
+                       "--out", str(tmp_path / f"{name}.jsonl"), "--max-new-tokens", "5", "--batch-size", "1",
+                       "--quiet"], tmp_path)
+        run(launcher, ["credit", "--model", str(llama_dir), "--ref", str(llama_ref_dir), "--data", str(data),
+                       "--batch-size", "2", "--json", str(tmp_path / f"{name}.json"), "--quiet"], tmp_path)
+
+    def lines(name):
+        return [{k: v for k, v in json.loads(x).items() if k != "compute_wall_time_s"}
+                for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    assert len(lines("one")) == 3 and lines("one") == lines("two")
+    assert json.loads((tmp_path / "one.json").read_text()) == json.loads((tmp_path / "two.json").read_text())

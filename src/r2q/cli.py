@@ -177,8 +177,8 @@ def _read_prompts(path: Path) -> list[str]:
     prompts = []
     for n, row in read_rows(path):
         p = row.get("prompt")
-        if not isinstance(p, str):
-            raise UserError(f"{path} row {n}: field 'prompt' must be a string")
+        if not isinstance(p, (str, list)):  # a list of messages is checked, and rendered, by the search
+            raise UserError(f"{path} row {n}: field 'prompt' must be a string or a list of chat messages")
         prompts.append(p)
     if not prompts:
         raise UserError(f"{path}: no prompts")
@@ -194,7 +194,9 @@ def _generate_command() -> None:
         _quiet_transformers()
         from .models import check_vocab, load_model, load_reference, load_tokenizer
         from .search import generate
+        from .shards import processes
 
+        procs = processes()  # under torchrun / accelerate launch: every process decodes its share of the batches
         tok = load_tokenizer(model, trust_remote_code)
         policy = load_model(model, dtype, trust_remote_code)
         check_vocab(tok, policy)
@@ -203,7 +205,9 @@ def _generate_command() -> None:
         others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name)
                   for name, path in (("reference", ref), ("base", base)) if path}
         results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
-                                  progress=not quiet)
+                                  progress=not quiet, procs=procs)
+        if not procs.is_main:
+            return
         write_atomic(out_path, "".join(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n" for r in results))
         out.print(f"{len(results)} generations written to {out_path}; compute: "
                   + ", ".join(f"{k} {v}" for k, v in total.items()), highlight=False, markup=False)
@@ -274,17 +278,22 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     for m in (policy, ref_model):
         if m is not None:
             m.to(device)
-    kw = dict(delimiter=cfg.delimiter, batch_size=cfg.batch_size, share_prefix=cfg.share_prefix,
+    from .shards import processes
+
+    procs = processes()  # under torchrun / accelerate launch: every process scores its share of the batches
+    kw = dict(procs=procs, delimiter=cfg.delimiter, batch_size=cfg.batch_size, share_prefix=cfg.share_prefix,
               cache_dir=cfg.cache_dir or None, progress=not cfg.quiet, top_k=cfg.top_k,
               min_count=cfg.min_count or None, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     if cfg.data:
         report = credit_from_file(policy, ref_model, tokenizer, cfg.data, beta, skip_bad=cfg.skip_bad,
                                   split=cfg.split, subset=cfg.subset, **kw)
-        for line in report.data.notes():
+        for line in report.data.notes() if procs.is_main else ():
             note(line)
     else:
         report = score_texts(policy, ref_model, tokenizer, [cfg.prompt], [cfg.response], beta, **kw)
     report.meta.update(model=str(cfg.model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
+    if not procs.is_main:  # one view and one set of files, from the first process
+        return report.to_dict()
     render_terminal(report, console, max_items=cfg.show)
     written = []
     if cfg.json:
