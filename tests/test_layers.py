@@ -11,7 +11,7 @@ LAYERS = [
     # 0. core: the paper's formulas (tokens, rewards, losses), data, models and plumbing
     ("r2q", "r2q.errors", "r2q.config", "r2q.paths", "r2q.progress", "r2q.stats", "r2q.tokens", "r2q.rewards",
      "r2q.losses", "r2q.data", "r2q.models", "r2q.refcache", "r2q.checkpoint", "r2q.record", "r2q.reference",
-     "r2q.prepare", "r2q.shards"),
+     "r2q.prepare", "r2q.shards", "r2q.lazy"),
     # 1. what the commands compute: training, credit, search, the tasks, the theory's checks
     ("r2q.train", "r2q.credit", "r2q.credit_config", "r2q.search", "r2q.tasks", "r2q.toy", "r2q.theory.mdp",
      "r2q.theory.dpo", "r2q.theory.neural", "r2q.theory.checks"),

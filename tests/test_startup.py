@@ -141,12 +141,12 @@ def test_the_loss_choices_are_the_losses():
     assert OPTION_CHOICES == LOSS_TYPES
 
 
-def test_the_trainer_packages_imports_name_what_it_exports():
-    """r2q.train's `if TYPE_CHECKING` imports (what the demo's stage hashes follow to the trainer's code) name
-    exactly the lazily exported names and where each lives."""
-    import r2q.train
-
-    tree = ast.parse(Path(r2q.train.__file__).read_text())
+@pytest.mark.parametrize("package", ["r2q.train", "r2q.search"])
+def test_the_packages_imports_name_what_it_exports(package):
+    """The `if TYPE_CHECKING` imports of r2q.train and r2q.search (what the demo's stage hashes follow to their
+    code) name exactly the lazily exported names and where each lives."""
+    pkg = importlib.import_module(package)
+    tree = ast.parse(Path(pkg.__file__).read_text())
     block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
     named = {a.name: node.module for node in block.body for a in node.names}
-    assert named == r2q.train._MODULE
+    assert named == pkg._MODULE

@@ -17,10 +17,8 @@ r2q.theory, r2q.search), are imported when first used (PEP 562): `import r2q` lo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from .errors import UserError  # noqa: F401  (in __all__)
+from .lazy import Exports
 
 __version__ = "0.1.0"
 
@@ -31,15 +29,6 @@ _WHERE = {
                 "token_rewards"),
     "tokens": ("TokenBatch", "build_batch", "build_pair_batch", "completion_logps", "flat_token_logps"),
 }
-_MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
-__all__ = sorted([*_MODULE, "UserError", "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODULE:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+_EXPORTS = Exports(__name__, _WHERE, eager=("UserError", "__version__"))
+_MODULE, __all__ = _EXPORTS.module, _EXPORTS.names
+__getattr__, __dir__ = _EXPORTS.getattr, _EXPORTS.dir

@@ -13,8 +13,7 @@ when first used (PEP 562), so `TheoryConfig` loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import Exports
 
 _WHERE = {
     "checks": ("CheckResult", "check_search", "exhaustive_search", "greedy_search"),
@@ -22,15 +21,6 @@ _WHERE = {
     "mdp": ("TheoryMDP", "TokenTree", "build_tree", "random_mdp", "soft_value_iteration"),
     "report": ("run",),
 }
-_MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODULE:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+_EXPORTS = Exports(__name__, _WHERE)
+_MODULE, __all__ = _EXPORTS.module, _EXPORTS.names
+__getattr__, __dir__ = _EXPORTS.getattr, _EXPORTS.dir

@@ -10,8 +10,9 @@ the trainer.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import Exports
 
 if TYPE_CHECKING:  # never run; the demo's stage hashes read these statements to find the trainer's code
     from .config import TrainConfig  # noqa: F401
@@ -23,15 +24,6 @@ _WHERE = {
     "loop": ("TrainResult", "Trainer", "pair_stats", "train"),
     "order": ("epoch_steps", "example_tokens", "micro_batches"),
 }
-_MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODULE:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+_EXPORTS = Exports(__name__, _WHERE)
+_MODULE, __all__ = _EXPORTS.module, _EXPORTS.names
+__getattr__, __dir__ = _EXPORTS.getattr, _EXPORTS.dir
