@@ -1,4 +1,4 @@
-"""The demo's results as Markdown, from a summary.json: the short claims table the README quotes, and the per-seed
+"""The demo's results as Markdown, from a summary.json: the short claims table docs/results.md quotes, and the per-seed
 detail of docs/demo/results.md (`python -m r2q.demo.markdown summary.json [--short]`)."""
 
 from __future__ import annotations
