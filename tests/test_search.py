@@ -388,3 +388,60 @@ def test_new_beams_sit_in_their_parents_slots():
             placed = parent[b][order[b]]  # the parent of the child in each slot
             for p in set(parent[b].tolist()):
                 assert placed[p] == p  # some child of parent p stays in p's slot
+
+
+def test_shared_prefix_is_what_every_moved_beam_shares_with_its_parent():
+    from r2q.search.beam import _shared_prefix
+
+    g = torch.Generator().manual_seed(1)
+    B, K, t = 3, 5, 7
+    for _ in range(50):
+        prev = torch.randint(0, 3, (B, K, 10), generator=g)  # few tokens: beams often share their first ones
+        src = torch.randint(0, K, (B, K), generator=g)
+        got = _shared_prefix(prev, src + torch.arange(B)[:, None] * K, t, K)
+        want = t
+        for b, k in itertools.product(range(B), range(K)):
+            if src[b, k] != k:
+                n = next((j for j in range(t) if prev[b, k, j] != prev[b, src[b, k], j]), t)
+                want = min(want, n)
+        assert got == want
+
+
+def test_buffered_reorder_from_a_start_equals_a_full_reorder_where_rows_agree_before_it():
+    from transformers import DynamicCache
+
+    from r2q.search.cache import BufferedLayer, reorder
+
+    g = torch.Generator().manual_seed(2)
+    for start, idx in [(0, [0, 0, 2, 3]), (3, [1, 1, 2, 0]), (5, [3, 2, 1, 0]), (6, [0, 1, 2, 3]), (4, [2, 2, 2, 2])]:
+        k = torch.randn(4, 2, 6, 3, generator=g)
+        k[:, :, :start] = k[:1, :, :start]  # every row agrees on the positions before start
+        v = k + 1
+        cache = DynamicCache()
+        cache.layers = [BufferedLayer(), BufferedLayer()]
+        for layer in range(2):
+            cache.update(k[:, :, :5].clone(), v[:, :, :5].clone(), layer)
+            cache.update(k[:, :, 5:].clone(), v[:, :, 5:].clone(), layer)  # into the room allocated at step 1
+        reorder(cache, torch.tensor(idx), start)
+        for layer in cache.layers:
+            assert torch.equal(layer.keys, k[idx]) and torch.equal(layer.values, v[idx]), (start, idx)
+
+
+def test_beam_search_moving_only_what_beams_do_not_share_is_bitwise_the_full_reorder(monkeypatch):
+    import r2q.search.cache as cache_mod
+
+    pol, ref = sharp_model("llama", seed=9), sharp_model("llama", seed=10, scale=3.0)
+    prompts = prompts_of(6, seed=5)
+    runs, starts, real = [], [], cache_mod.reorder
+    monkeypatch.setattr(cache_mod, "reorder", lambda c, idx, start=0: (starts.append(start), real(c, idx, start)))
+    for full in (False, True):
+        if full:  # every reorder moves every position of every row
+            monkeypatch.setattr(cache_mod, "reorder", lambda c, idx, start=0: c.reorder_cache(idx))
+        out = []
+        for method, K in (("beam", 4), ("beam", 8), ("reward-beam", 4)):
+            cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=12, beta=0.3)
+            hyps, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref if method == "reward-beam" else None)
+            out.append([(h.token_ids, h.score, h.logp, h.ref_logp) for h in hyps])
+        runs.append(out)
+    assert max(starts) > max(map(len, prompts)) + 2  # beams shared generated tokens, which stayed in place
+    assert runs[0] == runs[1]  # the same tokens, and floats equal to the last bit

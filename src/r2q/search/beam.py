@@ -109,6 +109,20 @@ def _stay_in_place(parent: torch.Tensor) -> torch.Tensor:
     return torch.argsort(slot, dim=-1)  # for each slot, the child that sits there
 
 
+def _shared_prefix(prev: torch.Tensor, beam_idx: torch.Tensor, t: int, K: int) -> int:
+    """How many generated tokens every beam that changes parent shares with its new parent, from the beams' tokens
+    before step t (B, K, max_new) and each slot's new parent row (B, K, flat): the cache positions before that are
+    equal in both rows (the same tokens at the same places of the same prompt), so the reorder leaves them."""
+    slot = torch.arange(K, device=prev.device)
+    src = beam_idx - torch.arange(prev.shape[0], device=prev.device)[:, None] * K
+    moved = src != slot
+    if t == 0 or not bool(moved.any()):
+        return t
+    old = prev[:, :, :t]
+    same = (torch.take_along_dim(old, src[:, :, None], dim=1) == old).cumprod(-1).sum(-1)
+    return int(same[moved].min())
+
+
 def _still_improvable(st: BeamState, t: int, max_new: int, length_penalty: float, early_stopping: bool | str
                       ) -> torch.Tensor:
     """transformers' heuristic: a prompt is done when its best live beam cannot beat its worst finished one."""
@@ -161,8 +175,10 @@ def beam_search(
             getattr(done, name)[s.prompt_of] = getattr(s, name)
 
     for t in range(max_new_tokens):
+        prev = st.running
         st, beam_idx, all_hit = _advance(st, score_fn(logps).float(), logps, t, max_new_tokens, K, keep, eos,
                                          length_penalty, early_stopping)
+        shared = ids.shape[1] + _shared_prefix(prev, beam_idx, t, K)  # cache positions no beam's move changes
         if monotone:
             st.can_improve = _still_improvable(st, t, max_new_tokens, length_penalty, early_stopping)
         all_full = st.is_finished.all() and early_stopping is True
@@ -171,8 +187,8 @@ def beam_search(
         if not st.can_improve.all():  # the prompts that are done leave (only a monotone score ends one early)
             stay = st.can_improve[:, 0].nonzero().squeeze(1)
             store(st.rows((~st.can_improve[:, 0]).nonzero().squeeze(1)))
-            st, beam_idx = st.rows(stay), beam_idx[stay]
-        lock.select(beam_idx.reshape(-1))  # rows of the lockstep as it stood before any prompt left
+            st, beam_idx, shared = st.rows(stay), beam_idx[stay], 0
+        lock.select(beam_idx.reshape(-1), shared)  # rows of the lockstep as it stood before any prompt left
         logps = lock.step(st.running[:, :, t].reshape(-1))
 
     store(st)

@@ -14,7 +14,7 @@ class BufferedLayer(DynamicLayer):
     """A full-attention KV cache layer that writes each new position into preallocated room (doubling when full)
     instead of concatenating the whole cache every step, and reorders for beam search into a second buffer of the
     same size (no allocation per step, the filled part only), or, when most rows keep their parent, moves only the
-    rows whose parent changed. `keys` / `values` are views of the filled part, as
+    rows whose parent changed, from the first position where they differ. `keys` / `values` are views of the filled part, as
     a DynamicLayer's tensors would be."""
 
     reserve = 0  # positions past the prompt to allocate at the first step (see new_cache)
@@ -57,28 +57,32 @@ class BufferedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._n if self.is_initialized and self._k is not None else 0
 
-    def reorder_cache(self, beam_idx) -> None:
+    def reorder_cache(self, beam_idx, start: int = 0) -> None:
+        """Row i takes row beam_idx[i]'s keys and values. start: positions before it are already equal in every row
+        and its source (beams of one prompt that share their first tokens), so only later positions need moving."""
         if not self.get_seq_length():
             return
         idx = beam_idx.to(self._k.device)
-        if idx.shape[0] != self._k.shape[0]:  # rows duplicated or dropped: new buffers
-            self._k = self._k[:, :, : self._n].index_select(0, idx)
-            self._v = self._v[:, :, : self._n].index_select(0, idx)
+        rows, n = self._k.shape[0], self._n
+        if idx.shape[0] != rows:  # rows duplicated or dropped: new buffers
+            self._k = self._k[:, :, :n].index_select(0, idx)
+            self._v = self._v[:, :, :n].index_select(0, idx)
             self._alt = None
-        elif (moved := (idx != torch.arange(len(idx), device=idx.device)).nonzero().squeeze(1)).numel() * 2 < len(idx):
-            # most rows keep their own parent (a beam that stays in its slot): move only the others, in place (their
-            # sources gathered first, so a row read is never one already overwritten)
-            if moved.numel():
+        elif (moved := (idx != torch.arange(rows, device=idx.device)).nonzero().squeeze(1)).numel() * (n - start) \
+                * 2 < rows * n:
+            # few rows take another's history, or only its recent part: move those positions of those rows, in
+            # place (their sources gathered first, so a row read is never one already overwritten)
+            if moved.numel() and start < n:
                 src = idx.index_select(0, moved)
                 for buf in (self._k, self._v):
-                    filled = buf[:, :, : self._n]
-                    filled.index_copy_(0, moved, filled.index_select(0, src))
+                    part = buf[:, :, start:n]
+                    part.index_copy_(0, moved, part.index_select(0, src))
         else:  # into a second buffer of the same size, then swap: no allocation, the filled part only
             if self._alt is None or self._alt[0].shape != self._k.shape:
                 self._alt = (torch.empty_like(self._k), torch.empty_like(self._v))
             ak, av = self._alt
-            torch.index_select(self._k[:, :, : self._n], 0, idx, out=ak[:, :, : self._n])
-            torch.index_select(self._v[:, :, : self._n], 0, idx, out=av[:, :, : self._n])
+            torch.index_select(self._k[:, :, :n], 0, idx, out=ak[:, :, :n])
+            torch.index_select(self._v[:, :, :n], 0, idx, out=av[:, :, :n])
             self._alt = (self._k, self._v)
             self._k, self._v = ak, av
         self._view()
@@ -95,6 +99,15 @@ class BufferedLayer(DynamicLayer):
     def batch_select_indices(self, indices) -> None:
         if self.get_seq_length():
             self.reorder_cache(torch.as_tensor(indices).flatten())
+
+
+def reorder(cache, idx: torch.Tensor, start: int = 0) -> None:
+    """cache.reorder_cache(idx), moving only positions from `start` on where the cache's layers can."""
+    if start and all(isinstance(layer, BufferedLayer) for layer in getattr(cache, "layers", ())):
+        for layer in cache.layers:
+            layer.reorder_cache(idx, start)
+    else:
+        cache.reorder_cache(idx)
 
 
 def new_cache(model, reserve: int = 0):

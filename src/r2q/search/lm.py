@@ -144,12 +144,15 @@ class Lockstep:
         """Continue from existing caches (one per model) over rows whose attention mask is `mask`."""
         self.caches, self.mask = list(caches), mask.to(self.device)
 
-    def select(self, idx: torch.Tensor) -> None:
-        """Keep rows `idx` (N',), in that order, duplicating where repeated: every cache and the mask."""
+    def select(self, idx: torch.Tensor, shared: int = 0) -> None:
+        """Keep rows `idx` (N',), in that order, duplicating where repeated: every cache and the mask. shared: the
+        first positions are already equal in each row and its source (and the mask is), so they stay in place."""
+        from .cache import reorder
+
         idx = idx.to(self.device)
         self.mask = self.mask.index_select(0, idx)
         for c in self.caches:
-            c.reorder_cache(idx)
+            reorder(c, idx, shared)
 
 
 def row_kv(cache, row: int, start: int = 0, end: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
