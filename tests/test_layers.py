@@ -108,3 +108,24 @@ def test_the_reward_formula_has_one_definition():
                     and "beta" in ast.unparse(node.left)):
                 hits.append(f"{name}: {ast.unparse(node)}")
     assert hits == ["r2q.rewards: beta * (policy_logps - ref_logps)"], hits
+
+
+def test_rooms_stay_readable():
+    """Sizes that keep a module readable in one sitting: no module over 450 lines, no function over 60 (beam_search,
+    which mirrors transformers' step for step, may take 90), and the trainer's __init__ a short list of calls."""
+    limits = {"beam_search": 90}
+    too_long = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        if (n := len(path.read_text().splitlines())) > 450:
+            too_long.append(f"{name}: {n} lines")
+        for cls in [None, *[c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)]]:
+            body = tree.body if cls is None else cls.body
+            for fn in (f for f in ast.walk(ast.Module(body=body, type_ignores=[]))
+                       if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))):
+                length = fn.end_lineno - fn.lineno + 1
+                limit = 40 if (cls is not None and cls.name == "Trainer" and fn.name == "__init__") \
+                    else limits.get(fn.name, 60)
+                if length > limit:
+                    too_long.append(f"{name}.{fn.name}: {length} lines (limit {limit})")
+    assert not too_long, too_long

@@ -241,10 +241,9 @@ def _generate_command() -> None:
 _generate_command()
 
 
-def run_credit(cfg, console: Console | None = None) -> dict:
-    """`r2q credit`: check, load, score, print the terminal view, write the requested files; returns the JSON
-    dict. --ref / --beta default to what `r2q train` recorded with the model, else beta 0.1."""
-    console = console or Console()
+def _credit_inputs(cfg) -> tuple[str, float]:
+    """credit's options checked before anything loads; returns the reference and beta, defaulting to what
+    `r2q train` recorded with the model (and noting when that reference has changed since), else beta 0.1."""
     if not cfg.model:
         raise UserError("--model is required")
     if bool(cfg.data) == bool(cfg.prompt or cfg.response):
@@ -258,16 +257,36 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     ref = cfg.ref or (rec.reference() if rec else "")
     if not ref:
         raise UserError("--ref is required (the model has no r2q_config.json naming its reference)")
-    beta = cfg.beta or (rec.beta() if rec else None) or 0.1
     if (changed := reference_changed(rec, ref)) is not None:
         note(changed)
+    return ref, cfg.beta or (rec.beta() if rec else None) or 0.1
+
+
+def _write_credit(report, cfg, console: Console) -> None:
+    from .views.html import write_html
+    from .views.plots import plot_credit
+
+    written = []
+    if cfg.json:
+        written.append(report.to_json(cfg.json))
+    if cfg.html:
+        written.append(write_html(report, cfg.html))
+    if cfg.png:
+        written.append(plot_credit(report, cfg.png))
+    for p in written:
+        console.print(f"wrote {p}", highlight=False, markup=False)
+
+
+def run_credit(cfg, console: Console | None = None) -> dict:
+    """`r2q credit`: check, load, score, print the terminal view, write the requested files; returns the JSON
+    dict. --ref / --beta default to what `r2q train` recorded with the model, else beta 0.1."""
+    console = console or Console()
+    ref, beta = _credit_inputs(cfg)
     _quiet_transformers()
     import torch
 
     from .credit import credit_from_file, score_texts
     from .models import check_vocab, load_model, load_reference, load_tokenizer
-    from .views.html import write_html
-    from .views.plots import plot_credit
     from .views.terminal import render_terminal
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -295,15 +314,7 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     if not procs.is_main:  # one view and one set of files, from the first process
         return report.to_dict()
     render_terminal(report, console, max_items=cfg.show)
-    written = []
-    if cfg.json:
-        written.append(report.to_json(cfg.json))
-    if cfg.html:
-        written.append(write_html(report, cfg.html))
-    if cfg.png:
-        written.append(plot_credit(report, cfg.png))
-    for p in written:
-        console.print(f"wrote {p}", highlight=False, markup=False)
+    _write_credit(report, cfg, console)
     return report.to_dict()
 
 
