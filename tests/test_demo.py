@@ -64,6 +64,8 @@ def test_summary_has_every_finding_per_seed_with_measured_points(demo_run):
     assert 0 < saved["seconds_wall_stages"] <= saved["seconds_compute"] + 2  # two workers: less than the sum
     for key, prov in saved["provenance"].items():
         assert prov["commit"] and len(prov["code"]) == 16 and prov["seconds"] > 0, key
+        # the machine it ran on: another CPU's kernels round differently, so a moved number can be traced
+        assert prov["machine"]["cpu"] and prov["machine"]["kernels"] and prov["machine"]["threads"] >= 1, key
 
 
 def test_claims_carry_per_seed_intervals_and_the_verdict_they_give(demo_run):

@@ -100,6 +100,22 @@ def _library_versions() -> dict[str, str]:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _machine() -> dict[str, object]:
+    """Where a stage ran, for its record (not its key): the same code and libraries can round differently on
+    another CPU (torch picks its kernels by the instruction set), so a number that moves between runs is traced."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage: `fn(ctx, directory) -> JSON-able dict`, reading the stages named in `deps` (shared stages by
@@ -167,7 +183,7 @@ class Stages:
         dt = time.perf_counter() - t0
         rec = StageRecord(self.key(name, seed), dt, result, {
             "commit": commit(), "code": source_hash(st.module), "r2q": __version__,
-            "libraries": _library_versions(), "seed": seed if st.per_seed else None,
+            "libraries": _library_versions(), "machine": _machine(), "seed": seed if st.per_seed else None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         tmp = d / "stage.json.tmp"
         tmp.write_text(json.dumps(rec.__dict__, indent=1, default=jsonable))
