@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,27 @@ def test_no_link_under_out_is_written_through(llama_dir, data, tmp_path, lora):
     assert all((victims / n).read_text() == f"victim {n}" for n in names)
     assert all(not (out / n).is_symlink() for n in names if (out / n).exists())
     assert (out / "metrics.jsonl").is_file() and (out / "r2q_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "adapter"])
+def test_a_directory_link_under_out_is_refused_before_anything_is_written(llama_dir, data, tmp_path, name):
+    """F, for directories: a run writes into D/checkpoints and D/adapter and prunes old checkpoints there, so a
+    planted link to another directory is refused at once, with that directory and the run's files untouched."""
+    kw = dict(max_steps=2, save_every=1)
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    train(ckpt_cfg(llama_dir, data, out, **kw))
+    victim.mkdir()
+    (victim / "step-1").mkdir()
+    (victim / "step-1" / "keep.txt").write_text("keep")
+    if (out / name).exists():
+        shutil.rmtree(out / name)
+    (out / name).symlink_to(victim, target_is_directory=True)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match=f"{name} is a symbolic link"):
+        train(ckpt_cfg(llama_dir, data, out, overwrite=True, **kw))
+    assert (victim / "step-1" / "keep.txt").read_text() == "keep" and sorted(p.name for p in victim.iterdir()) == [
+        "step-1"]
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing of the earlier run removed
 
 
 def test_writers_replace_links_and_never_follow_them(tmp_path):

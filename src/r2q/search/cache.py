@@ -14,8 +14,8 @@ class BufferedLayer(DynamicLayer):
     """A full-attention KV cache layer that writes each new position into preallocated room (doubling when full)
     instead of concatenating the whole cache every step, and reorders for beam search into a second buffer of the
     same size (no allocation per step, the filled part only), or, when most rows keep their parent, moves only the
-    rows whose parent changed, from the first position where they differ. `keys` / `values` are views of the filled part, as
-    a DynamicLayer's tensors would be."""
+    rows whose parent changed, from the first position where they differ. `keys` / `values` are views of the filled
+    part, as a DynamicLayer's tensors would be."""
 
     reserve = 0  # positions past the prompt to allocate at the first step (see new_cache)
 

@@ -87,6 +87,10 @@ def check_not_in_place(out: Path, model: str, ref: str) -> None:
     if ref and _same(out, ref):
         raise UserError(f"--out {out} is the --ref directory; training there would overwrite the reference: choose "
                         "another --out")
+    for d in (out / "checkpoints", out / "adapter"):  # a run writes into these, and prunes old checkpoints in one
+        if d.is_symlink():
+            raise UserError(f"{d} is a symbolic link; r2q writes checkpoints and adapters only into real directories "
+                            "under --out (and would delete old checkpoints wherever the link points): remove it")
 
 
 def resume_changes(state: dict[str, Any], now: dict[str, Any], inputs: dict[str, str | None]
