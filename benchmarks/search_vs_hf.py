@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--demo", default="", help="an r2q demo directory: adds its DPO policy and prompts as a shape")
     ap.add_argument("--out", default="search_vs_hf.json")
+    ap.add_argument("--beam-only", action="store_true", help="only beam against generate and its overhead")
     a = ap.parse_args()
     global PAD, EOS
     rows = []
@@ -186,6 +187,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 rows.append(overhead(a.repeats, shape, params, threads, [pol], prompts, K, a.new_tokens, m))
                 print(rows[-1], flush=True)
+            if a.beam_only:
+                continue
             K = 4
             t_rb, t_b = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, "reward-beam", ref),
                                     partial(r2q_generate, pol, prompts, K, a.new_tokens, "beam"))
@@ -203,7 +206,7 @@ def main() -> None:
                              r2q_s=t_bon, other_s=t_s, ratio=t_bon / t_s))
             print(rows[-1], flush=True)
         torch.set_num_threads(a.threads[0])
-        for rollout, cap in ((False, 0), (True, 0), (True, 8)):
+        for rollout, cap in () if a.beam_only else ((False, 0), (True, 0), (True, 8)):
             # the cost of a simulation is the difference between 16 and 8 simulations (the prefill, finishing an
             # incomplete answer and rescoring the answer are paid once per prompt, not per simulation)
             cost = {}
@@ -219,7 +222,8 @@ def main() -> None:
                              tokens_vs_greedy_at_16=c16.tokens_processed / g.tokens_processed,
                              seconds_at_16=c16.wall_time_s))
             print(rows[-1], flush=True)
-        for per_call in (1, 4, 8):  # batched MCTS: wall time per simulation, 32 simulations, default rollouts
+        # batched MCTS: wall time per simulation, 32 simulations, default rollouts
+        for per_call in () if a.beam_only else (1, 4, 8):
             t, (_, c) = timed(partial(r2q_generate, pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=32,
                                       sims_per_call=per_call))
             rows.append(dict(shape=shape, params=params, threads=a.threads[0], what=f"mcts sims_per_call={per_call}",
