@@ -1,8 +1,12 @@
 """Shared fixtures: tiny real HF causal LMs and a BPE tokenizer trained on the fly. No downloads."""
 
+import contextlib
 import json
 import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -177,3 +182,76 @@ def hf_beams(model, prompts, K, lp, es, max_new):
             rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
         res.append(rows)
     return res
+
+
+# launching r2q in several processes (test_distributed, test_shards)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(tmp_path) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", MASTER_ADDR="127.0.0.1",
+                HF_HOME=str(tmp_path / "hf"),  # no user accelerate config (default_config.yaml) leaks in
+                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "r2q.cli"]
+
+
+def accelerate_launch(n: int) -> list[str]:
+    # --multi_gpu picks torch's launcher (n processes); with ACCELERATE_USE_CPU=1 they join a gloo group.
+    # (`--cpu --num_processes n` would start one process: the CPU path spawns several only through mpirun.)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m", "r2q.cli"]
+
+
+def single() -> list[str]:
+    return [sys.executable, "-m", "r2q.cli"]
+
+
+def run(launcher: list[str], args: list[str], tmp_path, timeout: float = 120) -> None:
+    """Run an r2q command under `launcher` to the end; a hang (one rank waiting in a collective the others never
+    join) fails instead of blocking."""
+    log = tmp_path / f"log-{len(list(tmp_path.glob('log-*')))}.txt"  # a file, not a pipe: a stray worker can't block
+    with open(log, "w") as f:
+        p = subprocess.Popen(launcher + args, env=env_for(tmp_path), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun starts each worker in a session of its own, so kill the launcher's tree by pid
+            root = psutil.Process(p.pid)
+            for q in [*root.children(recursive=True), root]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    q.kill()
+            p.wait()
+            pytest.fail(f"{' '.join(launcher[1:4])} ... hung for {timeout} s:\n{log.read_text()[-3000:]}")
+    out = log.read_text()
+    # the launcher's summary comes last; the worker's error line is what says why
+    errors = "\n".join(dict.fromkeys(ln for ln in out.splitlines() if "Error" in ln and "elastic" not in ln))
+    assert p.returncode == 0, f"{errors[-3000:]}\n...\n{out[-2000:]}"
+
+
+# search
+def enumerate_best(pol, ref, prompt, vocab, max_len, beta, ref_term=True):
+    """Exhaustive argmax over every sequence of the tiny vocabulary (EOS ends one; max_len cuts one) of the
+    summed implicit reward beta log pi/pi_ref, plus beta log pi_ref when ref_term (= beta log pi)."""
+    import itertools
+
+    from r2q.search import score_sequences
+
+    seqs = []
+    body_tokens = [a for a in range(vocab) if a != EOS]
+    for n in range(1, max_len + 1):
+        for body in itertools.product(body_tokens, repeat=n - 1):
+            seqs.append(list(body) + [EOS])
+            if n == max_len:
+                seqs += [list(body) + [a] for a in body_tokens]
+    logp, reward = score_sequences(pol, ref, [prompt] * len(seqs), seqs, PAD, beta)
+    value = [beta * lp for lp in logp] if ref_term else reward
+    i = max(range(len(seqs)), key=lambda j: value[j])
+    return seqs[i], value[i], seqs

@@ -12,16 +12,10 @@ On a machine without GPUs both launchers need ACCELERATE_USE_CPU=1: without it, 
 ignores WORLD_SIZE and every process trains alone on a full batch (see docs/distributed.md).
 """
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 
-import psutil
 import pytest
-from conftest import pref_rows, write_jsonl
+from conftest import accelerate_launch, pref_rows, run, single, torchrun, write_jsonl
 from safetensors.torch import load_file
 
 from r2q.train import TrainConfig, Trainer
@@ -29,56 +23,6 @@ from r2q.train import TrainConfig, Trainer
 TOL = 1e-5
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "kl/ref_pi_est")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env_for(tmp_path) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", MASTER_ADDR="127.0.0.1",
-                HF_HOME=str(tmp_path / "hf"),  # no user accelerate config (default_config.yaml) leaks in
-                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-
-
-def torchrun(n: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), "-m", "r2q.cli"]
-
-
-def accelerate_launch(n: int) -> list[str]:
-    # --multi_gpu picks torch's launcher (n processes); with ACCELERATE_USE_CPU=1 they join a gloo group.
-    # (`--cpu --num_processes n` would start one process: the CPU path spawns several only through mpirun.)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(free_port()), "-m", "r2q.cli"]
-
-
-def single() -> list[str]:
-    return [sys.executable, "-m", "r2q.cli"]
-
-
-def run(launcher: list[str], args: list[str], tmp_path, timeout: float = 120) -> None:
-    """Run to the end; a hang (one rank waiting in a collective the others never join) fails instead of blocking."""
-    log = tmp_path / f"log-{len(list(tmp_path.glob('log-*')))}.txt"  # a file, not a pipe: a stray worker can't block
-    with open(log, "w") as f:
-        p = subprocess.Popen(launcher + args, env=env_for(tmp_path), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # torchrun starts each worker in a session of its own, so kill the launcher's tree by pid
-            root = psutil.Process(p.pid)
-            for q in [*root.children(recursive=True), root]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    q.kill()
-            p.wait()
-            pytest.fail(f"{' '.join(launcher[1:4])} ... hung for {timeout} s:\n{log.read_text()[-3000:]}")
-    out = log.read_text()
-    # the launcher's summary comes last; the worker's error line is what says why
-    errors = "\n".join(dict.fromkeys(ln for ln in out.splitlines() if "Error" in ln and "elastic" not in ln))
-    assert p.returncode == 0, f"{errors[-3000:]}\n...\n{out[-2000:]}"
 
 
 def train_args(model_dir, data, out, **opts) -> list[str]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, PAD, prompts_of, sharp_model
+from conftest import EOS, PAD, enumerate_best, prompts_of, sharp_model
 
 from r2q.rewards import token_rewards
 from r2q.search import GenerateConfig, generate_ids
@@ -90,8 +90,6 @@ def test_one_simulation_per_call_is_the_sequential_search(backup):
 
 
 def test_several_simulations_per_call_still_find_the_optimum():
-    from test_search import enumerate_best
-
     vocab, depth, beta = 5, 4, 0.5
     pol = sharp_model("llama", seed=20, vocab=vocab, scale=1.5, eos_bias=0.0)
     ref = sharp_model("llama", seed=21, vocab=vocab, scale=1.5, eos_bias=0.0)

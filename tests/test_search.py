@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import EOS, PAD, V, hf_beams, prompts_of, sharp_model
+from conftest import EOS, PAD, V, enumerate_best, hf_beams, prompts_of, sharp_model
 from transformers import GenerationConfig
 
 from r2q.search import GenerateConfig, generate_ids, score_sequences
@@ -191,22 +191,6 @@ def test_chunk_beam_prefers_higher_implicit_reward():
                               generator=torch.Generator().manual_seed(4))
         scores[W, K] = sum(h.score for h in out) / len(out)
     assert scores[2, 4] > scores[1, 1]
-
-
-def enumerate_best(pol, ref, prompt, vocab, max_len, beta, ref_term=True):
-    """Exhaustive argmax over every sequence of the tiny vocabulary (EOS ends one; max_len cuts one) of the
-    summed implicit reward beta log pi/pi_ref, plus beta log pi_ref when ref_term (= beta log pi)."""
-    seqs = []
-    body_tokens = [a for a in range(vocab) if a != EOS]
-    for n in range(1, max_len + 1):
-        for body in itertools.product(body_tokens, repeat=n - 1):
-            seqs.append(list(body) + [EOS])
-            if n == max_len:
-                seqs += [list(body) + [a] for a in body_tokens]
-    logp, reward = score_sequences(pol, ref, [prompt] * len(seqs), seqs, PAD, beta)
-    value = [beta * lp for lp in logp] if ref_term else reward
-    i = max(range(len(seqs)), key=lambda j: value[j])
-    return seqs[i], value[i], seqs
 
 
 @pytest.mark.parametrize("ref_term,rollout", [(True, True), (False, True), (False, False)])

@@ -5,8 +5,7 @@ import json
 import sys
 
 import pytest
-from conftest import pref_rows, write_jsonl
-from test_distributed import free_port, run, single, torchrun
+from conftest import free_port, pref_rows, run, single, torchrun, write_jsonl
 
 from r2q.shards import Processes
 
