@@ -115,3 +115,41 @@ def test_expected_reward_under_the_reference_is_minus_beta_kl():
     draws = torch.multinomial(log_ref.exp(), 200_000, replacement=True, generator=g)  # (4, N) samples of pi_ref
     mc = expected_reward(R.gather(1, draws))
     assert (mc - (-beta * kl)).abs().max() < 0.01
+
+
+def test_search_takes_a_reference_of_each_kind(frozen, tokenizer):
+    """Search steps the Reference's model in lockstep with the policy: a live reference is its frozen model, a
+    LoRA policy's adapters-off reference its own base (the same search as against a frozen copy of the base, with
+    the adapters still on in the policy), no reference is none, and a cached one is refused (it has no model)."""
+    from r2q.errors import UserError
+    from r2q.prepare import with_lora
+    from r2q.search import GenerateConfig, generate_ids
+
+    policy = with_lora(copy.deepcopy(frozen), 4, 16.0, 0.0, "all-linear")
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    policy.eval()
+    prompts = [tokenizer.encode(t) for t in ("the movie was", "a film", "really not quite")]
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id or 0
+    cfg = GenerateConfig(method="reward-beam", num_beams=3, max_new_tokens=6, beta=0.3)
+
+    def run(ref):
+        hyps, _ = generate_ids(policy, prompts, cfg, eos, pad, ref=ref)
+        return [h.token_ids for h in hyps], [x for h in hyps for x in (h.score, h.logp, h.ref_logp)]
+
+    want_ids, want = run(frozen)
+    for ref in (LiveReference(frozen), AdaptersOff(lambda: policy)):
+        ids, got = run(ref)
+        assert ids == want_ids, ref.kind
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5), ref.kind
+    with torch.no_grad():  # the adapters are on again in the policy after the search
+        x = torch.tensor([prompts[0]])
+        assert (policy(input_ids=x).logits - frozen(input_ids=x).logits).abs().max() > 1e-3
+    greedy = GenerateConfig(method="greedy", max_new_tokens=6)
+    assert generate_ids(policy, prompts, greedy, eos, pad, ref=NoReference())[0][0].ref_logp is None
+    with pytest.raises(UserError, match="needs a reference model"):
+        generate_ids(policy, prompts, cfg, eos, pad, ref=NoReference())
+    with pytest.raises(UserError, match="cached reference"):
+        generate_ids(policy, prompts, cfg, eos, pad, ref=CachedReference([]))

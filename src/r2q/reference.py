@@ -71,9 +71,36 @@ class AdaptersOff(Reference):
         with torch.no_grad(), lm.disable_adapter():
             return completion_logps(lm, batch)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The base as a module of its own (the same weights, adapters off in its every forward), for search to
+        step in lockstep with the policy, each with its own KV cache."""
+        return _AdaptersOffModule(self.policy())
+
+
+class _AdaptersOffModule(torch.nn.Module):
+    """A PEFT model seen with its adapters switched off: a causal LM whose forward is the base's."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        super().__init__()
+        self.peft = peft_model
+        self.config = peft_model.config
+        self.generation_config = getattr(peft_model, "generation_config", None)
+
+    def get_output_embeddings(self):
+        return self.peft.get_output_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                             **kwargs)
+
 
 class CachedReference(Reference):
-    """Per-token log-probs scored once, one 1-D tensor per completion in cache order."""
+    """Per-token log-probs scored once, one 1-D tensor per completion in cache order. They cover a data set's
+    completions only, so search (which scores new tokens) cannot use one."""
 
     kind = "cache"
 

@@ -67,13 +67,29 @@ def check_memory(cfg: GenerateConfig, models: Sequence, prompt_len: int, prompts
                         "--budget or --batch-size")
 
 
+def reference_model(ref):
+    """The module search steps as pi_ref: `ref` itself when it is a model (or None), else what the `Reference`
+    (r2q.reference) runs live: the frozen model, the policy with its adapters off, or nothing."""
+    from ..reference import CachedReference, Reference
+
+    if not isinstance(ref, Reference):
+        return ref
+    if isinstance(ref, CachedReference):
+        raise UserError("a cached reference holds the log-probs of a data set's completions only; search scores new "
+                        "tokens and needs the reference model itself")
+    return ref.model
+
+
 @torch.no_grad()
 def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
                  ref=None, base=None, tokenizer=None, scorer=None,
                  generator: torch.Generator | None = None, compute: Compute | None = None
                  ) -> tuple[list[Hypothesis], Compute]:
     """One batch: the best hypothesis per prompt (with the log-probs the search computed on the way, None where
-    it did not run that model) and the compute the search spent (counted into `compute` when given)."""
+    it did not run that model) and the compute the search spent (counted into `compute` when given). `ref`: a
+    model or a `Reference`."""
+    ref = reference_model(ref)
+    check_models(cfg, ref, base)  # (generate checked already; this is for callers of generate_ids itself)
     job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator, compute or Compute())
     return REGISTRY[cfg.method].run(job, prompts), job.compute.stop()
 
@@ -139,7 +155,9 @@ def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: Genera
     """Decode every prompt (a string, or a list of chat messages) with cfg.method; returns one Hypothesis per
     prompt and the total compute. procs: the processes decoding together (`r2q.shards.processes()` under torchrun
     or accelerate launch; every one must call): each decodes every N-th batch and every process returns all of
-    them, in input order, the one-process result. Default: this process alone."""
+    them, in input order, the one-process result. Default: this process alone. `ref`: a model or a `Reference`
+    (r2q.reference): a LoRA policy searches against its own base with `AdaptersOff(lambda: policy)`."""
+    ref = reference_model(ref)
     check_models(cfg, ref, base)
     procs = procs or Processes()
     if procs.world > 1 and (cfg.method in SAMPLED or (cfg.method == "guided" and cfg.do_sample)):
