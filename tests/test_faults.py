@@ -69,6 +69,32 @@ def test_resume_refuses_a_reference_whose_weights_changed(tokenizer, data, tmp_p
     assert set(rec["inputs"]) == {"model", "reference", "tokenizer", "data"} and len(rec["inputs"]["reference"]) == 64
 
 
+@pytest.mark.parametrize("what", ["tokenizer", "lora base"])
+def test_resume_refuses_a_changed_tokenizer_or_lora_base(tokenizer, data, tmp_path, what):
+    """1b, the other inputs a checkpoint fingerprints: the --model directory's tokenizer replaced by another of the
+    same size (other merges), or, for a LoRA run, the base model's weights replaced: refused, naming it."""
+    from conftest import corpus
+
+    from r2q.models import load_tokenizer
+    from r2q.toy import train_bpe_tokenizer
+
+    start, ref = _model(tmp_path, tokenizer, "start", 0), _model(tmp_path, tokenizer, "ref", 1)
+    lora = what == "lora base"  # the tokenizer case: --ref init, so no second tokenizer is compared first
+    c = ckpt_cfg(start, data, tmp_path / "run", ref=str(ref) if lora else "init", max_steps=2, lora_r=4 if lora else 0)
+    train(c)
+    if what == "tokenizer":
+        train_bpe_tokenizer(corpus(seed=3), vocab_size=320).save_pretrained(tmp_path / "tok2")
+        other = load_tokenizer(tmp_path / "tok2")
+        assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
+        other.save_pretrained(start)
+        match = "the tokenizer \\(its vocabulary differs\\)"
+    else:
+        save_model(tiny_model("llama", len(tokenizer), seed=7), tokenizer, start)
+        match = "the base of the LoRA adapters \\(its weights changed\\)"
+    with pytest.raises(UserError, match=match):
+        train(dataclasses.replace(c, resume=True, max_steps=3))
+
+
 def test_credit_and_generate_say_when_the_recorded_reference_changed(llama_dir, tokenizer, data, tmp_path, capsys):
     """A: `r2q credit --model D` (reference from the record) and `generate --ref R` say that R is not what D was
     trained against any more, and still run."""
