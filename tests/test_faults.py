@@ -303,13 +303,24 @@ def test_disk_full_for_credit_and_generate_outputs_is_one_line(llama_dir, llama_
 
     (tmp_path / "p.txt").write_text("the film\n")
     monkeypatch.setattr(paths, "_remove_stale_temps", _enospc)  # inside the write, after the output checks
-    for args in (("credit", "--model", llama_dir, "--ref", llama_ref_dir, "--prompt", "a", "--response", "b",
-                  "--json", tmp_path / "c.json", "--quiet"),
+    credit = ("credit", "--model", llama_dir, "--ref", llama_ref_dir, "--prompt", "a", "--response", "b", "--quiet")
+    for args in ((*credit, "--json", tmp_path / "c.json"), (*credit, "--html", tmp_path / "c.html"),
+                 (*credit, "--png", tmp_path / "c.png"),
                  ("generate", "--model", llama_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g.jsonl",
                   "--method", "greedy", "--max-new-tokens", "2", "--quiet")):
         code, _, err = run_cli(capsys, *args)
         assert "no space left on the device" in one_line_error(code, err)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_disk_full_writing_the_reference_cache_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import r2q.refcache as refcache
+
+    monkeypatch.setattr(refcache, "save_file", _enospc)
+    path = tmp_path / "cache" / "entry.safetensors"
+    with pytest.raises(UserError, match=r"cannot write .*entry.safetensors: no space left on the device"):
+        refcache.save(path, [torch.zeros(3), torch.zeros(2)])
+    assert not path.exists() and not list(path.parent.glob(".*.tmp"))
 
 
 def _tmpfs(path: Path, size: str) -> bool:
