@@ -467,3 +467,16 @@ def test_a_killed_writer_leaves_no_temp_file_behind(tmp_path):
     live.write_text("busy")
     write_atomic(tmp_path / "c.json", "{}")
     assert not stale.exists() and live.exists()
+
+
+def test_lora_and_gradient_checkpointing_runs_raise_no_future_warning_of_r2qs_making(llama_dir, data, tmp_path):
+    """6f: transformers' FutureWarnings for the renamed gradient-checkpointing names (called by r2q and PEFT) are
+    silenced where r2q causes them; a LoRA run with gradient checkpointing records none."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(ckpt_cfg(llama_dir, data, tmp_path / "run", max_steps=1, save_every=0, lora_r=4,
+                       gradient_checkpointing=True))
+    future = [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+    assert not [m for m in future if "checkpointing" in m], future

@@ -149,6 +149,14 @@ def test_search_takes_a_reference_of_each_kind(frozen, tokenizer):
         assert (policy(input_ids=x).logits - frozen(input_ids=x).logits).abs().max() > 1e-3
     greedy = GenerateConfig(method="greedy", max_new_tokens=6)
     assert generate_ids(policy, prompts, greedy, eos, pad, ref=NoReference())[0][0].ref_logp is None
+    # rescored after the search (greedy does not run the reference): the base's log-probs, not the policy's
+    from r2q.search import generate
+
+    texts = [tokenizer.decode(p) for p in prompts]
+    base, _ = generate(policy, tokenizer, texts, greedy, ref=AdaptersOff(lambda: policy))
+    copy_, _ = generate(policy, tokenizer, texts, greedy, ref=frozen)
+    assert [h.ref_logp for h in base] == pytest.approx([h.ref_logp for h in copy_], rel=1e-5, abs=1e-5)
+    assert all(abs(h.ref_logp - h.logp) > 1e-3 for h in base)
     with pytest.raises(UserError, match="needs a reference model"):
         generate_ids(policy, prompts, cfg, eos, pad, ref=NoReference())
     with pytest.raises(UserError, match="cached reference"):

@@ -14,6 +14,7 @@ indexed by `slots`, the positions of the batch's completions in the cache's orde
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,10 +72,10 @@ class AdaptersOff(Reference):
         with torch.no_grad(), lm.disable_adapter():
             return completion_logps(lm, batch)
 
-    @property
-    def model(self) -> torch.nn.Module:
+    def as_module(self) -> torch.nn.Module:
         """The base as a module of its own (the same weights, adapters off in its every forward), for search to
-        step in lockstep with the policy, each with its own KV cache."""
+        step in lockstep with the policy, each with its own KV cache. (`model` stays None: nothing but the policy
+        is run, which is what the trainer and credit ask of it.)"""
         return _AdaptersOffModule(self.policy())
 
 
@@ -90,12 +91,15 @@ class _AdaptersOffModule(torch.nn.Module):
     def get_output_embeddings(self):
         return self.peft.get_output_embeddings()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
+        # no get_base_model here: code that unwraps PEFT to reach the HF model would run it with the adapters on
+        if cache is not None:  # under the name the base's forward takes (transformers >= 5.25: `cache`)
+            base = self.peft.get_base_model()
+            kwargs["cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"] = cache
         with self.peft.disable_adapter():
             return self.peft(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                             **kwargs)
+                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
 
 
 class CachedReference(Reference):

@@ -70,10 +70,12 @@ def check_memory(cfg: GenerateConfig, models: Sequence, prompt_len: int, prompts
 def reference_model(ref):
     """The module search steps as pi_ref: `ref` itself when it is a model (or None), else what the `Reference`
     (r2q.reference) runs live: the frozen model, the policy with its adapters off, or nothing."""
-    from ..reference import CachedReference, Reference
+    from ..reference import AdaptersOff, CachedReference, Reference
 
     if not isinstance(ref, Reference):
         return ref
+    if isinstance(ref, AdaptersOff):
+        return ref.as_module()
     if isinstance(ref, CachedReference):
         raise UserError("a cached reference holds the log-probs of a data set's completions only; search scores new "
                         "tokens and needs the reference model itself")

@@ -67,16 +67,23 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def _forward_params(model):
+    """The parameters of the forward that does the work: through a PEFT wrapper (whose forward takes **kwargs and
+    passes them on) to its base model's."""
+    inner = getattr(model, "get_base_model", None)
+    return inspect.signature((inner() if callable(inner) else model).forward).parameters
+
+
 def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    """transformers >= 5.25 names the cache `cache` (`past_key_values` warns); older and custom models do not."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 def _last_logits_kwarg(model) -> dict[str, int]:
     """Ask for the last position's logits only (the LM head over a whole prompt is wasted work, and with a large
     vocabulary the biggest part of the prefill), where the model's forward takes `logits_to_keep` (every causal
     LM of transformers >= 4.56 does; a custom model may not)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
