@@ -232,7 +232,9 @@ def run(launcher: list[str], args: list[str], tmp_path, timeout: float = 120) ->
             pytest.fail(f"{' '.join(launcher[1:4])} ... hung for {timeout} s:\n{log.read_text()[-3000:]}")
     out = log.read_text()
     # the launcher's summary comes last; the worker's error line is what says why
-    errors = "\n".join(dict.fromkeys(ln for ln in out.splitlines() if "Error" in ln and "elastic" not in ln))
+    why = ("Error", "Exception", "what()", "terminate", "Abort", "Signal")
+    errors = "\n".join(dict.fromkeys(ln for ln in out.splitlines()
+                                      if any(w in ln for w in why) and "elastic" not in ln))
     assert p.returncode == 0, f"{errors[-3000:]}\n...\n{out[-2000:]}"
 
 

@@ -206,11 +206,11 @@ def _generate_command() -> None:
                   for name, path in (("reference", ref), ("base", base)) if path}
         results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
                                   progress=not quiet, procs=procs)
-        if not procs.is_main:
-            return
-        write_atomic(out_path, "".join(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n" for r in results))
-        out.print(f"{len(results)} generations written to {out_path}; compute: "
-                  + ", ".join(f"{k} {v}" for k, v in total.items()), highlight=False, markup=False)
+        if procs.is_main:  # one output file, from the first process
+            write_atomic(out_path, "".join(json.dumps(dict(r.as_dict(), method=cfg.method)) + "\n" for r in results))
+            out.print(f"{len(results)} generations written to {out_path}; compute: "
+                      + ", ".join(f"{k} {v}" for k, v in total.items()), highlight=False, markup=False)
+        procs.finish()
 
     base_params = [
         inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY,
@@ -311,10 +311,10 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     else:
         report = score_texts(policy, ref_model, tokenizer, [cfg.prompt], [cfg.response], beta, **kw)
     report.meta.update(model=str(cfg.model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
-    if not procs.is_main:  # one view and one set of files, from the first process
-        return report.to_dict()
-    render_terminal(report, console, max_items=cfg.show)
-    _write_credit(report, cfg, console)
+    if procs.is_main:  # one view and one set of files, from the first process
+        render_terminal(report, console, max_items=cfg.show)
+        _write_credit(report, cfg, console)
+    procs.finish()
     return report.to_dict()
 
 

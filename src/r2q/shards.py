@@ -17,6 +17,7 @@ class Processes:
 
     rank: int = 0
     world: int = 1
+    owns_group: bool = False  # whether processes() started the process group (then finish() closes it)
 
     @property
     def is_main(self) -> bool:
@@ -36,6 +37,19 @@ class Processes:
         dist.all_gather_object(parts, mine)
         return {k: v for part in parts for k, v in part.items()}
 
+    def finish(self) -> None:
+        """Leave together: wait until every process is done (the main one writes the outputs after the merge), then
+        close the process group if this run opened it. A process that exits while another still holds the gloo
+        group can abort in the group's teardown, and the launcher then stops the run that was writing."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            if self.owns_group:
+                dist.destroy_process_group()
+
 
 def processes() -> Processes:
     """The processes of this run: from WORLD_SIZE / RANK as torchrun and accelerate set them, joining (or starting)
@@ -46,8 +60,9 @@ def processes() -> Processes:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Processes(dist.get_rank(), dist.get_world_size())
+    return Processes(dist.get_rank(), dist.get_world_size(), owns)
