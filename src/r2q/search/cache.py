@@ -64,9 +64,13 @@ class BufferedLayer(DynamicLayer):
             return
         idx = beam_idx.to(self._k.device)
         rows, n = self._k.shape[0], self._n
-        if idx.shape[0] != rows:  # rows duplicated or dropped: new buffers
-            self._k = self._k[:, :, :n].index_select(0, idx)
-            self._v = self._v[:, :, :n].index_select(0, idx)
+        if idx.shape[0] != rows:  # rows duplicated or dropped: new buffers, with the room the old ones had
+            cap = max(self._k.shape[-2], getattr(self, "_want", 0))
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                buf = old.new_empty(idx.shape[0], old.shape[1], cap, old.shape[-1])
+                torch.index_select(old[:, :, :n], 0, idx, out=buf[:, :, :n])
+                setattr(self, name, buf)
             self._alt = None
         elif (moved := (idx != torch.arange(rows, device=idx.device)).nonzero().squeeze(1)).numel() * (n - start) \
                 * 2 < rows * n:
