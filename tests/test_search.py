@@ -374,6 +374,21 @@ def test_new_beams_sit_in_their_parents_slots():
                 assert placed[p] == p  # some child of parent p stays in p's slot
 
 
+def test_chunked_top_k_is_torch_topk():
+    from r2q.search.beam import _top_k
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in itertools.product((100, 2048, 4 * 4096, 4 * 4096 + 37, 16 * 5000 + 255), (1, 8, 32, 64)):
+        x = torch.randn(5, n, generator=g)
+        assert all(map(torch.equal, _top_k(x, k), torch.topk(x, k)))  # no ties: the same indices too
+        x[:, -1] = 1e9  # the tail past the last whole chunk is searched
+        assert torch.equal(_top_k(x, k)[1][:, 0], torch.full((5,), n - 1))
+        ties = torch.randint(0, 5, (5, n), generator=g).float()  # many equal values: the same values, rank by rank
+        values, idx = _top_k(ties, k)
+        assert torch.equal(values, torch.topk(ties, k).values) and torch.equal(ties.gather(1, idx), values)
+        assert all(len(set(row)) == k for row in idx.tolist())  # k distinct elements
+
+
 def test_shared_prefix_is_what_every_moved_beam_shares_with_its_parent():
     from r2q.search.beam import _shared_prefix
 

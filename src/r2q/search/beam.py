@@ -53,6 +53,24 @@ class BeamState:
         return BeamState(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
+def _top_k(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) over the last dimension of a (B, N) tensor, largest first, by way of the chunks that hold the
+    k largest values: every chunk's max, the k chunks with the largest maxes, and a top-k over their elements (and
+    the tail the chunks leave). The values are torch.topk's, rank by rank (an element outside the chosen chunks has
+    k chunk maxes at least as large); among exactly equal values the indices may be others. On CPU torch.topk over
+    (16, 16384) costs about 20 times a max over it, so this is several times faster where N is large."""
+    B, N = x.shape
+    n = N - N % chunk
+    if n // chunk < 4 * k or k > chunk:  # few chunks: no faster
+        return torch.topk(x, k)
+    best = torch.topk(x[:, :n].view(B, n // chunk, chunk).amax(-1), k).indices  # (B, k) the chunks to search
+    at = (best[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(B, k * chunk)
+    if n < N:
+        at = torch.cat([at, torch.arange(n, N, device=x.device).expand(B, N - n)], dim=1)
+    values, j = torch.topk(x.gather(1, at), k)
+    return values, at.gather(1, j)
+
+
 def _advance(st: BeamState, scores: torch.Tensor, logps: list[torch.Tensor], t: int, max_new: int, K: int,
              keep: int, eos: torch.Tensor, length_penalty: float, early_stopping: bool | str) -> tuple:
     """One step of transformers' beam search over every row: the top `keep` continuations, the best K that did not
@@ -60,7 +78,7 @@ def _advance(st: BeamState, scores: torch.Tensor, logps: list[torch.Tensor], t: 
     penalty. Returns (the new state, the flat source row of each live beam, whether every candidate ended)."""
     B, V = st.running.shape[0], scores.shape[-1]
     acc = (scores.view(B, K, V) + st.running_scores[:, :, None]).view(B, K * V)
-    top_scores, top_idx = torch.topk(acc, keep)
+    top_scores, top_idx = _top_k(acc, keep)
     src_beam, tok = top_idx // V, top_idx % V
     cand = torch.take_along_dim(st.running, src_beam[:, :, None], dim=1)
     cand[:, :, t] = tok
@@ -98,15 +116,21 @@ def _stay_in_place(parent: torch.Tensor) -> torch.Tensor:
     """An order of each prompt's K new beams (B, K) that puts the first child of every parent in the parent's own
     slot, and the other children in the free slots in turn: a beam that continues its parent then keeps its cache
     row, and the reorder moves only the rows whose parent changed. The live beams' order is otherwise immaterial:
-    the best live score is taken by max, and finished hypotheses are ranked by score."""
-    K = parent.shape[1]
-    onehot = torch.nn.functional.one_hot(parent, K)  # [b, child, parent slot]
-    first = (onehot.cumsum(1) * onehot).sum(-1) == 1  # the child is its parent's first
-    taken = (onehot * first[..., None]).sum(1) > 0  # slots a first child sits in
-    free = torch.argsort(taken.int(), dim=-1, stable=True)  # the free slots first, in order
-    rank = ((~first).cumsum(-1) - 1).clamp(min=0)  # each later child's place among the later children
-    slot = torch.where(first, parent, free.gather(-1, rank))
-    return torch.argsort(slot, dim=-1)  # for each slot, the child that sits there
+    the best live score is taken by max, and finished hypotheses are ranked by score. (B x K small integers: plain
+    Python, a few microseconds, where a dozen tensor ops would cost a few hundred.)"""
+    orders = []
+    for row in parent.tolist():
+        seen: set[int] = set()
+        first = []  # whether each child is its parent's first
+        for p in row:
+            first.append(p not in seen)
+            seen.add(p)
+        free = iter([s for s in range(len(row)) if s not in seen])  # the slots no first child sits in, in order
+        order = [0] * len(row)
+        for child, p in enumerate(row):
+            order[p if first[child] else next(free)] = child
+        orders.append(order)
+    return torch.tensor(orders, dtype=torch.long, device=parent.device)
 
 
 def _shared_prefix(prev: torch.Tensor, beam_idx: torch.Tensor, t: int, K: int) -> int:
