@@ -38,6 +38,28 @@ def test_beam_matches_transformers_generate(arch):
         assert dropped >= 3  # prompts that finished left the batch while others went on
 
 
+def test_beam_matches_transformers_generate_with_a_vocabulary_searched_in_chunks(monkeypatch):
+    """K x V large enough that the top 2K come from the chunked top-k (beam._top_k), not torch.topk over all."""
+    from r2q.search import beam
+
+    chunked, top_k = [], beam._top_k
+
+    def counted(x, k):
+        chunked.append(x.shape[1] // 256 >= 4 * k)  # the condition under which _top_k searches by chunks
+        return top_k(x, k)
+
+    monkeypatch.setattr(beam, "_top_k", counted)
+    model = sharp_model("llama", seed=7, vocab=3000)
+    prompts = prompts_of(6, seed=4, vocab=3000)
+    for K, lp, es in [(2, 0.0, False), (4, 1.0, True), (4, 0.0, "never")]:
+        with torch.no_grad():
+            hf = hf_beams(model, prompts, K, lp, es, max_new=8)
+        ours = beam_search(Lockstep([model]), prompts, PAD, [EOS], K, 8, lambda l: l[0], length_penalty=lp,
+                           early_stopping=es, num_return=K)
+        assert [[h.token_ids for h in hyps] for hyps in ours] == hf, (K, lp, es)
+    assert chunked and all(chunked)
+
+
 def test_beam_scores_are_sum_of_logps():
     model = sharp_model("llama", seed=4)
     prompts = prompts_of(4, seed=2)
@@ -366,10 +388,11 @@ def test_new_beams_sit_in_their_parents_slots():
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         parent = torch.randint(0, 6, (3, 6), generator=g)
-        order = _stay_in_place(parent)
+        order, flat = _stay_in_place(parent)
         for b in range(3):
             assert sorted(order[b].tolist()) == list(range(6))  # a permutation of the children
             placed = parent[b][order[b]]  # the parent of the child in each slot
+            assert torch.equal(flat[b], placed + b * 6)
             for p in set(parent[b].tolist()):
                 assert placed[p] == p  # some child of parent p stays in p's slot
 

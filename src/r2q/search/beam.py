@@ -12,7 +12,7 @@ heuristic), so for the log-prob score it returns the same tokens as `generate(nu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -84,42 +84,49 @@ def _advance(st: BeamState, scores: torch.Tensor, logps: list[torch.Tensor], t: 
     cand[:, :, t] = tok
     tok_lp = torch.stack([lp.float().view(B, K * V).gather(1, top_idx) for lp in logps], dim=-1)
     cand_lp = torch.take_along_dim(st.running_lp, src_beam[:, :, None], dim=1) + tok_lp
-    hits = torch.isin(tok, eos) | (t + 1 >= max_new)
+    hits = torch.ones_like(tok, dtype=torch.bool) if t + 1 >= max_new else torch.isin(tok, eos)
 
-    alive_scores = top_scores + hits.float() * NEG
+    alive_scores = top_scores + hits * NEG
     nxt = torch.topk(alive_scores, K).indices
-    nxt = torch.take_along_dim(nxt, _stay_in_place(torch.take_along_dim(src_beam, nxt, dim=1)), dim=1)
-    beam_idx = (torch.take_along_dim(src_beam, nxt, dim=1) + torch.arange(B, device=tok.device)[:, None] * K)
-
-    just_done = hits & (torch.arange(keep, device=tok.device) < K)[None, :]
-    done_scores = top_scores / ((t + 1) ** length_penalty)
-    done_scores = done_scores + (st.is_finished.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG
-    done_scores = done_scores + (~st.can_improve).float() * NEG + (~just_done).float() * NEG
-    m_scores = torch.cat([st.finished_scores, done_scores], dim=1)
-    best = torch.topk(m_scores, K).indices
-
-    def merged(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        both = torch.cat([old, new], dim=1)
-        return torch.take_along_dim(both, best.view(*best.shape, *[1] * (both.dim() - 2)), dim=1)
-
-    new = BeamState(
-        running=torch.take_along_dim(cand, nxt[:, :, None], dim=1),
-        running_scores=torch.take_along_dim(alive_scores, nxt, dim=1),
-        running_lp=torch.take_along_dim(cand_lp, nxt[:, :, None], dim=1),
-        finished=merged(st.finished, cand), finished_scores=torch.take_along_dim(m_scores, best, dim=1),
-        finished_len=merged(st.finished_len, torch.full_like(tok, t + 1)), finished_lp=merged(st.finished_lp, cand_lp),
-        is_finished=merged(st.is_finished, just_done), can_improve=st.can_improve, prompt_of=st.prompt_of)
+    order, beam_idx = _stay_in_place(torch.take_along_dim(src_beam, nxt, dim=1))
+    nxt = torch.take_along_dim(nxt, order, dim=1)
+    new = replace(st, running=torch.take_along_dim(cand, nxt[:, :, None], dim=1),
+                  running_scores=torch.take_along_dim(alive_scores, nxt, dim=1),
+                  running_lp=torch.take_along_dim(cand_lp, nxt[:, :, None], dim=1))
+    ended = hits[:, :K] & st.can_improve  # of the top K, those that ended, in a prompt that can still improve
+    if early_stopping is True:  # a prompt with K finished hypotheses takes no more
+        ended &= ~st.is_finished.all(-1, keepdim=True)
+    if bool(ended.any()):  # (no step of a prompt's search adds a finished hypothesis otherwise)
+        _finish(new, st, cand[:, :K], cand_lp[:, :K], top_scores[:, :K] / ((t + 1) ** length_penalty), ended, t)
     return new, beam_idx, bool(hits.all())
 
 
-def _stay_in_place(parent: torch.Tensor) -> torch.Tensor:
+def _finish(new: BeamState, st: BeamState, cand: torch.Tensor, cand_lp: torch.Tensor, scores: torch.Tensor,
+            ended: torch.Tensor, t: int) -> None:
+    """Merge the hypotheses that ended (B, K) into each prompt's best K finished ones, in `new`: the ones that did
+    not end score NEG, as transformers' -1e9 offsets make them (below every real score, so never kept over one)."""
+    K = ended.shape[1]
+    m_scores = torch.cat([st.finished_scores, torch.where(ended, scores, NEG)], dim=1)
+    best = torch.topk(m_scores, K).indices
+
+    def merged(old: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([old, add], dim=1)
+        return torch.take_along_dim(both, best.view(*best.shape, *[1] * (both.dim() - 2)), dim=1)
+
+    new.finished, new.finished_scores = merged(st.finished, cand), torch.take_along_dim(m_scores, best, dim=1)
+    new.finished_len = merged(st.finished_len, torch.full_like(ended, t + 1, dtype=torch.long))
+    new.finished_lp, new.is_finished = merged(st.finished_lp, cand_lp), merged(st.is_finished, ended)
+
+
+def _stay_in_place(parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An order of each prompt's K new beams (B, K) that puts the first child of every parent in the parent's own
     slot, and the other children in the free slots in turn: a beam that continues its parent then keeps its cache
     row, and the reorder moves only the rows whose parent changed. The live beams' order is otherwise immaterial:
-    the best live score is taken by max, and finished hypotheses are ranked by score. (B x K small integers: plain
-    Python, a few microseconds, where a dozen tensor ops would cost a few hundred.)"""
-    orders = []
-    for row in parent.tolist():
+    the best live score is taken by max, and finished hypotheses are ranked by score. Returns (for each slot the
+    child that sits there, and that child's parent as a flat row b * K + parent). B x K small integers: plain
+    Python, a few microseconds, where a dozen tensor ops would cost a few hundred."""
+    orders, rows = [], []
+    for b, row in enumerate(parent.tolist()):
         seen: set[int] = set()
         first = []  # whether each child is its parent's first
         for p in row:
@@ -130,7 +137,9 @@ def _stay_in_place(parent: torch.Tensor) -> torch.Tensor:
         for child, p in enumerate(row):
             order[p if first[child] else next(free)] = child
         orders.append(order)
-    return torch.tensor(orders, dtype=torch.long, device=parent.device)
+        rows.append([b * len(row) + row[c] for c in order])
+    return (torch.tensor(orders, dtype=torch.long, device=parent.device),
+            torch.tensor(rows, dtype=torch.long, device=parent.device))
 
 
 def _shared_prefix(prev: torch.Tensor, beam_idx: torch.Tensor, t: int, K: int) -> int:
