@@ -129,10 +129,14 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+MIN_SECONDS = 0.0  # (--min-seconds)
+
+
 def median_pair(repeats: int, a, b) -> tuple[float, float]:
-    """Interleaved runs of a and b (a, b, a, b, ...); their median seconds."""
+    """Interleaved runs of a and b (a, b, a, b, ...); their median seconds. At least `repeats` pairs, and more (up
+    to 100) until the pairs took MIN_SECONDS in all: short runs are noisy on a shared machine."""
     ta, tb = [], []
-    for _ in range(repeats):
+    while len(ta) < repeats or sum(ta) + sum(tb) < MIN_SECONDS and len(ta) < 100:
         ta.append(timed(a)[0])
         tb.append(timed(b)[0])
     return statistics.median(ta), statistics.median(tb)
@@ -157,10 +161,19 @@ def main() -> None:
     ap.add_argument("--demo", default="", help="an r2q demo directory: adds its DPO policy and prompts as a shape")
     ap.add_argument("--out", default="search_vs_hf.json")
     ap.add_argument("--beam-only", action="store_true", help="only beam against generate and its overhead")
+    ap.add_argument("--shapes", default="12m,32k,demo", help="which shapes: 12m, 32k, demo (demo needs --demo)")
+    ap.add_argument("--min-seconds", type=float, default=0.0,
+                    help="run each pair of timings more than --repeats times until they took this long")
+    ap.add_argument("--parts", default="beam,methods,mcts",
+                    help="which measurements: beam (against generate), methods (two- and three-model), mcts")
     a = ap.parse_args()
-    global PAD, EOS
+    parts = {"beam"} if a.beam_only else set(a.parts.split(","))
+    global PAD, EOS, MIN_SECONDS
+    MIN_SECONDS = a.min_seconds
     rows = []
-    shapes = list(SHAPES.items()) + ([("demo policy (1.6M), outputs end at EOS", None)] if a.demo else [])
+    chosen = a.shapes.split(",")
+    shapes = [(k, s) for k, s in SHAPES.items() if ("12m" if k.startswith("12M") else "32k") in chosen]
+    shapes += [("demo policy (1.6M), outputs end at EOS", None)] if a.demo and "demo" in chosen else []
     for shape, s in shapes:
         if s is None:
             pol, ref, prompts, PAD = demo_shape(a.demo)
@@ -173,7 +186,7 @@ def main() -> None:
         params = sum(p.numel() for p in pol.parameters())
         for threads in a.threads:
             torch.set_num_threads(threads)
-            for K in a.widths:
+            for K in a.widths if "beam" in parts else ():
                 ours, _ = r2q_generate(pol, prompts, K, a.new_tokens, "greedy" if K == 1 else "beam")
                 theirs = hf_generate(pol, prompts, K, a.new_tokens)
                 if ours != theirs:
@@ -187,7 +200,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 rows.append(overhead(a.repeats, shape, params, threads, [pol], prompts, K, a.new_tokens, m))
                 print(rows[-1], flush=True)
-            if a.beam_only:
+            if "methods" not in parts:
                 continue
             K = 4
             t_rb, t_b = median_pair(a.repeats, partial(r2q_generate, pol, prompts, K, a.new_tokens, "reward-beam", ref),
@@ -206,7 +219,7 @@ def main() -> None:
                              r2q_s=t_bon, other_s=t_s, ratio=t_bon / t_s))
             print(rows[-1], flush=True)
         torch.set_num_threads(a.threads[0])
-        for rollout, cap in () if a.beam_only else ((False, 0), (True, 0), (True, 8)):
+        for rollout, cap in ((False, 0), (True, 0), (True, 8)) if "mcts" in parts else ():
             # the cost of a simulation is the difference between 16 and 8 simulations (the prefill, finishing an
             # incomplete answer and rescoring the answer are paid once per prompt, not per simulation)
             cost = {}
@@ -223,7 +236,7 @@ def main() -> None:
                              seconds_at_16=c16.wall_time_s))
             print(rows[-1], flush=True)
         # batched MCTS: wall time per simulation, 32 simulations, default rollouts
-        for per_call in () if a.beam_only else (1, 4, 8):
+        for per_call in (1, 4, 8) if "mcts" in parts else ():
             t, (_, c) = timed(partial(r2q_generate, pol, prompts, 1, a.new_tokens, "mcts", ref, simulations=32,
                                       sims_per_call=per_call))
             rows.append(dict(shape=shape, params=params, threads=a.threads[0], what=f"mcts sims_per_call={per_call}",
