@@ -128,8 +128,8 @@ def _stay_in_place(parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     slot, and the other children in the free slots in turn: a beam that continues its parent then keeps its cache
     row, and the reorder moves only the rows whose parent changed. The live beams' order is otherwise immaterial:
     the best live score is taken by max, and finished hypotheses are ranked by score. Returns (for each slot the
-    child that sits there, and that child's parent as a flat row b * K + parent). B x K small integers: plain
-    Python, a few microseconds, where a dozen tensor ops would cost a few hundred."""
+    child that sits there, and that child's parent as a flat row b * K + parent). B x K small integers, in plain
+    Python: half the time of the dozen tensor ops it replaces on CPU (51 against 109 us at 16 x 4)."""
     orders, rows = [], []
     for b, row in enumerate(parent.tolist()):
         seen: set[int] = set()
