@@ -152,6 +152,16 @@ def overhead(repeats, shape, params, threads, models, prompts, K, new, method, *
                 r2q_s=t_search, other_s=t_bare, overhead=t_search / t_bare, model_calls=len(trace))
 
 
+def names_of(*allowed: str):
+    """An argparse type: a comma-separated subset of `allowed` (anything else is a usage error, exit 2)."""
+    def parse(text: str) -> set[str]:
+        got = set(text.split(","))
+        if not got <= set(allowed):
+            raise argparse.ArgumentTypeError(f"{', '.join(sorted(got - set(allowed)))} not among {', '.join(allowed)}")
+        return got
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -161,19 +171,19 @@ def main() -> None:
     ap.add_argument("--demo", default="", help="an r2q demo directory: adds its DPO policy and prompts as a shape")
     ap.add_argument("--out", default="search_vs_hf.json")
     ap.add_argument("--beam-only", action="store_true", help="only beam against generate and its overhead")
-    ap.add_argument("--shapes", default="12m,32k,demo", help="which shapes: 12m, 32k, demo (demo needs --demo)")
+    ap.add_argument("--shapes", type=names_of("12m", "32k", "demo"), default="12m,32k,demo",
+                    help="which shapes: 12m, 32k, demo (demo needs --demo)")
     ap.add_argument("--min-seconds", type=float, default=0.0,
                     help="run each pair of timings more than --repeats times until they took this long")
-    ap.add_argument("--parts", default="beam,methods,mcts",
+    ap.add_argument("--parts", type=names_of("beam", "methods", "mcts"), default="beam,methods,mcts",
                     help="which measurements: beam (against generate), methods (two- and three-model), mcts")
     a = ap.parse_args()
-    parts = {"beam"} if a.beam_only else set(a.parts.split(","))
+    parts = {"beam"} if a.beam_only else a.parts
     global PAD, EOS, MIN_SECONDS
     MIN_SECONDS = a.min_seconds
     rows = []
-    chosen = a.shapes.split(",")
-    shapes = [(k, s) for k, s in SHAPES.items() if ("12m" if k.startswith("12M") else "32k") in chosen]
-    shapes += [("demo policy (1.6M), outputs end at EOS", None)] if a.demo and "demo" in chosen else []
+    shapes = [(k, s) for k, s in SHAPES.items() if ("12m" if k.startswith("12M") else "32k") in a.shapes]
+    shapes += [("demo policy (1.6M), outputs end at EOS", None)] if a.demo and "demo" in a.shapes else []
     for shape, s in shapes:
         if s is None:
             pol, ref, prompts, PAD = demo_shape(a.demo)

@@ -1,6 +1,9 @@
 """Search: parity with transformers' beam search, the paper's identities, exact small-problem optima."""
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -467,3 +470,12 @@ def test_beam_search_moving_only_what_beams_do_not_share_is_bitwise_the_full_reo
         runs.append(out)
     assert max(starts) > max(map(len, prompts)) + 2  # beams shared generated tokens, which stayed in place
     assert runs[0] == runs[1]  # the same tokens, and floats equal to the last bit
+
+
+@pytest.mark.parametrize("opt, bad", [("--shapes", "12m,bogus"), ("--parts", "beam,mctss")])
+def test_search_benchmark_refuses_unknown_names_in_one_line(opt, bad):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "search_vs_hf.py"
+    out = subprocess.run([sys.executable, str(script), opt, bad], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(f"{bad.split(',')[1]} not among " + (
+        "12m, 32k, demo" if opt == "--shapes" else "beam, methods, mcts"))

@@ -47,11 +47,18 @@ class BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self._k.shape[-2], getattr(self, "_want", 0))
+        self._rebuffer(max(need, 2 * self._k.shape[-2], getattr(self, "_want", 0)))
+
+    def _rebuffer(self, cap: int, idx: torch.Tensor | None = None) -> None:
+        """New buffers with room for `cap` positions, holding the filled part of every row (or of rows idx)."""
         for name in ("_k", "_v"):
-            old = getattr(self, name)
-            buf = old.new_empty(*old.shape[:2], cap, old.shape[-1])
-            buf[:, :, : self._n] = old[:, :, : self._n]
+            filled = getattr(self, name)[:, :, : self._n]
+            buf = filled.new_empty(filled.shape[0] if idx is None else idx.shape[0], filled.shape[1], cap,
+                                   filled.shape[-1])
+            if idx is None:
+                buf[:, :, : self._n] = filled
+            else:
+                torch.index_select(filled, 0, idx, out=buf[:, :, : self._n])
             setattr(self, name, buf)
 
     def get_seq_length(self) -> int:
@@ -65,12 +72,7 @@ class BufferedLayer(DynamicLayer):
         idx = beam_idx.to(self._k.device)
         rows, n = self._k.shape[0], self._n
         if idx.shape[0] != rows:  # rows duplicated or dropped: new buffers, with the room the old ones had
-            cap = max(self._k.shape[-2], getattr(self, "_want", 0))
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                buf = old.new_empty(idx.shape[0], old.shape[1], cap, old.shape[-1])
-                torch.index_select(old[:, :, :n], 0, idx, out=buf[:, :, :n])
-                setattr(self, name, buf)
+            self._rebuffer(max(self._k.shape[-2], getattr(self, "_want", 0)), idx)
             self._alt = None
         elif (moved := (idx != torch.arange(rows, device=idx.device)).nonzero().squeeze(1)).numel() * (n - start) \
                 * 2 < rows * n:
