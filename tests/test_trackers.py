@@ -59,6 +59,8 @@ def wandb_history(run_file):
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
@@ -73,6 +75,24 @@ def wandb_history(run_file):
     return rows
 
 
+def wandb_rows_when_written(run_file, last_step, wait_s=30.0):
+    """The run's rows once wandb's service has written them. `finish()` returned, but the service process writes the
+    .wandb file itself: once (in CI, 2026-12-07) the file held its header only when read at once. Ending the service
+    (`wandb.teardown`) closes its streams; then the rows are polled for, up to wait_s, and a file that never gets
+    them fails the test below on what it holds."""
+    import time
+
+    import wandb
+
+    wandb.teardown()
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows = wandb_history(run_file)
+        if any(r.get("_step") == last_step for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
 def test_wandb_offline_gets_the_same_metrics(llama_dir, data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -82,8 +102,8 @@ def test_wandb_offline_gets_the_same_metrics(llama_dir, data, tmp_path, monkeypa
                           report_to="wandb"))
     files = list(out.glob("wandb/offline-run-*/*.wandb"))
     assert len(files) == 1
-    rows = wandb_history(files[0])
-    assert rows[0] == {"_run_name": "run"}  # --run-name defaults to the name of --out
+    rows = wandb_rows_when_written(files[0], last_step=4)
+    assert rows and rows[0] == {"_run_name": "run"}  # --run-name defaults to the name of --out
     by_step = {r["_step"]: r for r in rows[1:]}
     for m in res.metrics:
         pre = "eval_" if m["split"] == "eval" else ""
