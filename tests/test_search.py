@@ -1,6 +1,7 @@
 """Search: parity with transformers' beam search, the paper's identities, exact small-problem optima."""
 
 import itertools
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -388,16 +389,14 @@ def test_budget_is_refused_for_methods_without_a_width():
 def test_new_beams_sit_in_their_parents_slots():
     from r2q.search.beam import _stay_in_place
 
-    g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        parent = torch.randint(0, 6, (3, 6), generator=g)
-        order, flat = _stay_in_place(parent)
-        for b in range(3):
-            assert sorted(order[b].tolist()) == list(range(6))  # a permutation of the children
-            placed = parent[b][order[b]]  # the parent of the child in each slot
-            assert torch.equal(flat[b], placed + b * 6)
-            for p in set(parent[b].tolist()):
-                assert placed[p] == p  # some child of parent p stays in p's slot
+    rng = random.Random(0)
+    for _ in range(200):
+        parents = [rng.randrange(6) for _ in range(6)]
+        order = _stay_in_place(parents)
+        assert sorted(order) == list(range(6))  # a permutation of the children
+        placed = [parents[c] for c in order]  # the parent of the child in each slot
+        for p in set(parents):
+            assert placed[p] == p  # some child of parent p stays in p's slot
 
 
 def test_chunked_top_k_is_torch_topk():
@@ -415,41 +414,65 @@ def test_chunked_top_k_is_torch_topk():
         assert all(len(set(row)) == k for row in idx.tolist())  # k distinct elements
 
 
-def test_shared_prefix_is_what_every_moved_beam_shares_with_its_parent():
-    from r2q.search.beam import _shared_prefix
+def test_shared_depth_is_how_many_first_tokens_two_beams_share():
+    from r2q.search.beam import shared_depth, tokens_of
 
-    g = torch.Generator().manual_seed(1)
-    B, K, t = 3, 5, 7
-    for _ in range(50):
-        prev = torch.randint(0, 3, (B, K, 10), generator=g)  # few tokens: beams often share their first ones
-        src = torch.randint(0, K, (B, K), generator=g)
-        got = _shared_prefix(prev, src + torch.arange(B)[:, None] * K, t, K)
-        want = t
-        for b, k in itertools.product(range(B), range(K)):
-            if src[b, k] != k:
-                n = next((j for j in range(t) if prev[b, k, j] != prev[b, src[b, k], j]), t)
-                want = min(want, n)
-        assert got == want
+    def ancestors(node):
+        out = []
+        while node is not None:
+            out.append(node)
+            node = node[0]
+        return out[::-1]
+
+    rng = random.Random(1)
+    for _ in range(100):  # beams grown as a search grows them: each step, every beam continues some beam
+        beams, depth = [None] * 5, rng.randint(1, 9)
+        for _ in range(depth):
+            beams = [(beams[rng.randrange(5)], rng.randrange(3)) for _ in range(5)]
+        for a, b in itertools.product(beams, beams):
+            ta, tb = tokens_of(a), tokens_of(b)
+            assert len(ta) == depth
+            want = next((j for j in range(depth) if ta[j] != tb[j]), depth)
+            chain_a, chain_b = ancestors(a), ancestors(b)  # the node at each depth 1..depth
+            common = max([d for d in range(1, depth + 1) if chain_a[d - 1] is chain_b[d - 1]], default=0)
+            assert shared_depth(a, b, depth) == common
+            assert common <= want  # what the reorder leaves in place is the same tokens in both rows
+        assert all(shared_depth(a, a, depth) == depth for a in beams)
 
 
-def test_buffered_reorder_from_a_start_equals_a_full_reorder_where_rows_agree_before_it():
+def test_buffered_moves_equal_a_full_reorder_where_rows_agree_with_their_sources_before_their_starts():
     from transformers import DynamicCache
 
-    from r2q.search.cache import BufferedLayer, reorder
+    from r2q.search.cache import BufferedLayer, Moves, reorder
 
     g = torch.Generator().manual_seed(2)
-    for start, idx in [(0, [0, 0, 2, 3]), (3, [1, 1, 2, 0]), (5, [3, 2, 1, 0]), (6, [0, 1, 2, 3]), (4, [2, 2, 2, 2])]:
-        k = torch.randn(4, 2, 6, 3, generator=g)
-        k[:, :, :start] = k[:1, :, :start]  # every row agrees on the positions before start
-        v = k + 1
+    rng = random.Random(2)
+    paths, tried = set(), 0
+    for _ in range(60):
+        rows, n = 6, 9
+        keep = rng.randint(1, rows)
+        idx = [rng.randrange(rows) for _ in range(keep)]
+        starts = [rng.randint(0, n) for _ in range(keep)]
+        k = torch.randn(rows, 2, n, 3, generator=g)
+        for i, (j, a) in enumerate(zip(idx, starts)):  # row i agrees with its source before its start
+            k[i, :, :a] = k[j, :, :a]
+        if any(not torch.equal(k[i, :, :a], k[j, :, :a]) for i, (j, a) in enumerate(zip(idx, starts))):
+            continue  # (a source changed after it was copied from: a state no search makes)
+        tried += 1
+        v = k * 2 + 1
         cache = DynamicCache()
         cache.layers = [BufferedLayer(), BufferedLayer()]
         for layer in range(2):
             cache.update(k[:, :, :5].clone(), v[:, :, :5].clone(), layer)
             cache.update(k[:, :, 5:].clone(), v[:, :, 5:].clone(), layer)  # into the room allocated at step 1
-        reorder(cache, torch.tensor(idx), start)
+        plan = Moves.of(idx, starts, rows, n, None)
+        paths.add("full" if plan.full is not None else "moves" if plan.pos is not None else "none")
+        reorder([cache], torch.tensor(idx), starts)
         for layer in cache.layers:
-            assert torch.equal(layer.keys, k[idx]) and torch.equal(layer.values, v[idx]), (start, idx)
+            assert torch.equal(layer.keys, k[idx]) and torch.equal(layer.values, v[idx]), (idx, starts)
+        cache.update(k[:keep, :, :1] + 7, v[:keep, :, :1] + 7, 0)  # and the room is still there
+        assert torch.equal(cache.layers[0].keys[:, :, -1:], k[:keep, :, :1] + 7)
+    assert paths == {"full", "moves", "none"} and tried > 30
 
 
 def test_beam_search_moving_only_what_beams_do_not_share_is_bitwise_the_full_reorder(monkeypatch):
@@ -458,17 +481,19 @@ def test_beam_search_moving_only_what_beams_do_not_share_is_bitwise_the_full_reo
     pol, ref = sharp_model("llama", seed=9), sharp_model("llama", seed=10, scale=3.0)
     prompts = prompts_of(6, seed=5)
     runs, starts, real = [], [], cache_mod.reorder
-    monkeypatch.setattr(cache_mod, "reorder", lambda c, idx, start=0: (starts.append(start), real(c, idx, start)))
+    monkeypatch.setattr(cache_mod, "reorder", lambda c, idx, s=None: (starts.append(s), real(c, idx, s)))
     for full in (False, True):
         if full:  # every reorder moves every position of every row
-            monkeypatch.setattr(cache_mod, "reorder", lambda c, idx, start=0: c.reorder_cache(idx))
+            monkeypatch.setattr(cache_mod, "reorder", lambda cs, idx, s=None: [c.reorder_cache(idx) for c in cs])
         out = []
         for method, K in (("beam", 4), ("beam", 8), ("reward-beam", 4)):
             cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=12, beta=0.3)
             hyps, _ = generate_ids(pol, prompts, cfg, [EOS], PAD, ref=ref if method == "reward-beam" else None)
             out.append([(h.token_ids, h.score, h.logp, h.ref_logp) for h in hyps])
         runs.append(out)
-    assert max(starts) > max(map(len, prompts)) + 2  # beams shared generated tokens, which stayed in place
+    T = max(map(len, prompts))
+    assert max(min(s) for s in starts if s) > T + 2  # beams shared generated tokens, which stayed in place
+    assert any(0 in s and max(s) > T for s in starts if s)  # prompts left the batch: rows moved whole, others not
     assert runs[0] == runs[1]  # the same tokens, and floats equal to the last bit
 
 

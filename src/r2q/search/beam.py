@@ -12,7 +12,7 @@ heuristic), so for the log-prob score it returns the same tokens as `generate(nu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,40 +23,45 @@ ScoreFn = Callable[[list[torch.Tensor]], torch.Tensor]
 NEG = -1.0e9
 
 
+Node = tuple  # a generated token in the tree of beams: (parent Node or None at the prompt, token id)
+
+
+def tokens_of(node: Node | None) -> list[int]:
+    """The tokens from the prompt to `node`."""
+    out = []
+    while node is not None:
+        node, tok = node
+        out.append(tok)
+    return out[::-1]
+
+
+def shared_depth(a: Node | None, b: Node | None, depth: int) -> int:
+    """How many first tokens two beams of depth `depth` share: the depth of their last common node (the tree is
+    walked up from both, so the cost is the number of tokens they do not share)."""
+    while a is not b:
+        a, b, depth = a[0], b[0], depth - 1
+    return depth
+
+
 @dataclass
-class BeamState:
-    """Every prompt's search, one row per prompt still searching: its K live beams and its best K finished
-    hypotheses, with every model's summed log-prob of each (M models). Rows are kept or dropped together."""
+class Finished:
+    """A hypothesis that ended: its score (with the length penalty), its last node, and every model's summed
+    log-prob."""
 
-    running: torch.Tensor  # (B, K, max_new) tokens of the live beams
-    running_scores: torch.Tensor  # (B, K)
-    running_lp: torch.Tensor  # (B, K, M)
-    finished: torch.Tensor  # (B, K, max_new)
-    finished_scores: torch.Tensor  # (B, K), with the length penalty; NEG for an empty slot
-    finished_len: torch.Tensor  # (B, K)
-    finished_lp: torch.Tensor  # (B, K, M)
-    is_finished: torch.Tensor  # (B, K) bool
-    can_improve: torch.Tensor  # (B, 1) bool: a live beam may still beat the worst finished one
-    prompt_of: torch.Tensor  # (B,) each row's prompt
-
-    @classmethod
-    def start(cls, B: int, K: int, max_new: int, M: int, pad_id: int, dev) -> BeamState:
-        running_scores = torch.zeros(B, K, device=dev)
-        running_scores[:, 1:] = NEG  # only the first copy of the prompt expands at step 0
-        seqs = torch.full((B, K, max_new), pad_id, dtype=torch.long, device=dev)
-        return cls(seqs, running_scores, torch.zeros(B, K, M, device=dev), seqs.clone(),
-                   torch.full((B, K), NEG, device=dev), torch.zeros(B, K, dtype=torch.long, device=dev),
-                   torch.zeros(B, K, M, device=dev), torch.zeros(B, K, dtype=torch.bool, device=dev),
-                   torch.ones(B, 1, dtype=torch.bool, device=dev), torch.arange(B, device=dev))
-
-    def rows(self, idx: torch.Tensor) -> BeamState:
-        return BeamState(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+    score: float
+    node: Node
+    logps: list[float]
 
 
-def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Each prompt's entries idx along dimension 1: (B, N, ...) at (B, J) -> (B, J, ...), as torch.take_along_dim,
-    by a gather (take_along_dim's broadcasting costs several times the gather itself on tensors this small)."""
-    return x.gather(1, idx if x.dim() == 2 else idx[:, :, None].expand(*idx.shape, *x.shape[2:]))
+@dataclass
+class Prompt:
+    """One prompt's search: its K live beams (last node, summed log-prob of each model) and its best K finished
+    hypotheses, best first. The live beams' scores are the rows of a tensor (the next step adds to them there)."""
+
+    index: int
+    beams: list[Node | None]
+    beam_logps: list[list[float]]
+    finished: list[Finished] = field(default_factory=list)
 
 
 def _top_k(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,97 +82,109 @@ def _top_k(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, tor
     return values, at.gather(1, j)
 
 
-def _advance(st: BeamState, scores: torch.Tensor, logps: list[torch.Tensor], t: int, max_new: int, K: int,
-             keep: int, eos: torch.Tensor, length_penalty: float, early_stopping: bool | str) -> tuple:
-    """One step of transformers' beam search over every row: the top `keep` continuations, the best K that did not
-    end become the live beams, and those of the top K that ended enter the finished list, scored with the length
-    penalty. Returns (the new state, the flat source row of each live beam, whether every candidate ended)."""
-    B, V = st.running.shape[0], scores.shape[-1]
-    acc = (scores.view(B, K, V) + st.running_scores[:, :, None]).view(B, K * V)
-    top_scores, top_idx = _top_k(acc, keep)
-    src_beam, tok = top_idx // V, top_idx % V
-    cand = _pick(st.running, src_beam)
-    cand[:, :, t] = tok
-    tok_lp = torch.stack([lp.float().view(B, K * V).gather(1, top_idx) for lp in logps], dim=-1)
-    cand_lp = _pick(st.running_lp, src_beam) + tok_lp
-    hits = torch.ones_like(tok, dtype=torch.bool) if t + 1 >= max_new else torch.isin(tok, eos)
+@dataclass
+class Step:
+    """What one step decided for the batch: each slot's new parent (flat rows b * K + k), the tokens the live beams
+    took (flat), their scores (B, K), and how many generated tokens each slot's beam shares with its parent."""
 
-    alive_scores = top_scores + hits * NEG
-    nxt = torch.topk(alive_scores, K).indices
-    order, beam_idx = _stay_in_place(_pick(src_beam, nxt))
-    nxt = _pick(nxt, order)
-    new = replace(st, running=_pick(cand, nxt),
-                  running_scores=_pick(alive_scores, nxt),
-                  running_lp=_pick(cand_lp, nxt))
-    ended = hits[:, :K] & st.can_improve  # of the top K, those that ended, in a prompt that can still improve
-    if early_stopping is True:  # a prompt with K finished hypotheses takes no more
-        ended &= ~st.is_finished.all(-1, keepdim=True)
-    if bool(ended.any()):  # (no step of a prompt's search adds a finished hypothesis otherwise)
-        _finish(new, st, cand[:, :K], cand_lp[:, :K], top_scores[:, :K] / ((t + 1) ** length_penalty), ended, t)
-    return new, beam_idx, bool(hits.all())
+    parents: list[int]
+    tokens: list[int]
+    scores: list[list[float]]
+    shared: list[int]
+    all_ended: bool = True  # every candidate of every prompt ended (at the last step, or by EOS)
 
 
-def _finish(new: BeamState, st: BeamState, cand: torch.Tensor, cand_lp: torch.Tensor, scores: torch.Tensor,
-            ended: torch.Tensor, t: int) -> None:
-    """Merge the hypotheses that ended (B, K) into each prompt's best K finished ones, in `new`: the ones that did
-    not end score NEG, as transformers' -1e9 offsets make them (below every real score, so never kept over one)."""
-    K = ended.shape[1]
-    m_scores = torch.cat([st.finished_scores, torch.where(ended, scores, NEG)], dim=1)
-    best = torch.topk(m_scores, K).indices
-
-    def merged(old: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-        return _pick(torch.cat([old, add], dim=1), best)
-
-    new.finished, new.finished_scores = merged(st.finished, cand), _pick(m_scores, best)
-    new.finished_len = merged(st.finished_len, torch.full_like(ended, t + 1, dtype=torch.long))
-    new.finished_lp, new.is_finished = merged(st.finished_lp, cand_lp), merged(st.is_finished, ended)
-
-
-def _stay_in_place(parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An order of each prompt's K new beams (B, K) that puts the first child of every parent in the parent's own
-    slot, and the other children in the free slots in turn: a beam that continues its parent then keeps its cache
-    row, and the reorder moves only the rows whose parent changed. The live beams' order is otherwise immaterial:
-    the best live score is taken by max, and finished hypotheses are ranked by score. Returns (for each slot the
-    child that sits there, and that child's parent as a flat row b * K + parent). B x K small integers, in plain
-    Python: half the time of the dozen tensor ops it replaces on CPU (51 against 109 us at 16 x 4)."""
-    orders, rows = [], []
-    for b, row in enumerate(parent.tolist()):
-        seen: set[int] = set()
-        first = []  # whether each child is its parent's first
-        for p in row:
-            first.append(p not in seen)
-            seen.add(p)
-        free = iter([s for s in range(len(row)) if s not in seen])  # the slots no first child sits in, in order
-        order = [0] * len(row)
-        for child, p in enumerate(row):
-            order[p if first[child] else next(free)] = child
-        orders.append(order)
-        rows.append([b * len(row) + row[c] for c in order])
-    return (torch.tensor(orders, dtype=torch.long, device=parent.device),
-            torch.tensor(rows, dtype=torch.long, device=parent.device))
-
-
-def _shared_prefix(prev: torch.Tensor, beam_idx: torch.Tensor, t: int, K: int) -> int:
-    """How many generated tokens every beam that changes parent shares with its new parent, from the beams' tokens
-    before step t (B, K, max_new) and each slot's new parent row (B, K, flat): the cache positions before that are
-    equal in both rows (the same tokens at the same places of the same prompt), so the reorder leaves them."""
-    slot = torch.arange(K, device=prev.device)
-    src = beam_idx - torch.arange(prev.shape[0], device=prev.device)[:, None] * K
-    moved = src != slot
-    if t == 0 or not bool(moved.any()):
-        return t
-    old = prev[:, :, :t]
-    same = (_pick(old, src) == old).cumprod(-1).sum(-1)
-    return int(same[moved].min())
+def _advance(batch: list[Prompt], running_scores: torch.Tensor, scores: torch.Tensor, logps: list[torch.Tensor],
+             t: int, last: bool, K: int, keep: int, eos: frozenset[int], length_penalty: float,
+             take_more: list[bool]) -> Step:
+    """One step of transformers' beam search over every prompt of the batch: the top `keep` continuations of the
+    K x V scores; the best K that did not end become the live beams, and those of the top K that ended enter the
+    finished list (score / (t + 1) ** length_penalty) where take_more says the prompt takes them. The top-k runs
+    on the tensors; the rest on the B x keep candidates, in Python (a few dozen small tensor ops cost more)."""
+    B, V = len(batch), scores.shape[-1]
+    top_scores, top_idx = _top_k((scores.view(B, K, V) + running_scores[:, :, None]).view(B, K * V), keep)
+    tok_lps = [lp.view(B, K * V).gather(1, top_idx).tolist() for lp in logps]
+    ranked, where = top_scores.tolist(), top_idx.tolist()
+    ended_scores = None
+    step = Step([], [], [], [])
+    for b, p in enumerate(batch):
+        alive, ended = [], []
+        for r, at in enumerate(where[b]):
+            hit = last or (at % V) in eos
+            step.all_ended &= hit
+            if hit and r < K and take_more[b]:
+                ended.append(r)
+            elif not hit and len(alive) < K:
+                alive.append(r)
+        if len(alive) < K:  # (fewer than K candidates did not end: a vocabulary smaller than 2K; HF takes the best)
+            alive += [r for r in range(keep) if r not in alive][: K - len(alive)]
+        if ended:
+            if ended_scores is None:
+                ended_scores = ranked if length_penalty == 0.0 else \
+                    (top_scores[:, :K] / ((t + 1) ** length_penalty)).tolist()
+            _finish(p, K, [(ended_scores[b][r], divmod(where[b][r], V), [lp[b][r] for lp in tok_lps])
+                           for r in ended])
+        order = _stay_in_place([where[b][r] // V for r in alive])
+        beams, beam_logps, row_scores = [], [], []
+        for slot, child in enumerate(order):
+            r = alive[child]
+            parent, tok = divmod(where[b][r], V)
+            step.shared.append(t if parent == slot else shared_depth(p.beams[slot], p.beams[parent], t))
+            beams.append((p.beams[parent], tok))
+            beam_logps.append([s + lp[b][r] for s, lp in zip(p.beam_logps[parent], tok_lps)])
+            row_scores.append(ranked[b][r])
+            step.parents.append(b * K + parent)
+            step.tokens.append(tok)
+        p.beams, p.beam_logps = beams, beam_logps
+        step.scores.append(row_scores)
+    return step
 
 
-def _still_improvable(st: BeamState, t: int, max_new: int, length_penalty: float, early_stopping: bool | str
-                      ) -> torch.Tensor:
-    """transformers' heuristic: a prompt is done when its best live beam cannot beat its worst finished one."""
+def _finish(p: Prompt, K: int, ended: list[tuple[float, tuple[int, int], list[float]]]) -> None:
+    """Merge the hypotheses that ended at this step ((score, (parent beam, token), token log-probs), best first)
+    into the prompt's best K finished ones, as transformers' top-k over the old and the new does."""
+    new = [Finished(score, (p.beams[parent], tok), [s + lp for s, lp in zip(p.beam_logps[parent], tok_lps)])
+           for score, (parent, tok), tok_lps in ended]
+    p.finished = sorted(p.finished + new, key=lambda h: -h.score)[:K]  # stable: the old first among equal scores
+
+
+def _stay_in_place(parents: list[int]) -> list[int]:
+    """An order of one prompt's K new beams that puts the first child of every parent in the parent's own slot, and
+    the other children in the free slots in turn: a beam that continues its parent then keeps its cache row, and
+    the reorder moves only the rows whose parent changed. The live beams' order is otherwise immaterial: the best
+    live score is taken by max, and finished hypotheses are ranked by score. Returns the child that sits in each
+    slot."""
+    seen: set[int] = set()
+    first = []  # whether each child is its parent's first
+    for p in parents:
+        first.append(p not in seen)
+        seen.add(p)
+    free = iter([s for s in range(len(parents)) if s not in seen])  # the slots no first child sits in, in order
+    order = [0] * len(parents)
+    for child, p in enumerate(parents):
+        order[p if first[child] else next(free)] = child
+    return order
+
+
+def _fill_holes(stay: list[bool]) -> list[int]:
+    """The prompts that stay, in the order of the batch they make: each keeps its place, and the last ones fill the
+    places of those that left (so only their rows move in the caches)."""
+    kept = [b for b, s in enumerate(stay) if s]
+    late = iter(b for b in kept if b >= len(kept))
+    return [b if stay[b] else next(late) for b in range(len(kept))]
+
+
+def _still_improvable(batch: list[Prompt], running_scores: torch.Tensor, t: int, max_new: int, K: int,
+                      length_penalty: float, early_stopping: bool | str) -> list[bool]:
+    """transformers' heuristic: a prompt is done when it has K finished hypotheses and its best live beam cannot beat
+    the worst of them (with early_stopping=True, as soon as it has K)."""
+    full = [len(p.finished) == K for p in batch]
+    if early_stopping is True or not any(full):
+        return [not f for f in full]
     best_len = max_new if early_stopping == "never" and length_penalty > 0.0 else t + 1
-    best_possible = st.running_scores.max(dim=1, keepdim=True).values / (best_len ** length_penalty)
-    worst = torch.where(st.is_finished, st.finished_scores.min(dim=1, keepdim=True).values, NEG)
-    return st.can_improve & (best_possible > worst).any(-1, keepdim=True)
+    best = running_scores.max(dim=1).values
+    best = (best if length_penalty == 0.0 else best / (best_len ** length_penalty)).tolist()
+    return [not f or b > p.finished[-1].score for f, b, p in zip(full, best, batch)]
 
 
 def beam_search(
@@ -197,40 +214,41 @@ def beam_search(
         raise ValueError("num_return cannot exceed num_beams")
     ids, mask = left_pad(prompts, pad_id)
     dev = lock.device
-    eos = torch.tensor(list(eos_ids), device=dev)
+    eos = frozenset(int(e) for e in eos_ids)
     keep = max(2, 1 + len(eos)) * K  # as HF: enough candidates that K stay alive if the top ones end
 
     logps = lock.prefill(ids, mask)
     lock.select(torch.arange(B, device=dev).repeat_interleave(K))
     logps = [lp.repeat_interleave(K, dim=0) for lp in logps]
-    st = BeamState.start(B, K, max_new_tokens, len(logps), pad_id, dev)
-    # a prompt whose search is over (nothing it has left can beat its finished hypotheses) leaves the batch: its
-    # finished list is stored here under its original index, and its rows cost nothing more
-    done = BeamState.start(B, K, max_new_tokens, len(logps), pad_id, dev)
-
-    def store(s: BeamState) -> None:
-        for name in ("finished", "finished_scores", "finished_len", "finished_lp"):
-            getattr(done, name)[s.prompt_of] = getattr(s, name)
-
+    M = len(logps)
+    batch = [Prompt(b, [None] * K, [[0.0] * M for _ in range(K)]) for b in range(B)]
+    running = torch.zeros(B, K, device=dev)
+    running[:, 1:] = NEG  # only the first copy of the prompt expands at step 0
+    done: dict[int, list[Finished]] = {}  # the finished lists of prompts whose search is over (they left the batch)
     for t in range(max_new_tokens):
-        prev = st.running
-        st, beam_idx, all_hit = _advance(st, score_fn(logps).float(), logps, t, max_new_tokens, K, keep, eos,
-                                         length_penalty, early_stopping)
-        shared = ids.shape[1] + _shared_prefix(prev, beam_idx, t, K)  # cache positions no beam's move changes
-        if monotone:
-            st.can_improve = _still_improvable(st, t, max_new_tokens, length_penalty, early_stopping)
-        all_full = st.is_finished.all() and early_stopping is True
-        if not st.can_improve.any() or all_full or all_hit or t + 1 >= max_new_tokens:
+        full = [early_stopping is True and len(p.finished) == K for p in batch]  # such a prompt takes no more
+        last = t + 1 >= max_new_tokens
+        step = _advance(batch, running, score_fn(logps).float(), logps, t, last, K, keep, eos, length_penalty,
+                        [not f for f in full])
+        running = torch.tensor(step.scores, dtype=torch.float32, device=dev)
+        if last or step.all_ended:
             break
-        if not st.can_improve.all():  # the prompts that are done leave (only a monotone score ends one early)
-            stay = st.can_improve[:, 0].nonzero().squeeze(1)
-            store(st.rows((~st.can_improve[:, 0]).nonzero().squeeze(1)))
-            st, beam_idx, shared = st.rows(stay), beam_idx[stay], 0
-        lock.select(beam_idx.reshape(-1), shared)  # rows of the lockstep as it stood before any prompt left
-        logps = lock.step(st.running[:, :, t].reshape(-1))
+        stay = _still_improvable(batch, running, t, max_new_tokens, K, length_penalty, early_stopping) \
+            if monotone else [not (early_stopping is True and len(p.finished) == K) for p in batch]
+        if not any(stay):
+            break
+        parents, tokens, T = step.parents, step.tokens, ids.shape[1]
+        starts = [T + d for d in step.shared]  # the prompt and the generated tokens a row shares with its parent
+        if not all(stay):  # the prompts that are done leave the batch; their rows cost nothing more
+            done.update((p.index, p.finished) for p, s in zip(batch, stay) if not s)
+            rows = _fill_holes(stay)
+            batch, running = [batch[b] for b in rows], running[torch.tensor(rows, device=dev)]
+            parents = [parents[b * K + k] for b in rows for k in range(K)]
+            tokens = [tokens[b * K + k] for b in rows for k in range(K)]
+            starts = [starts[b * K + k] if b == j else 0 for j, b in enumerate(rows) for k in range(K)]
+        lock.select(torch.tensor(parents, device=dev), starts)  # rows of the lockstep as it stood before the step
+        logps = lock.step(torch.tensor(tokens, device=dev))
 
-    store(st)
-    return [[Hypothesis(done.finished[b, k, : int(done.finished_len[b, k])].tolist(), float(done.finished_scores[b, k]),
-                        *done.finished_lp[b, k].tolist()[:2])
-             for k in range(num_return) if done.finished_scores[b, k] > NEG / 2]  # an empty slot: nothing finished
-            for b in range(B)]
+    done.update((p.index, p.finished) for p in batch)
+    return [[Hypothesis(tokens_of(h.node), h.score, *h.logps[:2]) for h in done[b][:num_return]
+             if h.score > NEG / 2] for b in range(B)]  # (a slot only a NEG-scored copy of the prompt filled)

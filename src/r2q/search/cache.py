@@ -5,6 +5,8 @@ Imported when a search first runs (it needs transformers' cache classes), not wh
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -93,6 +95,24 @@ class BufferedLayer(DynamicLayer):
             self._k, self._v = ak, av
         self._view()
 
+    def move(self, plan: Moves) -> None:
+        """Apply `plan` (see Moves): the (row, position) entries it lists take their sources', in place, and the rows
+        past its length leave (the buffers keep their room)."""
+        if plan.full is not None:
+            self.reorder_cache(plan.full)
+            return
+        if plan.dst is not None:
+            if not self._k.is_contiguous():  # (the prefill's own tensors, before the room is made)
+                self._rebuffer(self._k.shape[-2])
+            rows, heads, cap, dim = self._k.shape
+            dst, src = plan.flat(heads, cap)
+            for buf in (self._k, self._v):
+                flat = buf.view(rows * heads * cap, dim)
+                flat.index_copy_(0, dst, flat.index_select(0, src))  # every source read before any write
+        if plan.rows < self._k.shape[0]:
+            self._k, self._v, self._alt = self._k[: plan.rows], self._v[: plan.rows], None
+        self._view()
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove < 0 and self.get_seq_length():
             self._n = max(self._n + tokens_to_remove, 0)
@@ -107,13 +127,59 @@ class BufferedLayer(DynamicLayer):
             self.reorder_cache(torch.as_tensor(indices).flatten())
 
 
-def reorder(cache, idx: torch.Tensor, start: int = 0) -> None:
-    """cache.reorder_cache(idx), moving only positions from `start` on where the cache's layers can."""
-    if start and all(isinstance(layer, BufferedLayer) for layer in getattr(cache, "layers", ())):
-        for layer in cache.layers:
-            layer.reorder_cache(idx, start)
-    else:
-        cache.reorder_cache(idx)
+@dataclass
+class Moves:
+    """A reorder of the rows of caches whose positions agree in part: row i takes row src[i]'s keys and values from
+    position starts[i] on (the earlier ones are equal in both already: the same prompt and the same first generated
+    tokens), and rows past len(src) leave. Listed as (row, position) entries to copy where that is less than half of
+    what a full reorder copies; else `full`, the index for a full reorder."""
+
+    rows: int
+    full: torch.Tensor | None = None
+    dst: torch.Tensor | None = None  # (P,) the rows and positions to write, and the rows to read them from
+    src: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    _flat: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, src: list[int], starts: list[int], rows: int, n: int, device) -> Moves:
+        moved = [i for i, (j, a) in enumerate(zip(src, starts)) if j != i and a < n]
+        count = sum(n - starts[i] for i in moved)
+        if len(src) > rows or (len(src) == rows and 2 * count >= rows * n):
+            return cls(len(src), full=torch.tensor(src, device=device))
+        if not moved:
+            return cls(len(src))
+        at = torch.tensor([starts[i] for i in moved], device=device)
+        lengths = n - at
+        dst = torch.tensor(moved, device=device).repeat_interleave(lengths, output_size=count)
+        src_rows = torch.tensor([src[i] for i in moved], device=device).repeat_interleave(lengths, output_size=count)
+        first = (at - lengths.cumsum(0) + lengths).repeat_interleave(lengths, output_size=count)
+        return cls(len(src), None, dst, src_rows, torch.arange(count, device=device) + first)
+
+    def flat(self, heads: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries as indices into a (rows * heads * cap, head_dim) view of a buffer: one per head."""
+        if (heads, cap) not in self._flat:
+            h = torch.arange(heads, device=self.pos.device)
+            self._flat[heads, cap] = tuple(((r[:, None] * heads + h) * cap + self.pos[:, None]).view(-1)
+                                           for r in (self.dst, self.src))
+        return self._flat[heads, cap]
+
+
+def reorder(caches: list, idx: torch.Tensor, starts: list[int] | None = None) -> None:
+    """Row i of every cache takes row idx[i]'s keys and values (fewer rows than before: the others leave; more: rows
+    are duplicated). starts[i]: the positions before it already agree in row i and its source, so they stay in
+    place; caches of buffered layers then move only what differs, in place. Others reorder in full."""
+    plans: dict[tuple[int, int], Moves] = {}  # (rows, positions): caches in lockstep share one plan
+    for cache in caches:
+        layers = getattr(cache, "layers", ())
+        if starts is not None and layers and all(isinstance(x, BufferedLayer) and x.get_seq_length() for x in layers):
+            key = (layers[0]._k.shape[0], layers[0]._n)
+            if key not in plans:
+                plans[key] = Moves.of(idx.tolist(), starts, *key, idx.device)
+            for layer in layers:
+                layer.move(plans[key])
+        else:
+            cache.reorder_cache(idx)
 
 
 def new_cache(model, reserve: int = 0):

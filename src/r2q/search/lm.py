@@ -151,15 +151,15 @@ class Lockstep:
         """Continue from existing caches (one per model) over rows whose attention mask is `mask`."""
         self.caches, self.mask = list(caches), mask.to(self.device)
 
-    def select(self, idx: torch.Tensor, shared: int = 0) -> None:
-        """Keep rows `idx` (N',), in that order, duplicating where repeated: every cache and the mask. shared: the
-        first positions are already equal in each row and its source (and the mask is), so they stay in place."""
+    def select(self, idx: torch.Tensor, starts: list[int] | None = None) -> None:
+        """Keep rows `idx` (N',), in that order, duplicating where repeated: every cache and the mask. starts: for
+        each new row, the first position where it may differ from its source (the earlier ones are equal already,
+        and so is the mask there), so that only later positions move."""
         from .cache import reorder
 
         idx = idx.to(self.device)
         self.mask = self.mask.index_select(0, idx)
-        for c in self.caches:
-            reorder(c, idx, shared)
+        reorder(self.caches, idx, starts)
 
 
 def row_kv(cache, row: int, start: int = 0, end: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
