@@ -112,8 +112,7 @@ class Lockstep:
         self.compute = compute or Compute()
         self.device = next(self.models[0].parameters()).device
 
-    def _run(self, i: int, ids: torch.Tensor) -> torch.Tensor:
-        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -ids.shape[1]:]
+    def _run(self, i: int, ids: torch.Tensor, pos: torch.Tensor, tokens: int) -> torch.Tensor:
         if self.caches[i] is None:
             from .cache import new_cache  # transformers' cache classes: imported when a search first runs
 
@@ -123,7 +122,7 @@ class Lockstep:
                              **self.last_only[i])
         self.caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         self.compute.forward_passes += 1
-        self.compute.tokens_processed += int(self.mask[:, -ids.shape[1]:].sum())
+        self.compute.tokens_processed += tokens
         if self.compute.trace is not None:
             self.compute.trace.append((i, ids.shape[0], ids.shape[1]))
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
@@ -131,25 +130,31 @@ class Lockstep:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Run every model over the (left-padded) prompts; next-token log-probs (N, V) per model."""
-        self.mask = mask.to(self.device)
-        self.caches = [None] * len(self.models)
+        self.attach([None] * len(self.models), mask)
         ids = ids.to(self.device)
-        return [self._run(i, ids) for i in range(len(self.models))]
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        tokens = int(self.mask.sum())
+        return [self._run(i, ids, pos, tokens) for i in range(len(self.models))]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, alive: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Append one token per row (N,) and return next-token log-probs per model. Rows with alive=False
         (finished) get a masked-out position, so they cost nothing in attention and change nothing."""
-        col = torch.ones(tokens.shape[0], 1, dtype=self.mask.dtype, device=self.device)
-        if alive is not None:
+        if alive is None:
+            col, pos, n = self._ones[: tokens.shape[0]], self.seen[:, None], tokens.shape[0]
+        else:
             col = alive.to(self.device).long()[:, None].to(self.mask.dtype)
+            pos, n = self.seen[:, None] * col, int(col.sum())
         self.mask = torch.cat([self.mask, col], dim=1)
+        self.seen = self.seen + col[:, 0]  # each row's positions so far: the next one's position id
         ids = tokens.to(self.device)[:, None]
-        return [self._run(i, ids) for i in range(len(self.models))]
+        return [self._run(i, ids, pos, n) for i in range(len(self.models))]
 
     def attach(self, caches: list, mask: torch.Tensor) -> None:
         """Continue from existing caches (one per model) over rows whose attention mask is `mask`."""
         self.caches, self.mask = list(caches), mask.to(self.device)
+        self.seen = self.mask.sum(-1)
+        self._ones = torch.ones(self.mask.shape[0], 1, dtype=self.mask.dtype, device=self.device)
 
     def select(self, idx: torch.Tensor, starts: list[int] | None = None) -> None:
         """Keep rows `idx` (N',), in that order, duplicating where repeated: every cache and the mask. starts: for
@@ -158,7 +163,9 @@ class Lockstep:
         from .cache import reorder
 
         idx = idx.to(self.device)
-        self.mask = self.mask.index_select(0, idx)
+        self.mask, self.seen = self.mask.index_select(0, idx), self.seen.index_select(0, idx)
+        if self._ones.shape[0] < idx.shape[0]:
+            self._ones = torch.ones(idx.shape[0], 1, dtype=self.mask.dtype, device=self.device)
         reorder(self.caches, idx, starts)
 
 
