@@ -174,13 +174,20 @@ def _fill_holes(stay: list[bool]) -> list[int]:
     return [b if stay[b] else next(late) for b in range(len(kept))]
 
 
+def _takes_more(batch: list[Prompt], K: int, early_stopping: bool | str) -> list[bool]:
+    """Whether each prompt still takes finished hypotheses: with early_stopping=True, not once it has K."""
+    return [early_stopping is not True or len(p.finished) < K for p in batch]
+
+
 def _still_improvable(batch: list[Prompt], running_scores: torch.Tensor, t: int, max_new: int, K: int,
                       length_penalty: float, early_stopping: bool | str) -> list[bool]:
     """transformers' heuristic: a prompt is done when it has K finished hypotheses and its best live beam cannot beat
     the worst of them (with early_stopping=True, as soon as it has K)."""
+    if early_stopping is True:
+        return _takes_more(batch, K, early_stopping)
     full = [len(p.finished) == K for p in batch]
-    if early_stopping is True or not any(full):
-        return [not f for f in full]
+    if not any(full):
+        return [True] * len(batch)
     best_len = max_new if early_stopping == "never" and length_penalty > 0.0 else t + 1
     best = running_scores.max(dim=1).values
     best = (best if length_penalty == 0.0 else best / (best_len ** length_penalty)).tolist()
@@ -226,15 +233,14 @@ def beam_search(
     running[:, 1:] = NEG  # only the first copy of the prompt expands at step 0
     done: dict[int, list[Finished]] = {}  # the finished lists of prompts whose search is over (they left the batch)
     for t in range(max_new_tokens):
-        full = [early_stopping is True and len(p.finished) == K for p in batch]  # such a prompt takes no more
         last = t + 1 >= max_new_tokens
         step = _advance(batch, running, score_fn(logps).float(), logps, t, last, K, keep, eos, length_penalty,
-                        [not f for f in full])
+                        _takes_more(batch, K, early_stopping))
         running = torch.tensor(step.scores, dtype=torch.float32, device=dev)
         if last or step.all_ended:
             break
         stay = _still_improvable(batch, running, t, max_new_tokens, K, length_penalty, early_stopping) \
-            if monotone else [not (early_stopping is True and len(p.finished) == K) for p in batch]
+            if monotone else _takes_more(batch, K, early_stopping)
         if not any(stay):
             break
         parents, tokens, T = step.parents, step.tokens, ids.shape[1]

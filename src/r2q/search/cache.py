@@ -66,9 +66,8 @@ class BufferedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._n if self.is_initialized and self._k is not None else 0
 
-    def reorder_cache(self, beam_idx, start: int = 0) -> None:
-        """Row i takes row beam_idx[i]'s keys and values. start: positions before it are already equal in every row
-        and its source (beams of one prompt that share their first tokens), so only later positions need moving."""
+    def reorder_cache(self, beam_idx) -> None:
+        """Row i takes row beam_idx[i]'s keys and values, every position (`move` leaves positions rows share)."""
         if not self.get_seq_length():
             return
         idx = beam_idx.to(self._k.device)
@@ -76,14 +75,13 @@ class BufferedLayer(DynamicLayer):
         if idx.shape[0] != rows:  # rows duplicated or dropped: new buffers, with the room the old ones had
             self._rebuffer(max(self._k.shape[-2], getattr(self, "_want", 0)), idx)
             self._alt = None
-        elif (moved := (idx != torch.arange(rows, device=idx.device)).nonzero().squeeze(1)).numel() * (n - start) \
-                * 2 < rows * n:
-            # few rows take another's history, or only its recent part: move those positions of those rows, in
-            # place (their sources gathered first, so a row read is never one already overwritten)
-            if moved.numel() and start < n:
+        elif (moved := (idx != torch.arange(rows, device=idx.device)).nonzero().squeeze(1)).numel() * 2 < rows:
+            # few rows take another's history: move those rows, in place (their sources gathered first, so a row
+            # read is never one already overwritten)
+            if moved.numel():
                 src = idx.index_select(0, moved)
                 for buf in (self._k, self._v):
-                    part = buf[:, :, start:n]
+                    part = buf[:, :, :n]
                     part.index_copy_(0, moved, part.index_select(0, src))
         else:  # into a second buffer of the same size, then swap: no allocation, the filled part only
             if self._alt is None or self._alt[0].shape != self._k.shape:
