@@ -48,9 +48,9 @@ def test_beam_matches_transformers_generate_with_a_vocabulary_searched_in_chunks
 
     chunked, top_k = [], beam._top_k
 
-    def counted(x, k):
-        chunked.append(x.shape[1] // 256 >= 4 * k)  # the condition under which _top_k searches by chunks
-        return top_k(x, k)
+    def counted(scores, running, k):
+        chunked.append(running.shape[1] * (scores.shape[1] // 256) >= 4 * k)  # when _top_k searches by chunks
+        return top_k(scores, running, k)
 
     monkeypatch.setattr(beam, "_top_k", counted)
     model = sharp_model("llama", seed=7, vocab=3000)
@@ -399,19 +399,29 @@ def test_new_beams_sit_in_their_parents_slots():
             assert placed[p] == p  # some child of parent p stays in p's slot
 
 
-def test_chunked_top_k_is_torch_topk():
+def test_chunked_top_k_is_torch_topk_of_the_full_sum():
     from r2q.search.beam import _top_k
 
+    def full(scores, running, k):
+        B, K = running.shape
+        return torch.topk((scores.view(B, K, -1) + running[:, :, None]).view(B, -1), k)
+
     g = torch.Generator().manual_seed(0)
-    for n, k in itertools.product((100, 2048, 4 * 4096, 4 * 4096 + 37, 16 * 5000 + 255), (1, 8, 32, 64)):
-        x = torch.randn(5, n, generator=g)
-        assert all(map(torch.equal, _top_k(x, k), torch.topk(x, k)))  # no ties: the same indices too
-        x[:, -1] = 1e9  # the tail past the last whole chunk is searched
-        assert torch.equal(_top_k(x, k)[1][:, 0], torch.full((5,), n - 1))
-        ties = torch.randint(0, 5, (5, n), generator=g).float()  # many equal values: the same values, rank by rank
-        values, idx = _top_k(ties, k)
-        assert torch.equal(values, torch.topk(ties, k).values) and torch.equal(ties.gather(1, idx), values)
-        assert all(len(set(row)) == k for row in idx.tolist())  # k distinct elements
+    for (K, n), k in itertools.product(((1, 100), (1, 2048), (4, 4096), (4, 4096 + 37), (16, 5000 + 255),
+                                        (2, 3000)), (1, 8, 32, 64)):
+        B = 5
+        scores, running = torch.randn(B * K, n, generator=g), torch.randn(B, K, generator=g) * 3
+        assert all(map(torch.equal, _top_k(scores, running, k), full(scores, running, k)))  # no ties: same indices
+        tail = scores.clone()
+        tail.view(B, K, n)[:, -1, -1] = 1e9  # the tail past a beam's last whole chunk is searched
+        assert torch.equal(_top_k(tail, running, k)[1][:, 0], torch.full((B,), K * n - 1))
+        # many equal values: the same values, rank by rank, and k distinct elements that hold them
+        ties = torch.randint(0, 5, (B * K, n), generator=g).float()
+        level = torch.randint(0, 3, (B, K), generator=g).float()
+        values, idx = _top_k(ties, level, k)
+        sums = (ties.view(B, K, n) + level[:, :, None]).view(B, -1)
+        assert torch.equal(values, full(ties, level, k).values) and torch.equal(sums.gather(1, idx), values)
+        assert all(len(set(row)) == k for row in idx.tolist())
 
 
 def test_shared_depth_is_how_many_first_tokens_two_beams_share():
@@ -504,3 +514,19 @@ def test_search_benchmark_refuses_unknown_names_in_one_line(opt, bad):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].endswith(f"{bad.split(',')[1]} not among " + (
         "12m, 32k, demo" if opt == "--shapes" else "beam, methods, mcts"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lockstep_log_probs_are_the_log_softmax_of_the_logits(dtype):
+    """The lockstep takes the log-softmax in place over the model's own logits (fp32) or their fp32 copy: the
+    values of torch.log_softmax over a new tensor, bit for bit, and the model's next call is unaffected."""
+    model = sharp_model("llama", seed=5).to(dtype)
+    ids, mask = left_pad(prompts_of(4, seed=2), PAD)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        lock = Lockstep([model])
+        first = lock.prefill(ids, mask)[0]
+        assert torch.equal(first, torch.log_softmax(logits, dim=-1))
+        again = Lockstep([model]).prefill(ids, mask)[0]
+        assert torch.equal(again, first)

@@ -64,22 +64,41 @@ class Prompt:
     finished: list[Finished] = field(default_factory=list)
 
 
-def _top_k(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(x, k) over the last dimension of a (B, N) tensor, largest first, by way of the chunks that hold the
-    k largest values: every chunk's max, the k chunks with the largest maxes, and a top-k over their elements (and
-    the tail the chunks leave). The values are torch.topk's, rank by rank (an element outside the chosen chunks has
-    k chunk maxes at least as large); among exactly equal values the indices may be others. On CPU torch.topk over
-    (16, 16384) costs about 20 times a max over it, so this is several times faster where N is large."""
-    B, N = x.shape
-    n = N - N % chunk
-    if n // chunk < 4 * k or k > chunk:  # few chunks: no faster
-        return torch.topk(x, k)
-    best = torch.topk(x[:, :n].view(B, n // chunk, chunk).amax(-1), k).indices  # (B, k) the chunks to search
-    at = (best[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(B, k * chunk)
-    if n < N:
-        at = torch.cat([at, torch.arange(n, N, device=x.device).expand(B, N - n)], dim=1)
-    values, j = torch.topk(x.gather(1, at), k)
-    return values, at.gather(1, j)
+def _top_k(scores: torch.Tensor, running: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best continuations of B prompts' K beams: torch.topk over (B, K * V) of each beam's running score
+    (running, (B, K)) plus each token's (scores, (B * K, V)), largest first, found by way of the chunks of `chunk`
+    tokens that hold them: every chunk's max, the k chunks with the largest maxes plus the running score, and a
+    top-k over their elements (and the tail past each beam's last whole chunk). The sum is never made for the whole
+    K x V: chunk maxes are taken of the token scores and the running score added after (a + r rounds monotonically
+    in a, so the max of the sums is the sum of the max), and the chosen elements are added one by one. The values
+    are torch.topk's of the full sum, rank by rank (an element outside the chosen chunks has k chunk maxes at least
+    as large); among exactly equal values the indices may be others. On CPU torch.topk over (16, 16384) costs
+    about 20 times a max over it, so this is several times faster where K x V is large."""
+    (B, K), V = running.shape, scores.shape[-1]
+    nc = V // chunk  # whole chunks per beam
+    if K * nc < 4 * k or k > chunk:  # few chunks: no faster
+        return torch.topk((scores.view(B, K, V) + running[:, :, None]).view(B, K * V), k)
+    n, dev = nc * chunk, scores.device
+    by_beam = scores.view(B, K, V)
+    maxes = by_beam[:, :, :n].unflatten(-1, (nc, chunk)).amax(-1) + running[:, :, None]
+    best = torch.topk(maxes.view(B, K * nc), k).indices  # (B, k): chunk c of beam j is j * nc + c
+    beam = best // nc
+    if n == V:  # the chunks are rows of a (B * K * nc, chunk) view
+        rows = (best + torch.arange(B, device=dev)[:, None] * (K * nc)).view(-1)
+        part = scores.view(-1, chunk).index_select(0, rows).view(B, k, chunk)
+    else:
+        at = (beam * V + best % nc * chunk)[:, :, None] + torch.arange(chunk, device=dev)
+        part = scores.view(B, K * V).gather(1, at.view(B, -1)).view(B, k, chunk)
+    sums = (part + running.gather(1, beam)[:, :, None]).view(B, k * chunk)
+    if n < V:  # and every beam's tail
+        sums = torch.cat([sums, (by_beam[:, :, n:] + running[:, :, None]).reshape(B, -1)], dim=1)
+    values, j = torch.topk(sums, k)
+    c = (j // chunk).clamp(max=k - 1)  # which chosen chunk (clamped: the tails' elements are placed below)
+    chosen = beam.gather(1, c) * V + best.gather(1, c) % nc * chunk + j % chunk
+    if n == V:
+        return values, chosen
+    t = j - k * chunk  # past the chunks: the tails, V - n elements per beam
+    return values, torch.where(t < 0, chosen, t // (V - n) * V + n + t % (V - n))
 
 
 @dataclass
@@ -102,7 +121,7 @@ def _advance(batch: list[Prompt], running_scores: torch.Tensor, scores: torch.Te
     finished list (score / (t + 1) ** length_penalty) where take_more says the prompt takes them. The top-k runs
     on the tensors; the rest on the B x keep candidates, in Python (a few dozen small tensor ops cost more)."""
     B, V = len(batch), scores.shape[-1]
-    top_scores, top_idx = _top_k((scores.view(B, K, V) + running_scores[:, :, None]).view(B, K * V), keep)
+    top_scores, top_idx = _top_k(scores, running_scores, keep)
     tok_lps = [lp.view(B, K * V).gather(1, top_idx).tolist() for lp in logps]
     ranked, where = top_scores.tolist(), top_idx.tolist()
     ended_scores = None
@@ -116,6 +135,8 @@ def _advance(batch: list[Prompt], running_scores: torch.Tensor, scores: torch.Te
                 ended.append(r)
             elif not hit and len(alive) < K:
                 alive.append(r)
+            if len(alive) == K and r >= K - 1:  # the rest can neither live nor end (only the top K end)
+                break
         if len(alive) < K:  # (fewer than K candidates did not end: a vocabulary smaller than 2K; HF takes the best)
             alive += [r for r in range(keep) if r not in alive][: K - len(alive)]
         if ended:

@@ -125,7 +125,11 @@ class Lockstep:
         self.compute.tokens_processed += tokens
         if self.compute.trace is not None:
             self.compute.trace.append((i, ids.shape[0], ids.shape[1]))
-        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        logits = out.logits[:, -1, :].float()
+        # in place where the logits are a tensor of their own (the model's last-position output, as asked for): the
+        # same values as a new tensor (tested), and the memory just written stays in the CPU's caches, where a
+        # fresh (N, V) result costs about as much as the log-softmax itself
+        return torch.log_softmax(logits, dim=-1, out=logits if logits.is_contiguous() else None)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

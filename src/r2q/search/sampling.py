@@ -25,7 +25,7 @@ class Samples:
 
 def filter_logits(logps: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Next-token log-weights after temperature, top-k and top-p (nucleus) filtering.  (N, V) -> (N, V)"""
-    x = logps / max(temperature, 1e-8)
+    x = logps if temperature == 1.0 else logps / max(temperature, 1e-8)  # (x / 1.0 is x: no pass over N x V)
     if top_k and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
