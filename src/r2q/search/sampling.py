@@ -94,10 +94,11 @@ def sample(
         nxt = torch.where(live, nxt, torch.full_like(nxt, pad_id))
         at = rows[live]
         tok[at, t] = nxt[live]
+        # (gathered over every row, then the live ones kept: l[live] would copy N x V)
         if drawn is not None:  # a model's own log-probs are recorded below already
-            drawn[at, t] = lp[live].gather(-1, nxt[live, None]).squeeze(-1).float()
+            drawn[at, t] = lp.gather(-1, nxt[:, None]).squeeze(-1)[live].float()
         for m, l in enumerate(logps):
-            lps[m][at, t] = l[live].gather(-1, nxt[live, None]).squeeze(-1).float()
+            lps[m][at, t] = l.gather(-1, nxt[:, None]).squeeze(-1)[live].float()
         live = live & ~torch.isin(nxt, eos)
         if not live.any() or t + 1 == max_new_tokens:
             break
