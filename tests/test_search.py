@@ -1,5 +1,6 @@
 """Search: parity with transformers' beam search, the paper's identities, exact small-problem optima."""
 
+import inspect
 import itertools
 import random
 import subprocess
@@ -47,9 +48,10 @@ def test_beam_matches_transformers_generate_with_a_vocabulary_searched_in_chunks
     from r2q.search import beam
 
     chunked, top_k = [], beam._top_k
+    chunk = inspect.signature(top_k).parameters["chunk"].default
 
     def counted(scores, running, k):
-        chunked.append(running.shape[1] * (scores.shape[1] // 256) >= 4 * k)  # when _top_k searches by chunks
+        chunked.append(running.shape[1] * (scores.shape[1] // chunk) >= 4 * k)  # when _top_k searches by chunks
         return top_k(scores, running, k)
 
     monkeypatch.setattr(beam, "_top_k", counted)

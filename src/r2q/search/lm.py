@@ -127,8 +127,8 @@ class Lockstep:
             self.compute.trace.append((i, ids.shape[0], ids.shape[1]))
         logits = out.logits[:, -1, :].float()
         # in place where the logits are a tensor of their own (the model's last-position output, as asked for): the
-        # same values as a new tensor (tested), and the memory just written stays in the CPU's caches, where a
-        # fresh (N, V) result costs about as much as the log-softmax itself
+        # same values as into a new tensor (tested), without a new (N, V) tensor a step, which on CPU cost about as
+        # much as the log-softmax itself (BENCHMARKS.md)
         return torch.log_softmax(logits, dim=-1, out=logits if logits.is_contiguous() else None)
 
     @torch.no_grad()
