@@ -220,8 +220,38 @@ def test_stage_key_changes_with_the_code_settings_and_seed(monkeypatch, tmp_path
 
 def test_the_real_stages_hash_the_modules_they_run():
     names = {p.name for p in source_files("r2q.demo.lm")}
-    assert {"lm.py", "loop.py", "setup.py", "imdb_sentiment.py", "models.py"} <= names  # the trainer is a package
+    assert {"lm.py", "loop.py", "setup.py", "models.py"} <= names  # the trainer is a package
     assert "report.py" not in names and "claims.py" not in names  # the report's code does not recompute SFT
+    # an edit to search does not train the shared LMs again, nor one to the trainer or search make the text again
+    assert not any(p.parent.name == "search" for p in source_files("r2q.demo.lm"))
+    text = {f"{p.parent.name}/{p.name}" for p in source_files("r2q.demo.text")}
+    assert "tasks/imdb_sentiment.py" in text and not any(n.split("/")[0] in ("search", "train") for n in text)
     # the search package's __init__ imports lazily: its stage still hashes the code that decodes
     searched = {p.name for p in source_files("r2q.demo.search")}
     assert {"decode.py", "methods.py", "beam.py", "mcts.py", "cache.py", "hypothesis.py"} <= searched
+
+
+def test_an_edit_to_search_recomputes_only_the_stages_that_decode(tmp_path, monkeypatch):
+    """The demo's real stages, keyed before and after an edit to one search file: the text, the gold reward and the
+    shared LMs (minutes of training) keep their keys; the stages that sample or search are computed again."""
+    import r2q.demo.stages as stages
+    from r2q.demo.pipeline import stage_list
+    from r2q.demo.profile import PROFILES
+
+    def keys(edited: str | None) -> dict[str, str]:
+        real_files = stages.source_files
+
+        def hashed(module):  # the real hash, with `edited` (a file name) counted as changed
+            names = [f"{p.parent.name}/{p.name}" for p in real_files(module)]
+            return stages.hashlib.sha256(repr([n + ("*" if n == edited else "") for n in names]).encode()).hexdigest()
+
+        monkeypatch.setattr(stages, "source_hash", hashed)
+        st = Stages(tmp_path, {"n": 1}, stage_list(PROFILES["quick"]))
+        return {name: st.key(name, 0) for name in st.order}
+
+    before, after = keys(None), keys("search/beam.py")
+    same = {n for n in before if before[n] == after[n]}
+    assert {"data", "gold", "sft", "judge"} <= same
+    assert not {"eos", "pairs", "search"} & same  # they decode with the search package
+    trained = keys("train/loop.py")
+    assert before["data"] == trained["data"] and before["gold"] == trained["gold"] and before["sft"] != trained["sft"]

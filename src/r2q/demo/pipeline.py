@@ -42,11 +42,13 @@ from .config import DemoConfig, parse_seeds
 from .credit import stage_credit
 from .dpo import DPORun, dpo_plan, stage_dpo, stage_pairs
 from .dynamics import stage_dynamics
-from .lm import stage_data, stage_eos, stage_gold, stage_judge, stage_sft
+from .eos import stage_eos
+from .lm import stage_judge, stage_sft
 from .profile import PROFILES, Profile
 from .report import terminal_table, write_report
 from .search import stage_search
 from .stages import Stage, StageRecord, Stages
+from .text import stage_data, stage_gold
 
 
 def stage_list(p: Profile) -> list[Stage]:
