@@ -2,6 +2,7 @@
 
 import inspect
 import itertools
+import json
 import random
 import subprocess
 import sys
@@ -532,3 +533,18 @@ def test_lockstep_log_probs_are_the_log_softmax_of_the_logits(dtype):
         assert torch.equal(first, torch.log_softmax(logits, dim=-1))
         again = Lockstep([model]).prefill(ids, mask)[0]
         assert torch.equal(again, first)
+
+
+def test_search_parts_benchmark_accounts_for_the_whole_search(tmp_path):
+    """benchmarks/search_parts.py on a short search: its parts are each positive, and with the rest of the loop they
+    add up to the search's wall time (the rest is what the named parts leave, so it cannot be negative)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "search_parts.py"
+    out = tmp_path / "parts.json"
+    run = subprocess.run([sys.executable, str(script), "--shape", "12m", "--K", "4", "--repeats", "1",
+                          "--new-tokens", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(out.read_text())
+    parts = {k: v for k, v in row["parts_ms"].items() if k != "search"}
+    assert row["model_calls"] == 3 and all(v > 0 for v in parts.values()), parts
+    assert abs(sum(parts.values()) - row["search_ms"]) < 1e-6 * row["search_ms"]
+    assert parts["forwards"] > 0.5 * row["search_ms"] and row["overhead"] > 0
