@@ -182,7 +182,7 @@ def test_user_errors(llama_dir, tmp_path):
         run_credit(model=str(llama_dir), ref=str(llama_dir), prompt="a", quiet=True)
     with pytest.raises(UserError, match="--ref is required"):
         run_credit(model=str(llama_dir), prompt="a", response="b", quiet=True)
-    with pytest.raises(UserError, match="--beta must be at least 0"):
+    with pytest.raises(UserError, match="--beta must be greater than 0"):
         run_credit(model=str(llama_dir), ref=str(llama_dir), beta=-1.0, prompt="a", response="b", quiet=True)
 
 

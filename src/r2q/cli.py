@@ -21,11 +21,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import check_options, option, read_config_file
+from .config import check_options, field_type, option, read_config_file
 from .credit_config import CreditConfig
 from .demo.config import DemoConfig
 from .errors import UserError, note
-from .paths import check_out_file, write_atomic
+from .paths import check_out_file, check_outputs_spare_inputs, write_atomic
 from .record import read_record, reference_changed
 from .search.config import GenerateConfig, check_models
 from .theory.config import TheoryConfig
@@ -96,9 +96,7 @@ def _options_from(cls):
     the field's metadata (see r2q.config.option)."""
     params = []
     for f in dataclasses.fields(cls):
-        name = f.type if isinstance(f.type, str) else f.type.__name__
-        # an Enum option (e.g. --early-stopping) is its value's string on the command line; the config converts it
-        typ = str if isinstance(f.default, Enum) else {"int": int, "float": float, "str": str, "bool": bool}[name]
+        typ = field_type(f)  # an Enum option (e.g. --early-stopping) is its value's string; the config converts it
         shown: bool | str = f.default != ""
         if isinstance(f.default, str) and not f.default.isprintable():  # e.g. a newline: shown as \n
             shown = f.default.encode("unicode_escape").decode()
@@ -114,11 +112,14 @@ def _options_from(cls):
     return inspect.Signature(params)
 
 
-CONFIG = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, default="",
-    annotation=Annotated[str, typer.Option(help="A YAML or JSON file of options (keys are option names, e.g. "
-                                                "max_length: 512); options given on the command line override it. "
-                                                "A run's r2q_config.json is one", show_default=False)])
+def _config_param(record: bool) -> inspect.Parameter:
+    """--config; record: the command's options are train's, so a run's r2q_config.json is a config file too."""
+    help = ("A YAML or JSON file of options (keys are option names, e.g. max_length: 512); options given on the "
+            "command line override it" + (". A run's r2q_config.json is one" if record else ""))
+    return inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default="",
+                             annotation=Annotated[str, typer.Option(help=help, show_default=False)])
+
+
 
 
 def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
@@ -136,7 +137,7 @@ def _config_command(name: str, cls, doc: str, run, extra: list | None = None) ->
         run(cls(**{k: v for k, v in kw.items() if k in names}), **{k: v for k, v in kw.items() if k not in names})
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    command.__signature__ = inspect.Signature([context] + extra + [CONFIG] +
+    command.__signature__ = inspect.Signature([context] + extra + [_config_param(cls is TrainConfig)] +
                                               list(_options_from(cls).parameters.values()))
     command.__doc__ = doc
     app.command(name)(command)
@@ -190,6 +191,8 @@ def _generate_command() -> None:
                 quiet: bool, trust_remote_code: bool) -> None:
         check_models(cfg, ref or None, base or None)  # before loading: it asks only whether each model is given
         check_out_file(out_path, "--out")
+        check_outputs_spare_inputs([("--out", out_path)], files=[("--prompts", prompts)],
+                                   dirs=[("--model", model), ("--ref", ref), ("--base", base)])
         texts = _read_prompts(prompts)
         _quiet_transformers()
         from .models import check_vocab, load_model, load_reference, load_tokenizer
@@ -246,20 +249,29 @@ def _credit_inputs(cfg) -> tuple[str, float]:
     `r2q train` recorded with the model (and noting when that reference has changed since), else beta 0.1."""
     if not cfg.model:
         raise UserError("--model is required")
-    if bool(cfg.data) == bool(cfg.prompt or cfg.response):
+    if bool(cfg.data) == bool(cfg.prompt or cfg.response is not None):
         raise UserError("give either --data FILE or --prompt TEXT with --response TEXT")
-    if not cfg.data and not (cfg.prompt and cfg.response):
+    if not cfg.data and (not cfg.prompt or cfg.response is None):
         raise UserError("--prompt and --response go together")
-    for flag_name, path in (("--html", cfg.html), ("--json", cfg.json), ("--png", cfg.png)):
-        if path:
-            check_out_file(path, flag_name)
-    rec = read_record(cfg.model)
+    try:
+        rec = read_record(cfg.model)
+    except UserError as e:  # a damaged record: what it would have given was given on the command line
+        if not (cfg.ref and cfg.beta is not None):
+            raise
+        note(f"{e} (doing so)")
+        rec = None
     ref = cfg.ref or (rec.reference() if rec else "")
     if not ref:
         raise UserError("--ref is required (the model has no r2q_config.json naming its reference)")
+    outputs = [(flag_name, path) for flag_name, path in (("--html", cfg.html), ("--json", cfg.json),
+                                                          ("--png", cfg.png)) if path]
+    for flag_name, path in outputs:
+        check_out_file(path, flag_name)
+    check_outputs_spare_inputs(outputs, files=[("--data", cfg.data)],
+                               dirs=[("--model", cfg.model), ("--ref", "" if ref == "none" else ref)])
     if (changed := reference_changed(rec, ref)) is not None:
         note(changed)
-    return ref, cfg.beta or (rec.beta() if rec else None) or 0.1
+    return ref, cfg.beta if cfg.beta is not None else (rec.beta() if rec else None) or 0.1
 
 
 def _write_credit(report, cfg, console: Console) -> None:

@@ -8,10 +8,10 @@ import sys
 
 
 def _default(param) -> str:
+    if isinstance(getattr(param, "show_default", None), str):  # what --help says in place of the value
+        return param.show_default
     if not getattr(param, "show_default", True) or param.default is None:
         return ""
-    if isinstance(param.show_default, str):
-        return param.show_default
     d = param.default
     if isinstance(d, bool):
         return "on" if d else "off"

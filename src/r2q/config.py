@@ -89,9 +89,11 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_keys_loader(yaml))
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise UserError(f"--config {path}: the key {e.args[0]!r} is given twice") from None
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: the parser's message says where
         raise UserError(f"--config {path}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}"
                         f" ({' '.join(str(e).split())[:200]})") from None
@@ -101,8 +103,12 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
         raise UserError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
+    spelled: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in spelled:
+            raise UserError(f"--config {path}: {spelled[name]!r} and {key!r} are the same option, given twice")
+        spelled[name] = key
         if name in RECORD_ONLY:
             continue
         if name not in fields:
@@ -111,8 +117,44 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
     return out
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    """json's object_pairs_hook: a mapping that refuses a key given twice (json.loads keeps the last silently)."""
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _unique_keys_loader(yaml):
+    """A safe YAML loader whose mappings refuse a key given twice (yaml.safe_load keeps the last silently)."""
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            for i, k in enumerate(keys):
+                if k in keys[:i]:
+                    raise _DuplicateKey(k)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The Python type of a config field's values (an Enum option's is its value's string; `float | None`: float)."""
+    if isinstance(f.default, Enum):
+        return str
+    name = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"int": int, "float": float, "str": str, "bool": bool}[name.replace(" | None", "")]
+
+
 def _typed(value: Any, f: dataclasses.Field, path: str, key: str) -> Any:
-    want = str if isinstance(f.default, Enum) else type(f.default)  # the config turns the string into the Enum
+    want = field_type(f)  # (an Enum's string: the config turns it into the Enum)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is int and isinstance(value, float) and value.is_integer():

@@ -229,6 +229,8 @@ def score_examples(
             b = examples_batch([examples[i] for i in idx], pad, share_prefix)
             slots = batch_slots(idx, pairs)  # batch rows: chosen..., rejected... (pairs) or one per completion
             ref_lp = reference.logps(b, slots)
+            if ref_lp is not None and torch.isnan(ref_lp).any():
+                raise UserError("the reference gives NaN log-probs for this batch: its weights (or dtype) are damaged")
             made, R = _credits(b, _logps(policy, b), None if ref_lp is None else ref_lp.float().cpu(), beta,
                                [pieces[s] for s in slots], delimiter, [turns[s] for s in slots])
             comps = [(s, CompletionCredit(row=examples[s // per].row, prompt=_prompt_text(tokenizer, seqs[s][0]),
@@ -276,7 +278,11 @@ def _report(tokenizer, examples, comps: list[CompletionCredit], pair_loss: dict[
 
 
 def _logps(model, b: TokenBatch) -> torch.Tensor:
-    return completion_logps(model, b.to(model.device)).float().cpu()
+    lp = completion_logps(model, b.to(model.device)).float().cpu()
+    if torch.isnan(lp).any():  # damaged weights give NaN everywhere; a report of NaN rewards would be no answer
+        raise UserError(f"{getattr(model.config, '_name_or_path', '') or 'a model'} gives NaN log-probs for this "
+                        "batch: its weights (or dtype) are damaged")
+    return lp
 
 
 def turn_steps(pieces: Sequence[str], turns) -> tuple[list[bool], list[str]] | None:

@@ -14,13 +14,13 @@ class CreditConfig:
 
     model: str = option("", "Policy (DPO) model directory")
     ref: str = option("", "Reference model; default: the one r2q train recorded; 'none' = reference-free")
-    beta: float = option(0.0, "beta of the rewards", ge=0, shown="the one r2q train recorded, else 0.1")
+    beta: float | None = option(None, "beta of the rewards", gt=0, shown="the one r2q train recorded, else 0.1")
     data: str = option("", "Pairs (prompt/chosen/rejected) or completions to score: a file, a data set directory or a "
                            "hub data set ORG/NAME")
     split: str = option("train", "Split of --data when it is a data set")
     subset: str = option("", "Configuration of a hub data set")
     prompt: str = option("", "A prompt (with --response), instead of --data")
-    response: str = option("", "The response to --prompt")
+    response: str | None = option(None, "The response to --prompt (\"\" for an empty one: EOS alone)")
     html: str = option("", "Write a self-contained HTML heatmap here")
     json: str = option("", "Write the per-token numbers as JSON here")
     png: str = option("", "Write a PNG figure here")

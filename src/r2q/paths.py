@@ -51,6 +51,27 @@ def check_out_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def check_outputs_spare_inputs(outputs: list[tuple[str, str | os.PathLike]], files: list[tuple[str, str | os.PathLike]],
+                               dirs: list[tuple[str, str | os.PathLike]]) -> None:
+    """Output files (option, path) must be distinct, none of them an input file, and none an existing file of an
+    input model directory (its weights, config or tokenizer: writing there would destroy what the command loads;
+    a new file in such a directory is fine). Links resolved; a UserError names both options."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        r = Path(path).resolve()
+        if r in seen:
+            raise UserError(f"{seen[r]} and {flag} are the same file {path}: give each its own")
+        seen[r] = flag
+        for what, src in files:
+            if src and Path(src).exists() and Path(src).resolve() == r:
+                raise UserError(f"{flag} {path} is the {what} file: writing it would replace the input; choose "
+                                "another path")
+        for what, d in dirs:
+            if d and Path(d).is_dir() and r.exists() and Path(d).resolve() in r.parents:
+                raise UserError(f"{flag} {path} is a file of the {what} directory {d}: writing it would damage what "
+                                "the command loads; choose another path")
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write to a temp file beside `path`, then rename over it: readers see the old file or the new one, and a
     symlink at `path` is replaced, not followed. Temp files of earlier writers that were killed are removed."""

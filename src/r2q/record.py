@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,20 @@ class Record:
     inputs: dict[str, str | None] = field(default_factory=dict)
     path: Path | None = None
 
+    def recorded_reference(self) -> str:
+        """The reference as recorded ('' if none, 'none' for reference-free), whatever kind of path it is."""
+        ref = self.config.get("ref") or ""
+        return (self.config.get("model") or "") if ref == "init" else ref
+
     def reference(self) -> str:
-        """The reference path the run trained against ('' if it recorded none, 'none' for reference-free)."""
-        ref = self.config.get("ref", "")
-        return self.config.get("model", "") if ref == "init" else ref
+        """The reference path the run trained against, to load it by ('' if it recorded none, 'none' for
+        reference-free). A relative path (written by an older r2q, relative to wherever train ran: it may name
+        another model from here) is a UserError; a hub id (ORG/NAME, not a local path) is returned as it is."""
+        ref = self.recorded_reference()
+        if ref and ref != "none" and _relative(ref):
+            raise UserError(f"{self.path} records the reference as the relative path {ref!r}, which depends on the "
+                            "directory train ran in; pass --ref")
+        return ref
 
     def beta(self) -> float | None:
         b = self.config.get("beta")
@@ -94,16 +105,25 @@ def read_record(model: str | os.PathLike) -> Record | None:
         d = json.loads(p.read_text())
         if not isinstance(d, dict):
             raise ValueError
-    except ValueError:
-        raise UserError(f"{p}: damaged (not a JSON object); pass --ref and --beta") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{p}: damaged (not a JSON object); pass --ref and --beta to do without it") from None
+    for key, ok, what in (("model", str, "a path"), ("ref", str, "a path"), ("beta", (int, float), "a number")):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, ok) or isinstance(v, bool)):
+            raise UserError(f"{p}: damaged ({key!r} is {v!r}, not {what}); pass --ref and --beta to do without it")
     inputs = d.pop("inputs", {}) or {}
-    rec = Record(d, inputs if isinstance(inputs, dict) else {}, p)
-    ref = rec.reference()
-    if ref and ref != "none" and not Path(ref).is_absolute() and (Path(ref).exists() or "/" in ref):
-        # written by an older r2q, relative to wherever train ran: it may name another model from here
-        raise UserError(f"{p} records the reference as the relative path {ref!r}, which depends on the directory "
-                        "train ran in; pass --ref")
-    return rec
+    return Record(d, inputs if isinstance(inputs, dict) else {}, p)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _relative(ref: str) -> bool:
+    """Whether a recorded reference is a relative local path (not absolute, and not a hub id: ORG/NAME that is no
+    local path)."""
+    if Path(ref).is_absolute():
+        return False
+    return Path(ref).exists() or not (_HUB_ID.fullmatch(ref) or "/" not in ref)
 
 
 def reference_changed(rec: Record | None, ref: str) -> str | None:
@@ -111,7 +131,8 @@ def reference_changed(rec: Record | None, ref: str) -> str | None:
     the sentence that says so; else None (nothing recorded, another reference given, or unchanged)."""
     if rec is None or not rec.reference_fingerprint() or ref in ("", "none"):
         return None
-    if Path(ref).resolve() != Path(rec.reference()).resolve():
+    recorded = rec.recorded_reference()
+    if not recorded or _relative(recorded) or Path(ref).resolve() != Path(recorded).resolve():
         return None
     now = model_fingerprint(ref)
     if now is None or now == rec.reference_fingerprint():

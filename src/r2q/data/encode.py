@@ -61,6 +61,7 @@ class DataReport:
     n_prompt_truncated: int = 0
     n_completion_truncated: int = 0
     n_identical: int = 0
+    n_identical_after_cut: int = 0  # pairs whose completions differ only past where they were cut
     n_empty_completions: int = 0  # empty replies, trained as EOS alone
     formats: dict[str, int] = field(default_factory=dict)
 
@@ -72,6 +73,8 @@ class DataReport:
         parts.append(f"{self.n_completion_truncated} rows with a truncated completion")
         if self.n_identical:
             parts.append(f"{self.n_identical} with chosen identical to rejected")
+        if self.n_identical_after_cut:
+            parts.append(f"{self.n_identical_after_cut} made identical by the cut (they differ only past --max-length)")
         if self.n_empty_completions:
             parts.append(f"{self.n_empty_completions} empty completions (EOS alone)")
         if self.formats.get("implicit-prompt"):
@@ -83,7 +86,7 @@ class DataReport:
         """What a command says about loading (the summary and the first skipped rows), or nothing when every row
         was used whole: skipped, cut or identical rows change what is trained or scored."""
         if not (self.n_skipped or self.n_prompt_truncated or self.n_completion_truncated or self.n_identical
-                or self.n_empty_completions):
+                or self.n_identical_after_cut or self.n_empty_completions):
             return []
         return [self.summary()] + [f"  skipped: {msg}" for msg in self.skipped[:max_skipped]]
 
@@ -265,11 +268,13 @@ def _numbered(rows: Iterable[Mapping | tuple[int, Mapping]]) -> list[tuple[int, 
 
 def _examples(encoded, report: DataReport, max_length: int, max_prompt_length: int) -> list:
     out: list = []
-    for n, _fmt, prompt, comps, turns in encoded:
-        prompt, comps, p_cut, c_cut = _truncate(prompt, comps, max_length, max_prompt_length)
+    for n, _fmt, prompt, orig, turns in encoded:
+        prompt, comps, p_cut, c_cut = _truncate(prompt, orig, max_length, max_prompt_length)
         report.n_prompt_truncated += p_cut
         report.n_completion_truncated += c_cut
         if report.kind == "preference":
+            # cut to the same tokens: no signal left (the loss is ln 2 whatever the model); said, as identical rows are
+            report.n_identical_after_cut += c_cut and comps[0] == comps[1] and orig[0] != orig[1]
             out.append(PreferenceExample(prompt, comps[0], comps[1], n, turns))
         else:
             out.append(SFTExample(prompt, comps[0], n, turns))
@@ -375,6 +380,7 @@ def inspect_data(
         "prompt_truncated": report.n_prompt_truncated,
         "completion_truncated": report.n_completion_truncated,
         "identical": report.n_identical,
+        "identical_after_cut": report.n_identical_after_cut,
         "lengths": lengths,
         "skipped_rows": list(report.skipped),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -59,6 +60,13 @@ def load_external_scorer(spec: str, device="cpu") -> Callable[[Sequence[str], Se
             sys.path.remove(os.getcwd())
         if not callable(f):
             raise UserError(f"scorer {spec!r} is not a function")
+        try:
+            inspect.signature(f).bind([], [])
+        except TypeError:
+            raise UserError(f"scorer {spec!r} must take (prompts, completions); it is {fn}{inspect.signature(f)}"
+                            ) from None
+        except ValueError:  # no signature to read (some built-ins): it is called as it is
+            pass
         return f
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

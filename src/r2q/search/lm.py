@@ -138,7 +138,14 @@ class Lockstep:
         ids = ids.to(self.device)
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         tokens = int(self.mask.sum())
-        return [self._run(i, ids, pos, tokens) for i in range(len(self.models))]
+        out = [self._run(i, ids, pos, tokens) for i in range(len(self.models))]
+        for i, lp in enumerate(out):  # once per search: damaged weights give NaN from the first forward on
+            if torch.isnan(lp).any():
+                from ..errors import UserError
+
+                raise UserError(f"model {i} of the search ({type(self.models[i]).__name__}) gives NaN log-probs for "
+                                "the prompts: its weights (or dtype) are damaged")
+        return out
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, alive: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -87,6 +87,10 @@ def check_not_in_place(out: Path, model: str, ref: str) -> None:
     if ref and _same(out, ref):
         raise UserError(f"--out {out} is the --ref directory; training there would overwrite the reference: choose "
                         "another --out")
+    for name, path in (("--model", model), ("--ref", ref)):  # e.g. a checkpoint of an earlier run in this --out
+        if path and Path(path).exists() and Path(out).resolve() in Path(path).resolve().parents:
+            raise UserError(f"{name} {path} lies inside --out {out}, which the run writes, prunes and (with "
+                            "--overwrite) empties: copy it out of there first, or choose another --out")
     for d in (out / "checkpoints", out / "adapter"):  # a run writes into these, and prunes old checkpoints in one
         if d.is_symlink():
             raise UserError(f"{d} is a symbolic link; r2q writes checkpoints and adapters only into real directories "

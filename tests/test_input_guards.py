@@ -1,0 +1,154 @@
+"""Inputs an audit of the CLI found mishandled (2026-12-07): outputs over inputs, a --model inside --out, records that
+blocked a given --ref or crashed on a wrong type, an explicit --beta 0, a scorer of the wrong shape, NaN weights,
+pairs made identical by the cut, config keys given twice, an empty --response. Each is one line (exit 2) before
+compute, or a correct run, and nothing the command reads is touched."""
+
+import json
+import shutil
+
+import pytest
+from conftest import one_line_error, pref_rows, run_cli, train_cfg, write_jsonl
+from safetensors.torch import load_file, save_file
+
+from r2q.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(llama_dir, tmp_path_factory):
+    """A trained run (1 step) with its r2q_config.json, and its data file."""
+    d = tmp_path_factory.mktemp("guards")
+    data = write_jsonl(d / "pairs.jsonl", pref_rows(16, 0))
+    train(train_cfg(llama_dir, data, d / "run", max_steps=1))
+    return d / "run", data
+
+
+def _credit(capsys, model, *args):
+    return run_cli(capsys, "credit", "--model", model, "--quiet", "--show", "0", *args)
+
+
+def test_credit_and_generate_never_write_over_what_they_read(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    victim = tmp_path / "victim.jsonl"
+    shutil.copy(data, victim)
+    before = victim.read_bytes()
+    assert "is the --data file" in one_line_error(*_credit(capsys, run, "--data", victim, "--json", victim)[::2])
+    assert "same file" in one_line_error(*_credit(capsys, run, "--data", victim, "--json", tmp_path / "o",
+                                                  "--html", tmp_path / "o")[::2])
+    model_copy = tmp_path / "m"
+    shutil.copytree(run, model_copy)
+    weights = (model_copy / "model.safetensors").read_bytes()
+    code, _, err = _credit(capsys, model_copy, "--data", victim, "--json", model_copy / "model.safetensors")
+    err = one_line_error(code, err)
+    assert "a file of the --model directory" in err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the film\n")
+    code, _, err = run_cli(capsys, "generate", "--model", run, "--prompts", prompts, "--out", prompts, "--quiet")
+    assert "is the --prompts file" in one_line_error(code, err)
+    assert victim.read_bytes() == before and prompts.read_text() == "the film\n"
+    assert (model_copy / "model.safetensors").read_bytes() == weights
+    # a new file in the model's directory is not one the command reads: allowed
+    code, _, err = _credit(capsys, model_copy, "--prompt", "the film", "--response", " was good.", "--json",
+                           model_copy / "credit.json")
+    assert code == 0, err
+    assert (model_copy / "credit.json").is_file()
+
+
+def test_a_model_inside_out_is_refused_before_overwrite_empties_it(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    start = out / "checkpoints" / "start"
+    shutil.copytree(run, start)
+    code, _, err = run_cli(capsys, "train", "--model", start, "--data", data, "--out", out, "--overwrite",
+                           "--max-steps", "1", "--quiet", "--report-to", "none")
+    assert "lies inside --out" in one_line_error(code, err)
+    assert (start / "model.safetensors").is_file()
+
+
+def test_a_record_does_not_block_the_ref_and_beta_given(run_dir, llama_ref_dir, tmp_path, capsys):
+    run, _ = run_dir
+    args = ("--prompt", "the film", "--response", " was good.", "--json", tmp_path / "c.json")
+    for bad, why in ((lambda r: dict(r, ref="somewhere/relative/x"), "relative path"),
+                     (lambda r: dict(r, ref=5), "'ref' is 5, not a path"),
+                     (lambda r: dict(r, beta="high"), "'beta' is 'high', not a number"),
+                     (None, "damaged (not a JSON object)")):
+        d = tmp_path / why.split()[0].strip("'")
+        shutil.copytree(run, d)
+        rec = json.loads((d / "r2q_config.json").read_text())
+        (d / "r2q_config.json").write_text(json.dumps(bad(rec)) if bad else '{"model": ')
+        assert why in one_line_error(*_credit(capsys, d, *args)[::2])  # without --ref / --beta: said
+        code, _, err = _credit(capsys, d, *args, "--ref", llama_ref_dir, "--beta", "0.2")
+        assert code == 0, err
+        assert json.loads((tmp_path / "c.json").read_text())["beta"] == 0.2
+    # a hub id recorded as the reference is not a relative path: the given --ref is used, the id only named
+    d = tmp_path / "hub"
+    shutil.copytree(run, d)
+    rec = json.loads((d / "r2q_config.json").read_text())
+    (d / "r2q_config.json").write_text(json.dumps(dict(rec, ref="EleutherAI/pythia-70m")))
+    code, _, err = _credit(capsys, d, *args, "--ref", llama_ref_dir)
+    assert code == 0, err
+
+
+def test_credit_beta_zero_is_refused_not_replaced(run_dir, capsys):
+    run, _ = run_dir
+    err = one_line_error(*_credit(capsys, run, "--prompt", "a", "--response", "b", "--beta", "0")[::2])
+    assert "--beta must be greater than 0" in err
+
+
+def test_credit_takes_an_empty_response(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    code, _, err = _credit(capsys, run, "--prompt", "the film", "--response", "", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    (item,) = json.loads((tmp_path / "e.json").read_text())["completions"]
+    assert len(item["token_ids"]) == 1 and item["tokens"][0] == "<|endoftext|>"  # EOS alone
+    assert "go together" in one_line_error(*_credit(capsys, run, "--response", "x")[::2])
+    assert "go together" in one_line_error(*_credit(capsys, run, "--prompt", "x")[::2])
+
+
+def test_a_scorer_that_cannot_take_prompts_and_completions_is_refused_before_decoding(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the film\n")
+    code, _, err = run_cli(capsys, "generate", "--model", run, "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+                           "--method", "best-of-n", "--ranking", "external", "--scorer", "os:getcwd", "--quiet")
+    assert "must take (prompts, completions)" in one_line_error(code, err)
+
+
+def test_nan_weights_are_one_line_in_credit_and_generate(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    bad = tmp_path / "nan"
+    shutil.copytree(run, bad)
+    w = load_file(str(bad / "model.safetensors"))
+    name = next(k for k in w if "embed_tokens" in k)
+    w[name] = w[name] * float("nan")
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    err = one_line_error(*_credit(capsys, bad, "--prompt", "the film", "--response", " was good.")[::2])
+    assert "NaN log-probs" in err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the film\n")
+    code, _, err = run_cli(capsys, "generate", "--model", bad, "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+                           "--quiet")
+    assert "NaN log-probs" in one_line_error(code, err)
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_pairs_the_cut_makes_identical_are_counted(tokenizer):
+    from r2q.data import preference_examples_from_rows
+
+    rows = [{"prompt": "the film", "chosen": " was good and long and fine", "rejected": " was good and long but bad"},
+            {"prompt": "a", "chosen": " b", "rejected": " b"}]
+    ex, report = preference_examples_from_rows(rows, tokenizer, max_length=5, max_prompt_length=2)
+    assert ex[0].chosen_ids == ex[0].rejected_ids  # (the premise: cut to the same tokens)
+    assert report.n_identical == 1 and report.n_identical_after_cut == 1
+    assert "1 made identical by the cut" in report.summary()
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", "max_length: 64\nmax_length: 128\n"),
+                                          (".json", '{"max_length": 64, "max_length": 128}'),
+                                          (".yaml", "max_length: 64\nmax-length: 128\n")])
+def test_a_config_key_given_twice_is_refused(run_dir, tmp_path, capsys, suffix, text):
+    run, data = run_dir
+    cfg = tmp_path / f"c{suffix}"
+    cfg.write_text(text)
+    code, _, err = run_cli(capsys, "train", "--config", cfg, "--model", run, "--data", data, "--out", tmp_path / "o")
+    assert "twice" in one_line_error(code, err)
