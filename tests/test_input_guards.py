@@ -152,3 +152,34 @@ def test_a_config_key_given_twice_is_refused(run_dir, tmp_path, capsys, suffix, 
     cfg.write_text(text)
     code, _, err = run_cli(capsys, "train", "--config", cfg, "--model", run, "--data", data, "--out", tmp_path / "o")
     assert "twice" in one_line_error(code, err)
+
+
+def test_a_training_run_that_fails_at_its_first_step_leaves_no_directory(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    bad = tmp_path / "nan"
+    shutil.copytree(run, bad)
+    w = load_file(str(bad / "model.safetensors"))
+    w = {k: v * float("nan") if "embed_tokens" in k else v for k, v in w.items()}
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_cli(capsys, "train", "--model", bad, "--ref", run, "--data", data, "--out", tmp_path / "o",
+                           "--max-steps", "1", "--quiet", "--report-to", "none", "--cache-dir", tmp_path / "cache")
+    assert "non-finite loss at step 1" in one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_paths_and_data_sets_that_do_not_load_say_why_in_one_line(run_dir, tmp_path, capsys):
+    run, data = run_dir
+    code, _, err = run_cli(capsys, "inspect-data", data, "--model", "no-such-model", "--max-length", "16",
+                           "--max-prompt-length", "16")
+    assert "--max-prompt-length (16) must be less than --max-length (16)" in one_line_error(code, err)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "inspect-data", data, "--model", empty)
+    assert "no tokenizer files in it" in one_line_error(code, err)
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "train.jsonl").write_text('["a", "b"]\n{"prompt": "x", "chosen": "y", "rejected": "z"}\n')
+    code, _, err = run_cli(capsys, "train", "--model", run, "--data", ds, "--out", tmp_path / "o", "--quiet",
+                           "--report-to", "none")
+    line = one_line_error(code, err)  # (no progress bar or log line of datasets' beside it)
+    assert "cannot load this data set" in line and "(" in line.split("DatasetGenerationError")[-1]

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import check_options, field_type, option, read_config_file
+from .config import check_options, check_prompt_fits, field_type, option, read_config_file
 from .credit_config import CreditConfig
 from .demo.config import DemoConfig
 from .errors import UserError, note
@@ -56,6 +56,7 @@ class InspectConfig:
 
     def __post_init__(self):
         check_options(self)
+        check_prompt_fits(self.max_length, self.max_prompt_length)
         if not self.model:
             raise UserError("--model is required (its tokenizer counts the tokens)")
 
@@ -63,10 +64,12 @@ class InspectConfig:
 def _quiet_transformers() -> None:
     """transformers' logs below errors and its progress bars off: each command calls this where it starts loading
     the engines (importing transformers takes half a second, so not before the options are checked)."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # (a failed hub request is the command's one-line error, not a log line too)
 
 
 def _inspect_data(cfg: InspectConfig) -> None:

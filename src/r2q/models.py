@@ -48,8 +48,13 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
             str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
-        raise UserError(f"cannot load a model from {path}: {first_line(e)}") from e
+        raise UserError(f"cannot load a model from {path}: {_where(path)}{first_line(e)}") from e
     return model
+
+
+def _where(path: str | os.PathLike) -> str:
+    """For a load that failed: that it went to the hub because no local directory has that name (a typo, often)."""
+    return "" if Path(path).exists() else "no local directory of that name, and as a hub id: "
 
 
 def adapter_base(path: str | os.PathLike) -> str:
@@ -137,15 +142,23 @@ def load_reference(path: str | os.PathLike, tokenizer, policy, dtype: str = "fp3
     return model
 
 
+# what AutoTokenizer reads from a directory: a fast tokenizer's file, its config, or a slow tokenizer's vocabulary
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                    "vocab.txt")
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer saved beside a model; a pad token is set to EOS if it has none."""
     from transformers import AutoTokenizer
 
     check_model_path(path, "tokenizer")
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        raise UserError(f"cannot load a tokenizer from {path}: no tokenizer files in it (none of "
+                        f"{', '.join(_TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:  # TypeError: a tokenizer file of the wrong shape
-        raise UserError(f"cannot load a tokenizer from {path}: {first_line(e)}") from e
+        raise UserError(f"cannot load a tokenizer from {path}: {_where(path)}{first_line(e)}") from e
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer at {path} has no EOS token; completions need one to end")
     if tok.pad_token_id is None:

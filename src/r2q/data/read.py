@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,8 @@ def _read_hub(name: str, source: str, split: str, subset: str, local: bool = Fal
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, subset or None, split=split)
+        with _datasets_quiet(datasets):
+            ds = datasets.load_dataset(name, subset or None, split=split)
     except ValueError as e:  # a split or configuration the data set does not have
         which = f"; choose a split with {split_flag}" if "split" in str(e).lower() else ""
         raise UserError(f"{source}: {first_line(e)}{which}") from e
@@ -268,8 +270,26 @@ def _read_hub(name: str, source: str, split: str, subset: str, local: bool = Fal
         raise UserError(f"{source}: cannot load this data set ({first_line(e)}); no local path of that name "
                         "exists, and a hub data set needs a network connection or the local cache") from e
     except Exception as e:  # datasets raises many kinds; none of them should become a traceback
-        raise UserError(f"{source}: cannot load this data set: {type(e).__name__}: {first_line(e)}") from e
+        cause = e.__cause__ or e.__context__  # (DatasetGenerationError says only that generating failed)
+        why = f"{type(e).__name__}: {first_line(e)}" + (f" ({type(cause).__name__}: {first_line(cause)})"
+                                                         if cause is not None else "")
+        raise UserError(f"{source}: cannot load this data set: {why}") from e
     return _dataset_rows(ds, source)
+
+
+@contextmanager
+def _datasets_quiet(datasets):
+    """datasets' progress bars and logs below errors off while it loads (r2q says what it loaded), then as they were."""
+    log = datasets.utils.logging
+    bars, level = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(level)
+        if bars:
+            log.enable_progress_bar()
 
 
 def _tname(x: Any) -> str:

@@ -96,7 +96,8 @@ def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     n = min(len(chosen), len(rejected))
     cut = next((i for i in range(n) if chosen[i] != rejected[i]), None)
     if cut == 0 or n == 0:
-        raise _RowError("no 'prompt', and 'chosen' and 'rejected' share no leading text to take it from")
+        raise _RowError("no 'prompt' (missing, null or NaN), and 'chosen' and 'rejected' share no leading text to "
+                        "take it from")
     if cut is None:
         cut = n - 1
     elif chosen[cut - 1] == " ":

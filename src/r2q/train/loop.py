@@ -328,9 +328,12 @@ class Trainer:
 
     def run(self) -> TrainResult:
         try:
-            return self._run()
-        finally:
-            self._unlock()
+            result = self._run()
+        except BaseException:  # e.g. a non-finite loss at step 1: a directory the run made and left empty goes
+            self._unlock(undo=True)
+            raise
+        self._unlock()
+        return result
 
     def _run(self) -> TrainResult:
         cfg = self.cfg
