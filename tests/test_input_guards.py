@@ -39,18 +39,22 @@ def test_credit_and_generate_never_write_over_what_they_read(run_dir, tmp_path, 
     weights = (model_copy / "model.safetensors").read_bytes()
     code, _, err = _credit(capsys, model_copy, "--data", victim, "--json", model_copy / "model.safetensors")
     err = one_line_error(code, err)
-    assert "a file of the --model directory" in err
+    assert "a file of the --model directory" in err and "that loading it reads" in err
     prompts = tmp_path / "p.txt"
     prompts.write_text("the film\n")
     code, _, err = run_cli(capsys, "generate", "--model", run, "--prompts", prompts, "--out", prompts, "--quiet")
     assert "is the --prompts file" in one_line_error(code, err)
     assert victim.read_bytes() == before and prompts.read_text() == "the film\n"
     assert (model_copy / "model.safetensors").read_bytes() == weights
-    # a new file in the model's directory is not one the command reads: allowed
-    code, _, err = _credit(capsys, model_copy, "--prompt", "the film", "--response", " was good.", "--json",
-                           model_copy / "credit.json")
-    assert code == 0, err
+    # another file in the model's directory is not one loading reads: allowed, the second time too (it then exists)
+    for _ in range(2):
+        code, _, err = _credit(capsys, model_copy, "--prompt", "the film", "--response", " was good.", "--json",
+                               model_copy / "credit.json")
+        assert code == 0, err
     assert (model_copy / "credit.json").is_file()
+    for name in ("config.json", "tokenizer.json", "r2q_config.json"):
+        code, _, err = _credit(capsys, model_copy, "--prompt", "a", "--response", "b", "--json", model_copy / name)
+        assert "that loading it reads" in one_line_error(code, err)
 
 
 def test_a_model_inside_out_is_refused_before_overwrite_empties_it(run_dir, tmp_path, capsys):

@@ -53,9 +53,9 @@ def check_out_file(path: str | os.PathLike, what: str) -> Path:
 
 def check_outputs_spare_inputs(outputs: list[tuple[str, str | os.PathLike]], files: list[tuple[str, str | os.PathLike]],
                                dirs: list[tuple[str, str | os.PathLike]]) -> None:
-    """Output files (option, path) must be distinct, none of them an input file, and none an existing file of an
-    input model directory (its weights, config or tokenizer: writing there would destroy what the command loads;
-    a new file in such a directory is fine). Links resolved; a UserError names both options."""
+    """Output files (option, path) must be distinct, none of them an input file, and none a file of an input model
+    directory that loading reads (weights, configs, tokenizer, record: writing it would destroy the model; another
+    file there, such as a credit.json of an earlier call, is fine). Links resolved; a UserError names both."""
     seen: dict[Path, str] = {}
     for flag, path in outputs:
         r = Path(path).resolve()
@@ -67,9 +67,22 @@ def check_outputs_spare_inputs(outputs: list[tuple[str, str | os.PathLike]], fil
                 raise UserError(f"{flag} {path} is the {what} file: writing it would replace the input; choose "
                                 "another path")
         for what, d in dirs:
-            if d and Path(d).is_dir() and r.exists() and Path(d).resolve() in r.parents:
-                raise UserError(f"{flag} {path} is a file of the {what} directory {d}: writing it would damage what "
-                                "the command loads; choose another path")
+            if d and Path(d).is_dir() and Path(d).resolve() in r.parents and _loaded(r):
+                raise UserError(f"{flag} {path} is a file of the {what} directory {d} that loading it reads: writing "
+                                "it would damage the model; choose another path")
+
+
+# the files a model directory is loaded from (weights, configs, tokenizer, adapters, r2q's record and manifests)
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".jinja")
+_MODEL_FILES = {"config.json", "generation_config.json", "adapter_config.json", "r2q_config.json", "manifest.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "vocab.txt", "merges.txt", "chat_template.json", "model.safetensors.index.json",
+                "preprocessor_config.json"}
+
+
+def _loaded(p: Path) -> bool:
+    """Whether a file in a model directory is one that loading the model (or its tokenizer) reads."""
+    return p.name in _MODEL_FILES or p.suffix in _MODEL_SUFFIXES
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
