@@ -65,7 +65,7 @@ def test_a_model_inside_out_is_refused_before_overwrite_empties_it(run_dir, tmp_
     shutil.copytree(run, start)
     code, _, err = run_cli(capsys, "train", "--model", start, "--data", data, "--out", out, "--overwrite",
                            "--max-steps", "1", "--quiet", "--report-to", "none")
-    assert "lies inside --out" in one_line_error(code, err)
+    assert "lies inside the checkpoints or adapter of --out" in one_line_error(code, err)
     assert (start / "model.safetensors").is_file()
 
 
@@ -187,3 +187,72 @@ def test_paths_and_data_sets_that_do_not_load_say_why_in_one_line(run_dir, tmp_p
                            "--report-to", "none")
     line = one_line_error(code, err)  # (no progress bar or log line of datasets' beside it)
     assert "cannot load this data set" in line and "(" in line.split("DatasetGenerationError")[-1]
+
+
+def test_generate_notes_around_a_damaged_record_when_ref_is_given(run_dir, llama_ref_dir, tmp_path, capsys):
+    run, _ = run_dir
+    d = tmp_path / "m"
+    shutil.copytree(run, d)
+    rec = json.loads((d / "r2q_config.json").read_text())
+    (d / "r2q_config.json").write_text(json.dumps(dict(rec, beta="high")))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the film\n")
+    code, _, err = run_cli(capsys, "generate", "--model", d, "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+                           "--ref", llama_ref_dir, "--method", "reward-beam", "--max-new-tokens", "3", "--quiet")
+    assert code == 0, err
+    assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 1
+
+
+def test_outputs_are_where_the_write_lands_links_included(run_dir, tmp_path, capsys):
+    """A write replaces a link at its path (never follows it): a model directory of links (the hub cache's layout)
+    is protected by its names, and a link to the data is not the data."""
+    run, data = run_dir
+    blobs, snap = tmp_path / "blobs", tmp_path / "snap"
+    shutil.copytree(run, blobs)
+    snap.mkdir()
+    for f in blobs.iterdir():
+        (snap / f.name).symlink_to(f)
+    code, _, err = _credit(capsys, snap, "--prompt", "a", "--response", "b", "--json", snap / "config.json")
+    assert "that loading it reads" in one_line_error(code, err)
+    assert (snap / "config.json").is_symlink()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(data)
+    before = data.read_bytes()
+    code, _, err = _credit(capsys, run, "--data", data, "--json", link)
+    assert code == 0, err
+    assert data.read_bytes() == before and not link.is_symlink() and json.loads(link.read_text())["kind"]
+
+
+def test_an_older_records_relative_reference_with_one_slash_is_not_taken_for_a_hub_id(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    d = tmp_path / "old"
+    shutil.copytree(run, d)
+    rec = json.loads((d / "r2q_config.json").read_text())
+    (d / "r2q_config.json").write_text(json.dumps(dict(rec, ref="runs/sft", out="runs/old")))  # as older r2q wrote
+    code, _, err = _credit(capsys, d, "--prompt", "a", "--response", "b")
+    assert "relative path 'runs/sft'" in one_line_error(code, err)
+
+
+def test_a_model_elsewhere_under_out_is_allowed(tmp_path):
+    from r2q.errors import UserError
+    from r2q.train.rundir import check_not_in_place
+
+    out = tmp_path / "exp"
+    for sub in ("sft", "checkpoints/step-1", "adapter/x"):
+        (out / sub).mkdir(parents=True)
+    check_not_in_place(out, str(out / "sft"), "")  # the run touches only its files, checkpoints/ and adapter/
+    for sub in ("checkpoints/step-1", "adapter/x"):
+        with pytest.raises(UserError, match="lies inside the checkpoints or adapter"):
+            check_not_in_place(out, str(out / sub), "")
+        with pytest.raises(UserError, match="--ref"):
+            check_not_in_place(out, "", str(out / sub))
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    from r2q.config import read_config_file
+    from r2q.train import TrainConfig
+
+    f = tmp_path / "m.yaml"
+    f.write_text("lr: 1.0e-5\n<<: {beta: 0.2, max_length: 64}\n"
+                 "max_length: 128\n")
+    assert read_config_file(str(f), TrainConfig) == {"lr": 1.0e-5, "beta": 0.2, "max_length": 128}

@@ -206,7 +206,7 @@ def _generate_command() -> None:
         tok = load_tokenizer(model, trust_remote_code)
         policy = load_model(model, dtype, trust_remote_code)
         check_vocab(tok, policy)
-        if ref and (changed := reference_changed(read_record(model), ref)) is not None:
+        if ref and (changed := reference_changed(_record_if_readable(model), ref)) is not None:
             note(changed)
         others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name)
                   for name, path in (("reference", ref), ("base", base)) if path}
@@ -245,6 +245,14 @@ def _generate_command() -> None:
 
 
 _generate_command()
+
+
+def _record_if_readable(model: str):
+    """The model's run record for a note, or None where it is damaged (generate needs nothing else from it)."""
+    try:
+        return read_record(model)
+    except UserError:
+        return None
 
 
 def _credit_inputs(cfg) -> tuple[str, float]:

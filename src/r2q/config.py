@@ -136,7 +136,8 @@ def _unique_keys_loader(yaml):
 
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            # merge keys (<<) are not keys of their own, and a key may override one they bring in
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
             for i, k in enumerate(keys):
                 if k in keys[:i]:
                     raise _DuplicateKey(k)

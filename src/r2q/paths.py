@@ -53,31 +53,39 @@ def check_out_file(path: str | os.PathLike, what: str) -> Path:
 
 def check_outputs_spare_inputs(outputs: list[tuple[str, str | os.PathLike]], files: list[tuple[str, str | os.PathLike]],
                                dirs: list[tuple[str, str | os.PathLike]]) -> None:
-    """Output files (option, path) must be distinct, none of them an input file, and none a file of an input model
-    directory that loading reads (weights, configs, tokenizer, record: writing it would destroy the model; another
-    file there, such as a credit.json of an earlier call, is fine). Links resolved; a UserError names both."""
+    """Output files (option, path) must be distinct, none of them an input (a `files` entry, or any file inside one
+    that is a directory: a data set), and none a file that loading an input model directory (`dirs`) reads: its
+    weights, configs, tokenizer, record or code (writing it would destroy the model; another file there, such as a
+    credit.json of an earlier call, is fine). An output is where the write lands: writes replace a link at the path
+    rather than follow it, so an output's own link is not resolved (its directory is); inputs are, fully. A
+    UserError names both options."""
     seen: dict[Path, str] = {}
     for flag, path in outputs:
-        r = Path(path).resolve()
-        if r in seen:
-            raise UserError(f"{seen[r]} and {flag} are the same file {path}: give each its own")
-        seen[r] = flag
+        at = Path(path).parent.resolve() / Path(path).name
+        if at in seen:
+            raise UserError(f"{seen[at]} and {flag} are the same file {path}: give each its own")
+        seen[at] = flag
         for what, src in files:
-            if src and Path(src).exists() and Path(src).resolve() == r:
-                raise UserError(f"{flag} {path} is the {what} file: writing it would replace the input; choose "
-                                "another path")
+            if not src or not Path(src).exists():
+                continue
+            src_at = Path(src).resolve()
+            if src_at == at or (src_at.is_dir() and src_at in at.parents and at.exists()):
+                raise UserError(f"{flag} {path} is {'the' if src_at == at else 'a file of the'} {what} "
+                                f"{'file' if src_at == at else 'directory'}: writing it would replace the input; "
+                                "choose another path")
         for what, d in dirs:
-            if d and Path(d).is_dir() and Path(d).resolve() in r.parents and _loaded(r):
+            if d and Path(d).is_dir() and Path(d).resolve() == at.parent and _loaded(at):
                 raise UserError(f"{flag} {path} is a file of the {what} directory {d} that loading it reads: writing "
                                 "it would damage the model; choose another path")
 
 
-# the files a model directory is loaded from (weights, configs, tokenizer, adapters, r2q's record and manifests)
-_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".jinja")
+# the files a model directory is loaded from (weights, configs, tokenizer, adapters, r2q's record and manifests, and
+# the code a --trust-remote-code load runs)
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".jinja", ".py")
 _MODEL_FILES = {"config.json", "generation_config.json", "adapter_config.json", "r2q_config.json", "manifest.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "vocab.txt", "merges.txt", "chat_template.json", "model.safetensors.index.json",
-                "preprocessor_config.json"}
+                "pytorch_model.bin.index.json", "preprocessor_config.json"}
 
 
 def _loaded(p: Path) -> bool:

@@ -68,10 +68,14 @@ class Record:
         reference-free). A relative path (written by an older r2q, relative to wherever train ran: it may name
         another model from here) is a UserError; a hub id (ORG/NAME, not a local path) is returned as it is."""
         ref = self.recorded_reference()
-        if ref and ref != "none" and _relative(ref):
+        if ref and ref != "none" and _relative(ref, self.old()):
             raise UserError(f"{self.path} records the reference as the relative path {ref!r}, which depends on the "
                             "directory train ran in; pass --ref")
         return ref
+
+    def old(self) -> bool:
+        """Written by an r2q that recorded paths as given (relative ones too): its --out is not absolute."""
+        return not Path(str(self.config.get("out") or "")).is_absolute()
 
     def beta(self) -> float | None:
         b = self.config.get("beta")
@@ -118,12 +122,14 @@ def read_record(model: str | os.PathLike) -> Record | None:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _relative(ref: str) -> bool:
-    """Whether a recorded reference is a relative local path (not absolute, and not a hub id: ORG/NAME that is no
-    local path)."""
+def _relative(ref: str, old: bool) -> bool:
+    """Whether a recorded reference is a relative local path: not absolute, and a path that exists from here, or one
+    that cannot be a hub id (ORG/NAME), or any path with a "/" in a record of an older r2q (`old`), which recorded
+    local paths as given; a record of this one makes every existing local path absolute, so ORG/NAME there is a hub
+    id."""
     if Path(ref).is_absolute():
         return False
-    return Path(ref).exists() or not (_HUB_ID.fullmatch(ref) or "/" not in ref)
+    return Path(ref).exists() or ("/" in ref and (old or not _HUB_ID.fullmatch(ref)))
 
 
 def reference_changed(rec: Record | None, ref: str) -> str | None:
@@ -132,7 +138,7 @@ def reference_changed(rec: Record | None, ref: str) -> str | None:
     if rec is None or not rec.reference_fingerprint() or ref in ("", "none"):
         return None
     recorded = rec.recorded_reference()
-    if not recorded or _relative(recorded) or Path(ref).resolve() != Path(recorded).resolve():
+    if not recorded or _relative(recorded, rec.old()) or Path(ref).resolve() != Path(recorded).resolve():
         return None
     now = model_fingerprint(ref)
     if now is None or now == rec.reference_fingerprint():

@@ -88,9 +88,11 @@ def check_not_in_place(out: Path, model: str, ref: str) -> None:
         raise UserError(f"--out {out} is the --ref directory; training there would overwrite the reference: choose "
                         "another --out")
     for name, path in (("--model", model), ("--ref", ref)):  # e.g. a checkpoint of an earlier run in this --out
-        if path and Path(path).exists() and Path(out).resolve() in Path(path).resolve().parents:
-            raise UserError(f"{name} {path} lies inside --out {out}, which the run writes, prunes and (with "
-                            "--overwrite) empties: copy it out of there first, or choose another --out")
+        parents = Path(path).resolve().parents if path and Path(path).exists() else ()
+        if any((Path(out) / d).resolve() in parents for d in ("checkpoints", "adapter")):
+            raise UserError(f"{name} {path} lies inside the checkpoints or adapter of --out {out}, which the run "
+                            "writes, prunes and (with --overwrite) removes: copy it out of there first, or choose "
+                            "another --out")
     for d in (out / "checkpoints", out / "adapter"):  # a run writes into these, and prunes old checkpoints in one
         if d.is_symlink():
             raise UserError(f"{d} is a symbolic link; r2q writes checkpoints and adapters only into real directories "
