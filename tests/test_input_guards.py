@@ -256,3 +256,18 @@ def test_yaml_merge_keys_still_load(tmp_path):
     f.write_text("lr: 1.0e-5\n<<: {beta: 0.2, max_length: 64}\n"
                  "max_length: 128\n")
     assert read_config_file(str(f), TrainConfig) == {"lr": 1.0e-5, "beta": 0.2, "max_length": 128}
+
+
+def test_a_lora_adapters_base_is_protected_as_the_model_is(tmp_path):
+    from r2q.errors import UserError
+    from r2q.paths import check_outputs_spare_inputs
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    with pytest.raises(UserError, match="--model's base model directory"):
+        check_outputs_spare_inputs([("--json", base / "model.safetensors")], [], [("--model", str(adapter))])
+    check_outputs_spare_inputs([("--json", base / "credit.json")], [], [("--model", str(adapter))])
+    assert (base / "model.safetensors").read_bytes() == b"weights"

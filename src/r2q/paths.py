@@ -73,7 +73,7 @@ def check_outputs_spare_inputs(outputs: list[tuple[str, str | os.PathLike]], fil
                 raise UserError(f"{flag} {path} is {'the' if src_at == at else 'a file of the'} {what} "
                                 f"{'file' if src_at == at else 'directory'}: writing it would replace the input; "
                                 "choose another path")
-        for what, d in dirs:
+        for what, d in [*dirs, *_adapter_bases(dirs)]:
             if d and Path(d).is_dir() and Path(d).resolve() == at.parent and _loaded(at):
                 raise UserError(f"{flag} {path} is a file of the {what} directory {d} that loading it reads: writing "
                                 "it would damage the model; choose another path")
@@ -86,6 +86,22 @@ _MODEL_FILES = {"config.json", "generation_config.json", "adapter_config.json", 
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "vocab.txt", "merges.txt", "chat_template.json", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json", "preprocessor_config.json"}
+
+
+def _adapter_bases(dirs: list[tuple[str, str | os.PathLike]]) -> list[tuple[str, str]]:
+    """The base model directories of the LoRA adapters among `dirs` (loading an adapter loads its base too)."""
+    import json
+
+    out = []
+    for what, d in dirs:
+        cfg = Path(d) / "adapter_config.json" if d else None
+        try:
+            base = json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg and cfg.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            base = None
+        if isinstance(base, str) and base:
+            out.append((f"{what}'s base model", base))
+    return out
 
 
 def _loaded(p: Path) -> bool:
