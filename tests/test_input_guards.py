@@ -5,6 +5,7 @@ compute, or a correct run, and nothing the command reads is touched."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import one_line_error, pref_rows, run_cli, train_cfg, write_jsonl
@@ -20,6 +21,15 @@ def run_dir(llama_dir, tmp_path_factory):
     data = write_jsonl(d / "pairs.jsonl", pref_rows(16, 0))
     train(train_cfg(llama_dir, data, d / "run", max_steps=1))
     return d / "run", data
+
+
+def _nan_copy(run: Path, dest: Path) -> Path:
+    """A copy of the run whose token embeddings are NaN (damaged weights)."""
+    shutil.copytree(run, dest)
+    w = load_file(str(dest / "model.safetensors"))
+    w = {k: v * float("nan") if "embed_tokens" in k else v for k, v in w.items()}
+    save_file(w, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
 
 
 def _credit(capsys, model, *args):
@@ -120,12 +130,7 @@ def test_a_scorer_that_cannot_take_prompts_and_completions_is_refused_before_dec
 
 def test_nan_weights_are_one_line_in_credit_and_generate(run_dir, tmp_path, capsys):
     run, _ = run_dir
-    bad = tmp_path / "nan"
-    shutil.copytree(run, bad)
-    w = load_file(str(bad / "model.safetensors"))
-    name = next(k for k in w if "embed_tokens" in k)
-    w[name] = w[name] * float("nan")
-    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    bad = _nan_copy(run, tmp_path / "nan")
     err = one_line_error(*_credit(capsys, bad, "--prompt", "the film", "--response", " was good.")[::2])
     assert "NaN log-probs" in err
     prompts = tmp_path / "p.txt"
@@ -160,11 +165,7 @@ def test_a_config_key_given_twice_is_refused(run_dir, tmp_path, capsys, suffix, 
 
 def test_a_training_run_that_fails_at_its_first_step_leaves_no_directory(run_dir, tmp_path, capsys):
     run, data = run_dir
-    bad = tmp_path / "nan"
-    shutil.copytree(run, bad)
-    w = load_file(str(bad / "model.safetensors"))
-    w = {k: v * float("nan") if "embed_tokens" in k else v for k, v in w.items()}
-    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    bad = _nan_copy(run, tmp_path / "nan")
     code, _, err = run_cli(capsys, "train", "--model", bad, "--ref", run, "--data", data, "--out", tmp_path / "o",
                            "--max-steps", "1", "--quiet", "--report-to", "none", "--cache-dir", tmp_path / "cache")
     assert "non-finite loss at step 1" in one_line_error(code, err)
