@@ -13,9 +13,11 @@ ignores WORLD_SIZE and every process trains alone on a full batch (see docs/dist
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import accelerate_launch, pref_rows, run, single, torchrun, write_jsonl
+from conftest import accelerate_launch, env_for, pref_rows, run, single, torchrun, write_jsonl
 from safetensors.torch import load_file
 
 from r2q.train import TrainConfig, Trainer
@@ -117,3 +119,33 @@ def test_fsdp_two_processes_match_one_and_resume(llama_dir, tmp_path):
     logs = "".join(f.read_text() for f in tmp_path.glob("log-*.txt"))
     assert logs.count("sharded over 2 processes (3 units)") == 2  # the two FSDP runs (2 decoder layers + the root)
     assert_same_run(ref, fsdp, "2 processes under FSDP2, resumed at step 2")
+
+
+_LEAVES = """
+import atexit, sys
+atexit.register(lambda: print("atexit handler ran", flush=True))
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+kept = Finalized()  # a module global: Python's finalization deletes it, os._exit does not
+from r2q.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_process_of_a_multi_process_run_exits_without_finalization(world, tmp_path):
+    """Under a launcher (WORLD_SIZE > 1) a finished command runs the atexit handlers, flushes, and exits with its
+    code and without Python's finalization, where gloo's live worker threads can abort a finished run (cli._leave);
+    one process exits as always."""
+    env = {**env_for(tmp_path), "WORLD_SIZE": world}
+    for args, code in ((["version"], 0), (["generate", "--num-beams", "0"], 2)):
+        p = subprocess.run([sys.executable, "-c", _LEAVES, *args], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == code, p.stderr
+        assert "atexit handler ran" in p.stdout
+        assert ("finalized" in p.stdout) == (world == "1"), p.stdout
+        if code == 0:
+            assert p.stdout.startswith("r2q ")
+        else:
+            assert p.stderr.startswith("error: ") and len(p.stderr.splitlines()) == 1

@@ -7,13 +7,15 @@ checked, so `r2q --help`, `r2q version` and every option error answer at once (t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -154,6 +156,8 @@ def _train(cfg, name: str, mode: str) -> None:
     from .train import train
 
     res = train(cfg, mode=mode)
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: the summary once, from the main one
+        return
     final = {k: v for k, v in (res.metrics[-1] if res.metrics else {}).items() if isinstance(v, float)}
     out.print(f"{name}: {res.steps} steps, model saved to {res.out}", markup=False, highlight=False)
     if final:
@@ -369,24 +373,48 @@ _config_command("inspect-data", InspectConfig, "Counts, token length percentiles
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
+    code = _command(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave(code)
+    if code:
+        sys.exit(code)
+
+
+def _command(argv: list[str] | None) -> int:
+    """Run one command; its exit code."""
     try:
         rc = app(args=argv, prog_name="r2q", standalone_mode=False)
     except UserError as e:
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-        sys.exit(2)
+        return 2
     except typer.Abort:  # Ctrl-C
         sys.stderr.write("error: aborted\n")
-        sys.exit(130)
+        return 130
     except typer.TyperException as e:  # click's parse errors (bad value, unknown option), worded on one line
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
         if not msg.strip():  # `r2q` alone: the help was printed
-            sys.exit(2)
+            return 2
         ctx = getattr(e, "ctx", None)
         hint = f" (see r2q {ctx.info_name} --help)" if ctx is not None and ctx.parent is not None else ""
         sys.stderr.write(f"error: {' '.join(msg.split())}{hint}\n")
-        sys.exit(2)
-    if isinstance(rc, int) and rc:
-        sys.exit(rc)
+        return 2
+    return rc if isinstance(rc, int) else 0
+
+
+def _leave(code: int) -> NoReturn:
+    """End one process of a multi-process run (torchrun, accelerate launch) once its command has returned: the
+    atexit handlers run while Python is whole (trackers, logging), the streams are flushed, and the process exits
+    without Python's finalization. Finalizing with gloo's worker threads alive (FSDP2 keeps the process group
+    referenced from C++, so destroying the group does not join them) can abort a run that has finished: a worker
+    that takes the GIL while the interpreter shuts down ends in std::terminate ("terminate called without an
+    active exception", pytorch/pytorch#38228), and the launcher reports the whole run as failed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
