@@ -11,6 +11,7 @@ import pytest
 from conftest import one_line_error, pref_rows, run_cli, train_cfg, write_jsonl
 from safetensors.torch import load_file, save_file
 
+from r2q.errors import UserError
 from r2q.train import train
 
 
@@ -272,3 +273,124 @@ def test_a_lora_adapters_base_is_protected_as_the_model_is(tmp_path):
         check_outputs_spare_inputs([("--json", base / "model.safetensors")], [], [("--model", str(adapter))])
     check_outputs_spare_inputs([("--json", base / "credit.json")], [], [("--model", str(adapter))])
     assert (base / "model.safetensors").read_bytes() == b"weights"
+
+
+# ------------------------------------------------------------------ the Python API (second audit, 2026-12-07)
+
+
+def test_config_values_of_the_wrong_type_are_refused_not_coerced():
+    from r2q.search import GenerateConfig
+    from r2q.train import TrainConfig
+
+    with pytest.raises(UserError, match=r"^--num-beams must be an integer; got str '4'$"):
+        GenerateConfig(num_beams="4")
+    with pytest.raises(UserError, match="^--share-prefix must be true or false; got str 'false'$"):
+        TrainConfig(share_prefix="false")  # a non-empty string is true: it would have turned sharing on
+    with pytest.raises(UserError, match="^--lr must be a number; got bool True$"):
+        TrainConfig(lr=True)
+    # what a config file also accepts: an int for a float, an integral float for an int
+    assert type(TrainConfig(beta=1).beta) is float and TrainConfig(beta=1).beta == 1.0
+    assert type(GenerateConfig(num_beams=8.0).num_beams) is int and GenerateConfig(num_beams=8.0).num_beams == 8
+    with pytest.raises(UserError, match="--num-beams must be an integer; got float 2.5"):
+        GenerateConfig(num_beams=2.5)
+    with pytest.raises(UserError, match="--delimiter is empty: --ranking reward-min cuts steps at it"):
+        GenerateConfig(method="best-of-n", ranking="reward-min", delimiter="")
+
+
+def test_generate_refuses_prompts_that_are_not_a_list_of_prompts(llama_dir, tokenizer):
+    from r2q.models import load_model
+    from r2q.search import GenerateConfig, generate, generate_ids
+    from r2q.toy import tiny_model
+
+    policy, cfg = load_model(llama_dir), GenerateConfig(method="greedy", max_new_tokens=2)
+    with pytest.raises(UserError, match=r"^prompts must be a list, not one string: wrap it in a list, \['Hello'\]$"):
+        generate(policy, tokenizer, "Hello", cfg)
+    with pytest.raises(UserError, match="^no prompts: the list is empty$"):
+        generate(policy, tokenizer, [], cfg)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    V = policy.get_output_embeddings().weight.shape[0]
+    for prompts, why in (([[3, 4], [5, V]], f"^prompt 2 holds token id {V}, outside the model's vocabulary "
+                                            rf"\(0..{V - 1}\)$"),
+                         ([[3, -1]], r"^prompt 1 holds a negative token id \(-1\)$"),
+                         ([3, 4, 5], "^prompt 1 must be a list of token ids; got int"),
+                         ([[]], r"^prompt 1 is empty: decoding starts from at least one token \(BOS\)$"),
+                         ([[1.0, 2.0]], "^prompt 1 must hold integer token ids; got torch.float32$")):
+        with pytest.raises(UserError, match=why):
+            generate_ids(policy, prompts, cfg, [eos], pad)
+    small = tiny_model("llama", len(tokenizer) - 10)  # a model whose vocabulary the tokenizer overruns
+    with pytest.raises(UserError, match=f"^the tokenizer has {len(tokenizer)} tokens but the policy's output layer "
+                                        f"only {len(tokenizer) - 10}$"):
+        generate(small, tokenizer, ["Hello"], cfg)
+    with pytest.raises(UserError, match="token-level rewards need one shared vocabulary"):
+        generate(policy, tokenizer, ["Hello"], GenerateConfig(method="reward-beam", max_new_tokens=2),
+                 ref=tiny_model("llama", len(tokenizer) + 6))
+
+
+def test_the_credit_api_refuses_bad_arguments_before_scoring(llama_dir, tokenizer):
+    from r2q.credit import score_examples, score_pairs, score_texts
+    from r2q.data import preference_examples_from_rows
+    from r2q.models import load_model
+    from r2q.toy import tiny_model
+
+    policy = load_model(llama_dir)
+    with pytest.raises(UserError, match=r"^prompts must be a list, not one string"):
+        score_texts(policy, None, tokenizer, "a prompt", ["a completion"], 0.1)
+    with pytest.raises(UserError, match="^rows must be a list; got dict$"):
+        score_pairs(policy, None, tokenizer, {"prompt": "p", "chosen": "a", "rejected": "b"}, 0.1)
+    examples, _ = preference_examples_from_rows(pref_rows(2, 0), tokenizer, 128, 64)
+    for beta in (float("nan"), float("inf"), 0, -1.0):
+        with pytest.raises(UserError, match="^beta must be a positive finite number; got"):
+            score_examples(policy, None, tokenizer, examples, beta)
+    with pytest.raises(UserError, match="^batch_size must be a positive integer; got 0$"):
+        score_examples(policy, None, tokenizer, examples, 0.1, batch_size=0)
+    with pytest.raises(UserError, match="token-level rewards need one shared vocabulary"):
+        score_examples(policy, tiny_model("llama", len(tokenizer) + 6), tokenizer, examples, 0.1, use_cache=False)
+    report = score_examples(policy, None, tokenizer, examples, 0.1)  # and good arguments still score
+    assert len(report.items()) == 4
+
+
+def test_train_refuses_an_unknown_mode_and_the_policy_as_its_own_reference(llama_dir, tokenizer, tmp_path):
+    from r2q.models import load_model
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pref_rows(4, 0))
+    with pytest.raises(UserError, match="^mode must be 'dpo' or 'sft'; got 'ppo'$"):
+        train(train_cfg(llama_dir, data, tmp_path / "a", max_steps=1), mode="ppo")
+    policy = load_model(llama_dir)
+    before = {k: v.requires_grad for k, v in policy.named_parameters()}
+    with pytest.raises(UserError, match="^ref_model is the policy itself"):
+        train(train_cfg(llama_dir, data, tmp_path / "b", max_steps=1), model=policy, tokenizer=tokenizer,
+              ref_model=policy)
+    assert {k: v.requires_grad for k, v in policy.named_parameters()} == before  # nothing frozen
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_loss_and_step_functions_refuse_arguments_they_would_misread():
+    import torch
+
+    from r2q.losses import dpo_loss
+    from r2q.rewards import step_ends_from_text
+
+    w, lo = torch.tensor([1.0]), torch.tensor([0.5])
+    with pytest.raises(ValueError, match="label_smoothing is for loss_type='cdpo', not 'ipo'"):
+        dpo_loss(w, lo, 0.1, "ipo", label_smoothing=0.1)  # was silently ignored
+    with pytest.raises(ValueError, match="beta must be a positive finite number; got 0"):
+        dpo_loss(w, lo, 0, "ipo")  # was a division by zero (inf loss)
+    assert dpo_loss(w, lo, 0.1, "ipo").item() == pytest.approx((0.5 / 0.1 - 1 / 0.2) ** 2)
+    with pytest.raises(ValueError, match="pieces is a list of sequences"):
+        step_ends_from_text(["a\n", "b"])  # one sequence given bare: its strings would be read as token lists
+    with pytest.raises(ValueError, match="delimiter must be a non-empty string"):
+        step_ends_from_text([["a", "b"]], "")
+    assert step_ends_from_text([["a\n", "b"]]).tolist() == [[True, False]]
+
+
+def test_credit_callback_checks_its_settings_when_made():
+    from types import SimpleNamespace
+
+    from r2q.integrations.trl import CreditCallback
+
+    trainer = SimpleNamespace(args=SimpleNamespace(beta=0.1, output_dir="unused"))
+    with pytest.raises(UserError, match="^every must be a positive integer \\(steps\\); got 2.5$"):
+        CreditCallback(trainer, rows=pref_rows(1, 0), every=2.5)
+    with pytest.raises(UserError, match="^beta must be a positive finite number; got nan$"):
+        CreditCallback(SimpleNamespace(args=SimpleNamespace(beta=float("nan"), output_dir="unused")),
+                       rows=pref_rows(1, 0))

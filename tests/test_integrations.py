@@ -97,5 +97,5 @@ def test_default_rows_come_from_the_eval_set_and_bad_settings_are_one_line(llama
     trainer = _trainer(load_model(llama_dir), load_model(llama_ref_dir), tokenizer_dir, tmp_path / "t")
     cb = CreditCallback(trainer, n=3)
     assert [r["chosen"] for r in cb.rows] == [r["chosen"] for r in ROWS[:3]] and cb.beta == 0.2
-    with pytest.raises(UserError, match="every must be at least 1"):
+    with pytest.raises(UserError, match=r"every must be a positive integer \(steps\); got 0"):
         CreditCallback(trainer, every=0)

@@ -33,11 +33,28 @@ def flag(name: str) -> str:
 
 
 def check_options(cfg: Any) -> None:
-    """Raise UserError for the first field whose value lies outside its declared range."""
+    """Raise UserError for the first field whose value is of the wrong type or lies outside its declared range. An
+    int is a float; integral floats become ints (as in a config file); anything else is refused, not coerced
+    (num_beams="4", share_prefix="false": Python would take the string as true)."""
     for f in dataclasses.fields(cfg):
-        problem = _problem(getattr(cfg, f.name), f.metadata)
+        v = getattr(cfg, f.name)
+        want = field_type(f)
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            setattr(cfg, f.name, v := float(v))
+        elif want is int and isinstance(v, float) and v.is_integer():
+            setattr(cfg, f.name, v := int(v))
+        if not (v is None and "None" in str(f.type)) and not _is_a(v, want):
+            raise UserError(f"{flag(f.name)} must be {_TYPE_NAMES[want]}; got {type(v).__name__} {v!r}"[:300])
+        problem = _problem(v, f.metadata)
         if problem:
             raise UserError(f"{flag(f.name)} {problem}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_a(v: Any, want: type) -> bool:
+    return isinstance(v, want) and (want is bool or not isinstance(v, bool))
 
 
 def check_prompt_fits(max_length: int, max_prompt_length: int) -> None:
@@ -160,8 +177,7 @@ def _typed(value: Any, f: dataclasses.Field, path: str, key: str) -> Any:
         return float(value)
     if want is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, want) and (want is bool or not isinstance(value, bool)):
+    if _is_a(value, want):
         return value
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    raise UserError(f"--config {path}: {key!r} must be {names.get(want, want.__name__)}, got "
+    raise UserError(f"--config {path}: {key!r} must be {_TYPE_NAMES[want]}, got "
                     f"{type(value).__name__} {value!r}"[:300])

@@ -37,9 +37,9 @@ from .data import (
     sft_examples_from_rows,
 )
 from .data.read import _read
-from .errors import UserError, note
+from .errors import UserError, check_beta, listed, note
 from .losses import dpo_loss
-from .models import pad_id
+from .models import check_vocab, pad_id
 from .paths import write_atomic
 from .progress import progress_bar
 from .reference import CachedReference, LiveReference, NoReference, Reference, batch_slots, cached
@@ -204,13 +204,15 @@ def score_examples(
     procs: the processes scoring together (`r2q.shards.processes()` under torchrun / accelerate launch; every one
     must call): each scores every N-th batch and all return the whole report. Default: this process alone.
     """
-    if beta <= 0:
-        raise UserError("beta must be positive")
-    if not examples:
-        raise UserError("there is nothing to score")
+    check_beta(beta)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if isinstance(examples, (str, bytes)) or not examples:
+        raise UserError("there is nothing to score" if not examples else "examples must be a list of examples")
     pairs = isinstance(examples[0], PreferenceExample)
     seqs = refcache.completion_sequences(examples)
     reference = _reference(ref, tokenizer, examples, ref_logps, use_cache, cache_dir)
+    check_vocab(tokenizer, policy, reference.model)
     pad = pad_id(tokenizer)
     per = 2 if pairs else 1
     share_prefix = shared_layout(share_prefix, policy, reference.model, say=note)
@@ -388,7 +390,8 @@ def score_pairs(policy, ref, tokenizer, rows: Sequence[Mapping], beta: float, *,
                 max_prompt_length: int = 512, skip_bad: bool = False, **kw) -> CreditReport:
     """Credit for preference rows in any format `r2q train` reads ({"prompt", "chosen", "rejected"}, messages).
     kw: as `score_examples` (delimiter, batch_size, share_prefix, use_cache, cache_dir, progress, ...)."""
-    examples, _ = preference_examples_from_rows(rows, tokenizer, max_length, max_prompt_length, skip_bad)
+    examples, _ = preference_examples_from_rows(listed(rows, "rows"), tokenizer, max_length, max_prompt_length,
+                                                skip_bad)
     return score_examples(policy, ref, tokenizer, examples, beta, **kw)
 
 
@@ -396,6 +399,7 @@ def score_texts(policy, ref, tokenizer, prompts: Sequence[str], completions: Seq
                 delimiter: str | None = "\n", max_length: int = 1024, max_prompt_length: int = 512,
                 **kw) -> CreditReport:
     """Credit for plain (prompt, completion) strings, tokenised as in training (completion + EOS)."""
+    prompts, completions = listed(prompts, "prompts"), listed(completions, "completions")
     if len(prompts) != len(completions):
         raise UserError(f"{len(prompts)} prompts but {len(completions)} completions")
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]

@@ -17,3 +17,26 @@ def note(msg: str) -> None:
 
 class UserError(Exception):
     """A problem with the user's input (files, options, data). The CLI prints it and exits 2."""
+
+
+def listed(value, what: str) -> list:
+    """An API argument that is a list of items (prompts, rows, completions), as a list. A bare string would be read
+    as its characters and a mapping as its keys, so both are refused, as is an empty list: one line naming `what`."""
+    from collections.abc import Iterable, Mapping
+
+    if isinstance(value, (str, bytes)):
+        raise UserError(f"{what} must be a list, not one string: wrap it in a list, [{value[:40]!r}]")
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise UserError(f"{what} must be a list; got {type(value).__name__}")
+    out = list(value)
+    if not out:
+        raise UserError(f"no {what}: the list is empty")
+    return out
+
+
+def check_beta(beta) -> None:
+    """beta scales every implicit reward: a positive finite number."""
+    import math
+
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise UserError(f"beta must be a positive finite number; got {beta!r}")

@@ -7,6 +7,8 @@ per-prompt potential V*(s_0) cancel in the comparison (the paper's Eq. 13 and Th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +30,12 @@ def dpo_loss(
     cdpo:    -(1-eps) log sigmoid(R_w - R_l) - eps log sigmoid(R_l - R_w)   (conservative DPO, eps=label_smoothing)
     ipo:     (h - 1/(2 beta))^2 with h = (R_w - R_l) / beta, the summed log-ratio difference (IPO)
     """
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number; got {beta!r}")
+    if label_smoothing and loss_type != "cdpo":
+        raise ValueError(f"label_smoothing is for loss_type='cdpo', not {loss_type!r}")
     margin = chosen_rewards - rejected_rewards
     if loss_type == "sigmoid":
-        if label_smoothing:
-            raise ValueError("label_smoothing is for loss_type='cdpo'")
         return -F.logsigmoid(margin)
     if loss_type == "cdpo":
         eps = label_smoothing

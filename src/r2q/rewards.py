@@ -118,6 +118,11 @@ def aggregate_steps(step_sums: torch.Tensor, step_mask: torch.Tensor, how: str =
 
 def step_ends_from_text(pieces: list[list[str]], delimiter: str = "\n") -> torch.Tensor:
     """(S, L) bool: token t ends a step if its text contains the delimiter. pieces[s][t] is a token's text."""
+    if isinstance(pieces, str) or any(isinstance(row, str) for row in pieces):
+        raise ValueError("pieces is a list of sequences, each a list of token texts; got a string where a list of "
+                         "token texts belongs")
+    if not delimiter:
+        raise ValueError("delimiter must be a non-empty string (every token text contains the empty one)")
     L = max((len(p) for p in pieces), default=0)
     out = torch.zeros(len(pieces), L, dtype=torch.bool)
     for s, row in enumerate(pieces):

@@ -93,6 +93,9 @@ class GenerateConfig:
             raise UserError("--ranking external needs --scorer")
         if self.scorer and not external:
             raise UserError("--scorer is used by --method best-of-n --ranking external only")
+        if not self.delimiter and self.ranking in ("reward-min", "reward-last"):
+            raise UserError(f"--delimiter is empty: --ranking {self.ranking} cuts steps at it (give the text that "
+                            "ends a step, e.g. a newline or the chat template's end-of-turn token)")
         if self.budget and self.method not in WIDTH:
             raise UserError(f"--budget sets a search width; {self.method} has none (its cost is fixed by "
                             "--max-new-tokens)")

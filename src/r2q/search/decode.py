@@ -9,8 +9,8 @@ import torch
 
 from ..config import flag
 from ..data import encode_prompt
-from ..errors import UserError
-from ..models import pad_id
+from ..errors import UserError, listed
+from ..models import check_vocab, has_head, pad_id
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
 from ..shards import Processes
@@ -82,6 +82,26 @@ def reference_model(ref):
     return ref.model
 
 
+def check_prompt_ids(prompts, vocab: int | None) -> None:
+    """Token-id prompts: a non-empty list of non-empty id lists, every id inside the model's vocabulary (an id
+    beyond it would index past the embedding table)."""
+    prompts = listed(prompts, "prompts")
+    for i, p in enumerate(prompts, start=1):
+        if isinstance(p, (int, str, bytes)) or not hasattr(p, "__len__"):
+            raise UserError(f"prompt {i} must be a list of token ids; got {type(p).__name__} (prompts is a list of "
+                            "them)")
+        if len(p) == 0:
+            raise UserError(f"prompt {i} is empty: decoding starts from at least one token (BOS)")
+        ids = torch.as_tensor(p)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise UserError(f"prompt {i} must hold integer token ids; got {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0:
+            raise UserError(f"prompt {i} holds a negative token id ({lo})")
+        if vocab is not None and hi >= vocab:
+            raise UserError(f"prompt {i} holds token id {hi}, outside the model's vocabulary (0..{vocab - 1})")
+
+
 @torch.no_grad()
 def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
                  ref=None, base=None, tokenizer=None, scorer=None,
@@ -92,6 +112,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
     model or a `Reference`."""
     ref = reference_model(ref)
     check_models(cfg, ref, base)  # (generate checked already; this is for callers of generate_ids itself)
+    check_prompt_ids(prompts, vocab_of(policy) if has_head(policy) else None)
     job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator, compute or Compute())
     return REGISTRY[cfg.method].run(job, prompts), job.compute.stop()
 
@@ -159,8 +180,11 @@ def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: Genera
     or accelerate launch; every one must call): each decodes every N-th batch and every process returns all of
     them, in input order, the one-process result. Default: this process alone. `ref`: a model or a `Reference`
     (r2q.reference): a LoRA policy searches against its own base with `AdaptersOff(lambda: policy)`."""
+    prompts = listed(prompts, "prompts")
     ref = reference_model(ref)
     check_models(cfg, ref, base)
+    check_vocab(tokenizer, policy, ref)
+    check_vocab(tokenizer, policy, base, "base")
     procs = procs or Processes()
     if procs.world > 1 and (cfg.method in SAMPLED or (cfg.method == "guided" and cfg.do_sample)):
         raise UserError(f"--method {cfg.method} samples, and its random stream runs through the batches in order, "

@@ -100,6 +100,8 @@ DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dr
 
 def validate(cfg: TrainConfig, mode: str) -> None:
     """What the ranges of single options cannot say (those are checked when the config is made)."""
+    if mode not in ("dpo", "sft"):
+        raise UserError(f"mode must be 'dpo' or 'sft'; got {mode!r}")
     if not cfg.out:
         raise UserError("--out is required")
     trackers(cfg.report_to)

@@ -68,6 +68,10 @@ def check_inputs(cfg: TrainConfig, mode: str, model, tokenizer, ref_model) -> No
         check_out_dir(cfg.cache_dir or refcache.default_cache_dir(), "--cache-dir")
     if model is not None and tokenizer is None:
         raise UserError("an in-memory model needs its tokenizer")
+    if ref_model is not None and ref_model is model:
+        raise UserError("ref_model is the policy itself: training would move the reference with it (and freezing "
+                        "the reference would freeze the policy). Pass a copy (copy.deepcopy), or no ref_model and "
+                        "ref='init' for a frozen copy of the starting weights")
     if model is None:
         check_model_path(cfg.model)
     if mode == "dpo" and cfg.ref not in ("init", "none") and ref_model is None:
