@@ -307,6 +307,10 @@ def test_generate_refuses_prompts_that_are_not_a_list_of_prompts(llama_dir, toke
         generate(policy, tokenizer, "Hello", cfg)
     with pytest.raises(UserError, match="^no prompts: the list is empty$"):
         generate(policy, tokenizer, [], cfg)
+    with pytest.raises(UserError, match="^policy must be a loaded model, not the path"):
+        generate(str(llama_dir), tokenizer, ["Hello"], cfg)
+    with pytest.raises(UserError, match="^ref must be a loaded model"):
+        generate(policy, tokenizer, ["Hello"], GenerateConfig(method="reward-beam", max_new_tokens=2), ref=llama_dir)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     V = policy.get_output_embeddings().weight.shape[0]
     for prompts, why in (([[3, 4], [5, V]], f"^prompt 2 holds token id {V}, outside the model's vocabulary "
@@ -345,6 +349,10 @@ def test_the_credit_api_refuses_bad_arguments_before_scoring(llama_dir, tokenize
         score_examples(policy, None, tokenizer, examples, 0.1, batch_size=0)
     with pytest.raises(UserError, match="token-level rewards need one shared vocabulary"):
         score_examples(policy, tiny_model("llama", len(tokenizer) + 6), tokenizer, examples, 0.1, use_cache=False)
+    with pytest.raises(UserError, match=f"^ref must be a loaded model, not the path '{llama_dir}': load it first"):
+        score_examples(policy, str(llama_dir), tokenizer, examples, 0.1)
+    with pytest.raises(UserError, match="^policy must be a loaded model, not the path"):
+        score_texts(llama_dir, None, tokenizer, ["a prompt"], ["a completion"], 0.1)
     report = score_examples(policy, None, tokenizer, examples, 0.1)  # and good arguments still score
     assert len(report.items()) == 4
 

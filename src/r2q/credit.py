@@ -39,7 +39,7 @@ from .data import (
 from .data.read import _read
 from .errors import UserError, check_beta, listed, note
 from .losses import dpo_loss
-from .models import check_vocab, pad_id
+from .models import check_loaded, check_vocab, pad_id
 from .paths import write_atomic
 from .progress import progress_bar
 from .reference import CachedReference, LiveReference, NoReference, Reference, batch_slots, cached
@@ -180,6 +180,7 @@ def _reference(ref, tokenizer, examples, ref_logps, use_cache: bool, cache_dir) 
         return CachedReference([r.float().cpu() for r in ref_logps])
     if ref is None:
         return NoReference()
+    check_loaded(ref, "ref")
     if use_cache:
         hit = cached(refcache.cache_path(cache_dir, refcache.weights_hash(ref), tokenizer, examples), examples)
         if hit is not None:
@@ -205,6 +206,7 @@ def score_examples(
     must call): each scores every N-th batch and all return the whole report. Default: this process alone.
     """
     check_beta(beta)
+    check_loaded(policy)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
     if isinstance(examples, (str, bytes)) or not examples:

@@ -119,6 +119,15 @@ def vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def check_loaded(model, what: str = "policy") -> None:
+    """The library's functions take loaded models: a path (or hub id) where one belongs is one line saying how."""
+    if isinstance(model, (str, os.PathLike)):
+        raise UserError(f"{what} must be a loaded model, not the path {str(model)!r}: load it first with "
+                        "r2q.models.load_model(path)")
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{what} must be a loaded model (a torch.nn.Module); got {type(model).__name__}")
+
+
 def has_head(model) -> bool:
     get = getattr(model, "get_output_embeddings", None)
     return get is not None and getattr(get(), "weight", None) is not None

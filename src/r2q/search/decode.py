@@ -10,7 +10,7 @@ import torch
 from ..config import flag
 from ..data import encode_prompt
 from ..errors import UserError, listed
-from ..models import check_vocab, has_head, pad_id
+from ..models import check_loaded, check_vocab, has_head, pad_id
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
 from ..shards import Processes
@@ -181,7 +181,11 @@ def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: Genera
     them, in input order, the one-process result. Default: this process alone. `ref`: a model or a `Reference`
     (r2q.reference): a LoRA policy searches against its own base with `AdaptersOff(lambda: policy)`."""
     prompts = listed(prompts, "prompts")
+    check_loaded(policy)
     ref = reference_model(ref)
+    for m, what in ((ref, "ref"), (base, "base")):
+        if m is not None:
+            check_loaded(m, what)
     check_models(cfg, ref, base)
     check_vocab(tokenizer, policy, ref)
     check_vocab(tokenizer, policy, base, "base")
