@@ -205,12 +205,7 @@ def score_examples(
     procs: the processes scoring together (`r2q.shards.processes()` under torchrun / accelerate launch; every one
     must call): each scores every N-th batch and all return the whole report. Default: this process alone.
     """
-    check_beta(beta)
-    check_loaded(policy)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if isinstance(examples, (str, bytes)) or not examples:
-        raise UserError("there is nothing to score" if not examples else "examples must be a list of examples")
+    _check_arguments(policy, examples, beta, batch_size)
     pairs = isinstance(examples[0], PreferenceExample)
     seqs = refcache.completion_sequences(examples)
     reference = _reference(ref, tokenizer, examples, ref_logps, use_cache, cache_dir)
@@ -250,6 +245,15 @@ def score_examples(
             out[s] = c
         pair_loss.update(loss)
     return _report(tokenizer, examples, out, pair_loss, beta, reference.kind, top_k, min_count)
+
+
+def _check_arguments(policy, examples, beta, batch_size) -> None:
+    check_beta(beta)
+    check_loaded(policy)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if isinstance(examples, (str, bytes)) or not examples:
+        raise UserError("there is nothing to score" if not examples else "examples must be a list of examples")
 
 
 @contextmanager

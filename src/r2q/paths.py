@@ -31,8 +31,16 @@ def _writable_ancestor(p: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def check_nonblank(out: str | os.PathLike, what: str = "--out") -> None:
+    """An empty --out would mean the current directory: refused, as a mistake (an unset variable, a lost quote)."""
+    if isinstance(out, str) and not out.strip():
+        raise UserError(f"{what} is empty: give the output directory (for the current directory, say '.')")
+
+
 def check_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """An output directory: absent (created later) or a directory, and writable. Nothing is created here."""
+    """An output directory: named (not ""), absent (created later) or a directory, and writable. Nothing is created
+    here."""
+    check_nonblank(path, what)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{what} {p}: exists and is a file, not a directory")

@@ -21,6 +21,9 @@ runs and the stages it reads; a second run reuses them):
     dynamics  finding 3: rewards along training, held-out and on training batches; KL(pi_ref||pi)
 Then DIR/summary.json (per-seed results, the claims with per-seed intervals and a verdict across seeds, and each
 stage's provenance), DIR/report.html and the claims in the terminal.
+
+DIR is new, empty or an earlier demo's (see outdir.py: a directory holding anything else is refused before any
+stage), marked DIR/.r2q-demo, and locked (DIR/.lock) for the whole run, so that two demos never write one DIR.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ..paths import check_out_dir
+from ..paths import RunLock, write_atomic
 from .claims import claims
 from .common import jsonable
 from .config import DemoConfig, parse_seeds
@@ -44,6 +47,7 @@ from .dpo import DPORun, dpo_plan, stage_dpo, stage_pairs
 from .dynamics import stage_dynamics
 from .eos import stage_eos
 from .lm import stage_judge, stage_sft
+from .outdir import check_demo_out, mark
 from .profile import PROFILES, Profile
 from .report import terminal_table, write_report
 from .search import stage_search
@@ -209,25 +213,29 @@ def _span(records) -> float:
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    """Run (or reuse) every stage for every seed, write DIR/summary.json and DIR/report.html; returns the summary."""
+    """Run (or reuse) every stage for every seed, write DIR/summary.json and DIR/report.html; returns the summary.
+    DIR must be new, empty or an earlier demo's, and is locked for the run: a second demo on it stops at once."""
+    p = PROFILES[cfg.profile]
+    seeds = parse_seeds(cfg.seeds) or p.seeds
+    out = check_demo_out(cfg.out)
+    with RunLock(out):
+        mark(out)
+        return _run(cfg, out, p, seeds)
+
+
+def _run(cfg: DemoConfig, out: Path, p: Profile, seeds: tuple[int, ...]) -> dict[str, Any]:
     from rich.console import Console
     from rich.markup import escape
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per stage, not a bar per model load
-    p = PROFILES[cfg.profile]
-    seeds = parse_seeds(cfg.seeds) or p.seeds
-    out = check_out_dir(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     console = Console()
     t0 = time.perf_counter()
     st = Stages(out, p.settings(), stage_list(p))
     runner = _Runner(st, cfg, seeds, console)
     runner.run()
     summary = summarize(st, runner, p, seeds, time.perf_counter() - t0)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=jsonable))
-    tmp.replace(out / "summary.json")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=jsonable))
     report = write_report(out, summary)
     console.print(terminal_table(summary))
     console.print(f"report: {escape(str(report))}  ({summary['seconds_compute']:.0f}s of compute, "

@@ -98,3 +98,13 @@ PROFILES: dict[str, Profile] = {
                     mcts_sims=3, guided_alphas=(2.0,), budgets=(150, 300), n_sweep=8, n_ref_samples=16, edit_words=8,
                     placebo_words=8, n_boot=100, seeds=(0, 1)),
 }
+
+# what --profile's help says of each profile (every one in PROFILES, in its order)
+ABOUT = {"quick": "minutes on a laptop CPU", "full": "better fidelity",
+         "tiny": "every stage at a test size; its findings are noise"}
+
+
+def about_profiles() -> str:
+    """The help line of --profile: every profile's name, with what it is for."""
+    said = [f"{name} ({ABOUT[name]})" if name in ABOUT else name for name in PROFILES]
+    return ", ".join(said[:-1]) + " or " + said[-1] if len(said) > 1 else said[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..paths import write_atomic
 from ..views.report import esc, img, page, png_bytes, table
 from .methods import SWEEP, Method
 
@@ -236,11 +237,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                                            *[f"seed {s}" for s in summary["seeds"]], "verdict"],
                                           claims_rows(summary)))
     body += _setup(summary) + _credit(summary) + _search(out, summary) + _dynamics(out, summary)
-    path = out / "report.html"
-    tmp = out / "report.html.tmp"
-    tmp.write_text(page("r2q demo: From r to Q* on imdb-sentiment", "".join(body)))
-    tmp.replace(path)
-    return path
+    return write_atomic(out / "report.html", page("r2q demo: From r to Q* on imdb-sentiment", "".join(body)))
 
 
 def terminal_table(summary: dict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_options, option
+from ..paths import check_nonblank
 
 
 @dataclass
@@ -19,3 +20,4 @@ class TheoryConfig:
 
     def __post_init__(self):
         check_options(self)
+        check_nonblank(self.out)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..paths import check_out_dir, write_atomic
+from ..paths import RunLock, write_atomic
 from ..views.report import esc, img, png_bytes, table
 from .checks import (
     CheckResult,
@@ -27,23 +27,28 @@ from .checks import (
     default_mdp,
 )
 from .config import TheoryConfig  # noqa: F401  (re-exported: `from r2q.theory.report import TheoryConfig`)
+from .outdir import check_theory_out
 
 
 def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run every check on the seeded instance and write DIR/report.html, DIR/summary.json and DIR/*.png.
+    """Run every check on the seeded instance and write DIR/report.html, DIR/summary.json and DIR/*.png. DIR must
+    be new, empty or an earlier theory report (its files are replaced, each atomically).
 
     quick=True runs smaller versions (one instance, fewer pairs and steps) in about half a minute.
     Returns the summary dict (also written to summary.json); summary["passed"] says whether every check held.
     """
     from rich.console import Console
-    from rich.markup import escape
-
 
     if not 0 <= seed <= 2**31 - 1:
         raise UserError(f"--seed must be in [0, {2**31 - 1}]; got {seed}")
-    out = check_out_dir(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    console = Console(quiet=not progress)
+    out = check_theory_out(out_dir, FIGURES)
+    with RunLock(out):  # two runs on one DIR would pair one's figures with the other's summary
+        return _run(out, seed, quick, Console(quiet=not progress))
+
+
+def _run(out: Path, seed: int, quick: bool, console) -> dict[str, Any]:
+    from rich.markup import escape
+
     t0 = time.perf_counter()
     mdp = default_mdp(seed)
     plan = [
