@@ -129,7 +129,14 @@ class Finalized:
         print("finalized", flush=True)
 kept = Finalized()  # a module global: Python's finalization deletes it, os._exit does not
 from r2q.cli import main
-main(sys.argv[1:])
+sys.argv[0] = "r2q"
+main()  # as the program: the arguments are sys.argv's
+"""
+
+_IN_PROCESS = """
+from r2q.cli import main
+main(["version"])  # no SystemExit for code 0; a launcher's WORLD_SIZE must not end this process
+print("still here")
 """
 
 
@@ -137,7 +144,7 @@ main(sys.argv[1:])
 def test_a_process_of_a_multi_process_run_exits_without_finalization(world, tmp_path):
     """Under a launcher (WORLD_SIZE > 1) a finished command runs the atexit handlers, flushes, and exits with its
     code and without Python's finalization, where gloo's live worker threads can abort a finished run (cli._leave);
-    one process exits as always."""
+    one process exits as always. main(argv) called from Python never ends the process itself."""
     env = {**env_for(tmp_path), "WORLD_SIZE": world}
     for args, code in ((["version"], 0), (["generate", "--num-beams", "0"], 2)):
         p = subprocess.run([sys.executable, "-c", _LEAVES, *args], env=env, capture_output=True, text=True,
@@ -149,3 +156,5 @@ def test_a_process_of_a_multi_process_run_exits_without_finalization(world, tmp_
             assert p.stdout.startswith("r2q ")
         else:
             assert p.stderr.startswith("error: ") and len(p.stderr.splitlines()) == 1
+    p = subprocess.run([sys.executable, "-c", _IN_PROCESS], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.splitlines()[-1] == "still here", p.stdout + p.stderr

@@ -372,9 +372,11 @@ _config_command("inspect-data", InspectConfig, "Counts, token length percentiles
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user errors are one line on stderr and exit code 2, never a traceback. As the program (argv
+    None: `r2q`, `python -m r2q.cli`) in one process of several, it ends with `_leave`; called with argv from
+    Python, it raises SystemExit as usual."""
     code = _command(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _leave(code)
     if code:
         sys.exit(code)
