@@ -37,12 +37,9 @@ def check_options(cfg: Any) -> None:
     int is a float; integral floats become ints (as in a config file); anything else is refused, not coerced
     (num_beams="4", share_prefix="false": Python would take the string as true)."""
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
         want = field_type(f)
-        if want is float and isinstance(v, int) and not isinstance(v, bool):
-            setattr(cfg, f.name, v := float(v))
-        elif want is int and isinstance(v, float) and v.is_integer():
-            setattr(cfg, f.name, v := int(v))
+        v = _coerced(getattr(cfg, f.name), want)
+        setattr(cfg, f.name, v)
         if not (v is None and "None" in str(f.type)) and not _is_a(v, want):
             raise UserError(f"{flag(f.name)} must be {_TYPE_NAMES[want]}; got {type(v).__name__} {v!r}"[:300])
         problem = _problem(v, f.metadata)
@@ -51,6 +48,16 @@ def check_options(cfg: Any) -> None:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerced(v: Any, want: type) -> Any:
+    """An int where a float is wanted becomes a float, an integral float where an int is wanted an int; all else
+    stays as it is (and is then checked with _is_a)."""
+    if want is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if want is int and isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
 
 
 def _is_a(v: Any, want: type) -> bool:
@@ -173,10 +180,7 @@ def field_type(f: dataclasses.Field) -> type:
 
 def _typed(value: Any, f: dataclasses.Field, path: str, key: str) -> Any:
     want = field_type(f)  # (an Enum's string: the config turns it into the Enum)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if want is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+    value = _coerced(value, want)
     if _is_a(value, want):
         return value
     raise UserError(f"--config {path}: {key!r} must be {_TYPE_NAMES[want]}, got "

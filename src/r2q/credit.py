@@ -37,7 +37,7 @@ from .data import (
     sft_examples_from_rows,
 )
 from .data.read import _read
-from .errors import UserError, check_beta, listed, note
+from .errors import UserError, check_beta, check_count, listed, note
 from .losses import dpo_loss
 from .models import check_loaded, check_vocab, pad_id
 from .paths import write_atomic
@@ -250,8 +250,7 @@ def score_examples(
 def _check_arguments(policy, examples, beta, batch_size) -> None:
     check_beta(beta)
     check_loaded(policy)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
+    check_count(batch_size, "batch_size")
     if isinstance(examples, (str, bytes)) or not examples:
         raise UserError("there is nothing to score" if not examples else "examples must be a list of examples")
 

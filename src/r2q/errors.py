@@ -19,6 +19,11 @@ class UserError(Exception):
     """A problem with the user's input (files, options, data). The CLI prints it and exits 2."""
 
 
+def few(names: list[str], n: int = 4) -> str:
+    """The first n names, and how many more: for a message about what a directory holds."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def listed(value, what: str) -> list:
     """An API argument that is a list of items (prompts, rows, completions), as a list. A bare string would be read
     as its characters and a mapping as its keys, so both are refused, as is an empty list: one line naming `what`."""
@@ -32,6 +37,12 @@ def listed(value, what: str) -> list:
     if not out:
         raise UserError(f"no {what}: the list is empty")
     return out
+
+
+def check_count(value, what: str, unit: str = "") -> None:
+    """A count (a batch size, a number of steps): a positive int, bools and floats refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{what} must be a positive integer{unit}; got {value!r}")
 
 
 def check_beta(beta) -> None:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, few
 from ..paths import check_out_dir, write_atomic
 
 # written into --out when a demo takes it, before any stage: a run killed in its first stage (no stage.json yet)
@@ -56,8 +56,7 @@ def check_demo_out(out: str | os.PathLike) -> Path:
         return p
     held = sorted(e.name for e in p.iterdir() if e.name != ".lock")
     if held and not is_demo_dir(p):
-        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-        raise UserError(f"--out {p} is not empty and holds no earlier demo run ({shown}); the demo writes its "
+        raise UserError(f"--out {p} is not empty and holds no earlier demo run ({few(held)}); the demo writes its "
                         "stages, summary.json and report.html there: choose a new or empty directory, or an earlier "
                         "demo's")
     return p

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from ..credit import CreditReport, score_examples
 from ..data import preference_examples_from_rows
-from ..errors import UserError, check_beta
+from ..errors import UserError, check_beta, check_count
 from ..reference import AdaptersOff, LiveReference, NoReference, Reference
 from ..views.html import write_html
 
@@ -42,8 +42,7 @@ class CreditCallback(TrainerCallback):
     def __init__(self, trainer, rows: Sequence[Mapping] | None = None, n: int = 8, every: int = 100,
                  beta: float | None = None, out_dir: str | Path | None = None, html: bool = True,
                  max_length: int = 1024, max_prompt_length: int = 512, delimiter: str | None = "\n"):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UserError(f"every must be a positive integer (steps); got {every!r}")
+        check_count(every, "every", " (steps)")
         self.trainer, self.every, self.html, self.delimiter = trainer, every, html, delimiter
         self.rows = list(rows) if rows is not None else _eval_rows(trainer, n)
         if not self.rows:

@@ -10,7 +10,7 @@ import torch
 from ..config import flag
 from ..data import encode_prompt
 from ..errors import UserError, listed
-from ..models import check_loaded, check_vocab, has_head, pad_id
+from ..models import check_loaded, check_vocab, has_head, pad_id, vocab_size
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
 from ..shards import Processes
@@ -18,7 +18,7 @@ from ..tokens import build_batch, completion_logps
 from .bon import load_external_scorer
 from .config import WIDTH, GenerateConfig, check_models
 from .hypothesis import Hypothesis
-from .lm import Compute, free_memory, kv_bytes_per_token, vocab_of
+from .lm import Compute, free_memory, kv_bytes_per_token
 from .methods import MAX_WIDTH, REGISTRY, Job
 
 __all__ = ["MAX_WIDTH", "check_memory", "cost_per_prompt", "decoding_rows", "encode_prompts", "generate",
@@ -58,7 +58,7 @@ def check_memory(cfg: GenerateConfig, models: Sequence, prompt_len: int, prompts
     if free is None:
         return
     positions = prompt_len + cfg.max_new_tokens
-    per_row = sum(kv_bytes_per_token(m) * positions + 4 * 4 * vocab_of(m) for m in models)
+    per_row = sum(kv_bytes_per_token(m) * positions + 4 * 4 * vocab_size(m) for m in models)
     need = decoding_rows(cfg, min(prompts, cfg.batch_size)) * per_row
     if need > 0.9 * free:
         width = f" with {flag(WIDTH[cfg.method])} {cfg.width}" if cfg.width is not None else ""
@@ -112,7 +112,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
     model or a `Reference`."""
     ref = reference_model(ref)
     check_models(cfg, ref, base)  # (generate checked already; this is for callers of generate_ids itself)
-    check_prompt_ids(prompts, vocab_of(policy) if has_head(policy) else None)
+    check_prompt_ids(prompts, vocab_size(policy) if has_head(policy) else None)
     job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator, compute or Compute())
     return REGISTRY[cfg.method].run(job, prompts), job.compute.stop()
 

@@ -49,10 +49,6 @@ def kv_bytes_per_token(model) -> int:
     return 2 * layers * kv_heads * head_dim * size
 
 
-def vocab_of(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
-
 def free_memory(device: torch.device) -> int | None:
     """Bytes free on `device`: the GPU's free memory, or the host's available memory (Linux); None if unknown."""
     if device.type == "cuda":

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, few
 from ..paths import check_out_dir
 
 FILES = ("summary.json", "report.html")
@@ -36,8 +36,7 @@ def check_theory_out(out: str | os.PathLike, figures: Iterable[str]) -> Path:
     temp = re.compile(rf"\.({names})\.[0-9]+-.*\.tmp")  # write_atomic's, of a writer killed mid-write
     held = sorted(e.name for e in p.iterdir() if e.name != ".lock" and not temp.fullmatch(e.name))
     if any(n not in pngs for n in held):
-        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-        raise UserError(f"--out {p} is not empty and is not an earlier theory report ({shown}); the checks write "
+        raise UserError(f"--out {p} is not empty and is not an earlier theory report ({few(held)}); the checks write "
                         "summary.json, report.html and PNGs there: choose a new or empty directory, or an earlier "
                         "theory report's")
     return p
