@@ -33,13 +33,14 @@ from .data import (
     DataReport,
     PreferenceExample,
     SFTExample,
+    check_fit,
     preference_examples_from_rows,
     sft_examples_from_rows,
 )
 from .data.read import _read
 from .errors import UserError, check_beta, check_count, listed, note
 from .losses import dpo_loss
-from .models import check_loaded, check_vocab, pad_id
+from .models import check_loaded, check_vocab, pad_id, position_limit
 from .paths import write_atomic
 from .progress import progress_bar
 from .reference import CachedReference, LiveReference, NoReference, Reference, batch_slots, cached
@@ -210,6 +211,7 @@ def score_examples(
     seqs = refcache.completion_sequences(examples)
     reference = _reference(ref, tokenizer, examples, ref_logps, use_cache, cache_dir)
     check_vocab(tokenizer, policy, reference.model)
+    check_fit(examples, position_limit(policy, reference.model))
     pad = pad_id(tokenizer)
     per = 2 if pairs else 1
     share_prefix = shared_layout(share_prefix, policy, reference.model, say=note)

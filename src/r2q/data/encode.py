@@ -241,6 +241,25 @@ def _encode_rows(items: Iterable[tuple[int, Any]], tokenizer, kind: str, source:
     return encoded, report
 
 
+def check_fit(examples: Sequence[PreferenceExample | SFTExample], limit: int | None) -> None:
+    """Every example within the `limit` positions a model embeds (r2q.models.position_limit; None: no limit): its
+    prompt and longer completion, the longest sequence a model reads of it (a shared or packed row restarts positions
+    per sequence). One line naming the longest, before any compute, instead of an IndexError in the forward."""
+    if limit is None:
+        return
+    over = [(len(e.prompt_ids) + max(map(len, _completions(e))), e.row) for e in examples]
+    over = [(n, row) for n, row in over if n > limit]
+    if over:
+        n, row = max(over)
+        raise UserError(f"{len(over)} of {len(examples)} examples are longer than the {limit} positions the model "
+                        f"embeds (a learned position table); the longest, row {row}, is {n} tokens: pass "
+                        f"--max-length {limit} (and a --max-prompt-length below it) to cut them")
+
+
+def _completions(e: PreferenceExample | SFTExample) -> tuple[list[int], ...]:
+    return (e.chosen_ids, e.rejected_ids) if isinstance(e, PreferenceExample) else (e.completion_ids,)
+
+
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if max_prompt_length < 1 or max_length < 2:
         raise UserError(f"max_length ({max_length}) and max_prompt_length ({max_prompt_length}) "

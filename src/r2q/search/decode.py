@@ -10,7 +10,7 @@ import torch
 from ..config import flag
 from ..data import encode_prompt
 from ..errors import UserError, listed
-from ..models import check_loaded, check_vocab, has_head, pad_id, vocab_size
+from ..models import check_loaded, check_vocab, has_head, pad_id, position_limit, vocab_size
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
 from ..shards import Processes
@@ -21,7 +21,7 @@ from .hypothesis import Hypothesis
 from .lm import Compute, free_memory, kv_bytes_per_token
 from .methods import MAX_WIDTH, REGISTRY, Job
 
-__all__ = ["MAX_WIDTH", "check_memory", "cost_per_prompt", "decoding_rows", "encode_prompts", "generate",
+__all__ = ["MAX_WIDTH", "check_memory", "check_room", "cost_per_prompt", "decoding_rows", "encode_prompts", "generate",
            "generate_ids", "score_sequences", "sequence_logps", "with_budget"]
 
 
@@ -102,6 +102,23 @@ def check_prompt_ids(prompts, vocab: int | None) -> None:
             raise UserError(f"prompt {i} holds token id {hi}, outside the model's vocabulary (0..{vocab - 1})")
 
 
+def check_room(prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *models) -> None:
+    """Every prompt with its --max-new-tokens within the positions the models embed where they look them up in a
+    learned table (r2q.models.position_limit): one line naming the longest prompt, before any compute, instead of an
+    IndexError when decoding gets there."""
+    limit = position_limit(*models)
+    if limit is None:
+        return
+    new = cfg.max_new_tokens
+    over = [(len(p), i) for i, p in enumerate(prompts, start=1) if len(p) + new > limit]
+    if over:
+        n, i = max(over)
+        fix = f"lower --max-new-tokens to {limit - n}" if n < limit else f"shorten it below {limit} tokens"
+        many = f" ({len(over)} prompts are too long)" if len(over) > 1 else ""
+        raise UserError(f"prompt {i} is {n} tokens, and with --max-new-tokens {new} its sequences could be {n + new} "
+                        f"tokens, past the {limit} positions the model embeds (a learned position table){many}: {fix}")
+
+
 @torch.no_grad()
 def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
                  ref=None, base=None, tokenizer=None, scorer=None,
@@ -113,6 +130,7 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
     ref = reference_model(ref)
     check_models(cfg, ref, base)  # (generate checked already; this is for callers of generate_ids itself)
     check_prompt_ids(prompts, vocab_size(policy) if has_head(policy) else None)
+    check_room(prompts, cfg, policy, ref, base)
     job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator, compute or Compute())
     return REGISTRY[cfg.method].run(job, prompts), job.compute.stop()
 
@@ -200,6 +218,7 @@ def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: Genera
     eos_ids = [tokenizer.eos_token_id]
     pad = pad_id(tokenizer)
     enc = encode_prompts(tokenizer, prompts)
+    check_room(enc, cfg, policy, ref, base)
     if cfg.budget:
         cfg = with_budget(cfg, sum(map(len, enc)) / len(enc), ref is not None)
     check_memory(cfg, [m for m in (policy, ref, base) if m is not None], max(map(len, enc)), len(enc))

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from .. import refcache
-from ..data import load_preferences, load_sft
+from ..data import check_fit, load_preferences, load_sft
 from ..errors import UserError, first_line
-from ..models import check_model_path, check_vocab, load_model, load_reference, pad_id
+from ..models import check_model_path, check_vocab, load_model, load_reference, pad_id, position_limit
 from ..paths import check_out_dir
 from ..prepare import shard
 from ..record import model_fingerprint
@@ -108,13 +108,15 @@ def weights_dtype(cfg: TrainConfig) -> str:
     return "bf16" if cfg.dtype == "bf16-weights" else "fp32"
 
 
-def starting_policy(cfg: TrainConfig, model, tokenizer):
-    """The starting weights (loaded unless given), in the weights' dtype, checked against the tokenizer."""
+def starting_policy(cfg: TrainConfig, model, tokenizer, examples: list):
+    """The starting weights (loaded unless given), in the weights' dtype, checked against the tokenizer and against
+    the examples' lengths (a learned position table)."""
     if model is None:
         model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code)
     if cfg.dtype == "bf16-weights":
         model = model.to(torch.bfloat16)
     check_vocab(tokenizer, model)
+    check_fit(examples, position_limit(model))
     return model
 
 
@@ -174,6 +176,7 @@ def reference(cfg: TrainConfig, mode: str, model, ref_model, tokenizer, device, 
     elif ref_model is None:
         ref_model = load_reference(cfg.ref, tokenizer, model, weights_dtype(cfg), cfg.trust_remote_code)
     check_vocab(tokenizer, model, ref_model)
+    check_fit([e for split in precompute.splits.values() for e in split], position_limit(ref_model))
     ref_model.requires_grad_(False).eval()
     if cfg.precompute_ref:
         cached, hits = precompute(ref_model)
