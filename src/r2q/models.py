@@ -31,6 +31,8 @@ def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
         raise UserError(f"{p}: no such {what} directory")
     if Path(p).exists() and not Path(p).is_dir():
         raise UserError(f"{p}: a file; the {what} must be a directory holding config.json and weights")
+    if what != "tokenizer" and Path(p).is_dir():
+        check_shard_index(Path(p))
 
 
 def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: bool = False):
@@ -48,8 +50,61 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
             str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
-        raise UserError(f"cannot load a model from {path}: {_where(path)}{first_line(e)}") from e
+        why = first_line(e)
+        if "ignore_mismatched_sizes" in why:  # transformers points at a report it logged, which r2q does not show
+            why = size_mismatch(Path(path), trust_remote_code) or "weights of other shapes than config.json says"
+        raise UserError(f"cannot load a model from {path}: {_where(path)}{why}") from e
     return model
+
+
+def size_mismatch(path: Path, trust_remote_code: bool = False) -> str:
+    """The first tensor whose shape in the directory's safetensors files differs from the model config.json builds
+    (built on the meta device: no memory, no weights read, only the files' headers), as one clause; '' if none."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in
+                    AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).state_dict().items()}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    shape = tuple(h.get_slice(k).get_shape())
+                    if k in want and want[k] != shape:
+                        return (f"{k} is {list(shape)} in {f.name} but {list(want[k])} in the model config.json "
+                                "describes (a config of another model size?)")
+    except Exception:  # noqa: BLE001  (only the wording of an error already being raised depends on it)
+        return ""
+    return ""
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def check_shard_index(path: Path) -> None:
+    """A sharded model's index, read as transformers reads it: a JSON object with a 'metadata' object and a
+    'weight_map' from tensor names to shard files in the directory. A damaged one is one line naming what is wrong
+    (transformers meets it as a KeyError or TypeError deep in its loader)."""
+    index = path / INDEX
+    if not index.is_file():
+        return
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{index}: not a readable JSON index of the weight shards ({first_line(e)})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict) or not data["weight_map"]:
+        raise UserError(f"{index}: no 'weight_map' (tensor name -> shard file); the index of the shards is damaged")
+    if not isinstance(data.get("metadata"), dict):
+        raise UserError(f"{index}: no 'metadata' object, which transformers reads ({{}} is enough); the index of "
+                        "the shards is damaged")
+    root = path.resolve()
+    for shard in sorted(set(map(str, data["weight_map"].values()))):
+        at = (path / shard).resolve()
+        if not (at.is_relative_to(root) and at.is_file()):
+            raise UserError(f"{index} names {shard!r}, which is no shard file in {path}; the index or the shards "
+                            "are damaged")
 
 
 def _where(path: str | os.PathLike) -> str:
@@ -117,6 +172,22 @@ def quiet_deprecations() -> Iterator[None]:
 def vocab_size(model) -> int:
     """Rows of the output layer: the size of the distribution pi(.|s) the model puts on tokens."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+def position_limit(*models) -> int | None:
+    """The fewest positions any of the models can embed where one looks them up in a learned table (GPT-2's wpe,
+    OPT's embed_positions, less its offset): a position past it indexes out of the table. None when none has such
+    a table (rotary, ALiBi: positions past max_position_embeddings run, with whatever quality)."""
+    limits = []
+    for model in models:
+        if model is None or not hasattr(model, "named_modules"):
+            continue
+        tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for name, m in model.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if isinstance(m, torch.nn.Embedding) and m is not tokens and (last == "wpe" or "position" in last):
+                limits.append(m.num_embeddings - int(getattr(m, "offset", 0)))
+    return min(limits, default=None)
 
 
 def check_loaded(model, what: str = "policy") -> None:
