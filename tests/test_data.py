@@ -240,6 +240,18 @@ def test_all_bad_rows_is_an_error_even_when_skipping(tmp_path, tokenizer):
         load_preferences(path, tokenizer, skip_bad=True)
 
 
+def test_extra_cells_in_a_csv_row_are_a_bad_row_not_a_shift(tmp_path, tokenizer):
+    path = tmp_path / "extra.csv"
+    # row 3's prompt holds an unquoted comma: its cells would shift one column to the right
+    path.write_text('prompt,chosen,rejected\na,b,c\nhi, there,good,bad\nx,y,z,,\n')
+    with pytest.raises(UserError, match=r"extra\.csv line 3: 4 cells but the header names 3 columns .*'bad'"):
+        load_preferences(path, tokenizer)
+    examples, report = load_preferences(path, tokenizer, skip_bad=True)
+    assert [e.row for e in examples] == [2, 4] and report.n_skipped == 1  # empty cells past the header are fine
+    path.write_text('prompt,chosen,rejected\n"hi, there",good,bad\n')
+    assert len(load_preferences(path, tokenizer)[0]) == 1
+
+
 def test_missing_cells_in_csv_and_parquet_name_the_row(tmp_path, tokenizer):
     path = tmp_path / "bad.csv"
     path.write_text('prompt,chosen,rejected\na,b,c\n"two\nlines",b\n')

@@ -173,8 +173,11 @@ def _read_csv(p: Path, source: str) -> list[tuple[int, dict | _RowError]]:
         start = 2  # line 1 is the header
         try:
             for row in reader:
-                row.pop(None, None)  # cells beyond the header
-                items.append((start, _csv_flags(row)))
+                extra = row.pop(None, None) or []  # cells beyond the header: a shifted row unless all empty
+                filled = [c for c in extra if c.strip()]
+                items.append((start, _csv_flags(row) if not filled else _RowError(
+                    f"{len(row) + len(extra)} cells but the header names {len(row)} columns (an unquoted comma "
+                    f"in a text? quote the cells that hold commas); the first extra cell is {filled[0][:40]!r}")))
                 start = reader.line_num + 1
         except csv.Error as e:
             if str(e) == "unexpected end of data":
