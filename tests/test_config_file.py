@@ -71,3 +71,22 @@ def test_the_file_reader_types_values():
         p.write_text("- a\n- b\n")
         with pytest.raises(UserError, match="expected a mapping"):
             read_config_file(str(p), TrainConfig)
+
+
+def test_what_editors_and_yaml_write_is_read_as_meant(tmp_path):
+    """A UTF-8 BOM, an empty file (JSON as YAML), and YAML 1.1's `1e-3` (a string to PyYAML) where a number goes."""
+    p = tmp_path / "c.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"max_steps": 3}).encode())
+    assert read_config_file(str(p), TrainConfig) == {"max_steps": 3}
+    for name in ("e.json", "e.yaml"):
+        (tmp_path / name).write_text(" \n")
+        assert read_config_file(str(tmp_path / name), TrainConfig) == {}
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1e-3\nbeta: 5E-2\nweight_decay: -1e+0\n")
+    assert read_config_file(str(y), TrainConfig) == {"lr": 1e-3, "beta": 0.05, "weight_decay": -1.0}
+    y.write_text("lr: 1e-3x\n")
+    with pytest.raises(UserError, match="'lr' must be a number, got str '1e-3x'"):
+        read_config_file(str(y), TrainConfig)
+    y.write_text("max_steps: 1e3\n")  # an integer option is not read from an exponent
+    with pytest.raises(UserError, match="'max_steps' must be an integer"):
+        read_config_file(str(y), TrainConfig)

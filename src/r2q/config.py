@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import field
 from enum import Enum
 from typing import Any
@@ -106,9 +107,11 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # (a BOM, as some editors write, is no part of the text)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    if not text.strip():
+        return {}  # an empty file sets nothing (YAML's reading of it; JSON would call it malformed)
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -178,8 +181,14 @@ def field_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool}[name.replace(" | None", "")]
 
 
+# what YAML 1.1 (PyYAML) reads as a string though it is meant as a number: an exponent without a decimal point
+_YAML_EXPONENT = re.compile(r"[-+]?(\d+|\d+\.\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _typed(value: Any, f: dataclasses.Field, path: str, key: str) -> Any:
     want = field_type(f)  # (an Enum's string: the config turns it into the Enum)
+    if want is float and isinstance(value, str) and _YAML_EXPONENT.fullmatch(value.strip()):
+        value = float(value)  # `lr: 1e-3` in YAML (PyYAML reads it as the string '1e-3')
     value = _coerced(value, want)
     if _is_a(value, want):
         return value
