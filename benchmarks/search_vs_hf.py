@@ -26,6 +26,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from r2q.search import GenerateConfig, generate_ids
+from r2q.search.config import USED_BY
 from r2q.search.lm import Compute, left_pad
 
 PAD, EOS = 0, 1
@@ -82,8 +83,14 @@ def hf_generate(model, prompts, K: int, new: int) -> list[list[int]]:
     return res
 
 
+def search_config(method: str, K: int, new: int, **kw) -> GenerateConfig:
+    """The config of a K-wide search (K beams where the method has beams; other methods ignore K)."""
+    beams = {"num_beams": K} if method in USED_BY["num_beams"] else {}
+    return GenerateConfig(method=method, max_new_tokens=new, **beams, **kw)
+
+
 def r2q_generate(model, prompts, K: int, new: int, method: str = "beam", ref=None, **kw):
-    cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=new, length_penalty=0.0, **kw)
+    cfg = search_config(method, K, new, **kw)
     out, compute = generate_ids(model, prompts, cfg, [EOS], PAD, ref=ref, generator=torch.Generator().manual_seed(0))
     return [h.token_ids for h in out], compute
 
@@ -91,7 +98,7 @@ def r2q_generate(model, prompts, K: int, new: int, method: str = "beam", ref=Non
 def traced(model, prompts, K: int, new: int, method: str = "beam", ref=None, **kw):
     """The model calls a search makes: [(model index, rows, new positions)], in order."""
     compute = Compute(trace=[])
-    cfg = GenerateConfig(method=method, num_beams=K, max_new_tokens=new, length_penalty=0.0, **kw)
+    cfg = search_config(method, K, new, **kw)
     generate_ids(model, prompts, cfg, [EOS], PAD, ref=ref, generator=torch.Generator().manual_seed(0),
                  compute=compute)
     return compute.trace

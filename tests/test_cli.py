@@ -46,9 +46,10 @@ def test_generate_writes_one_line_per_prompt(llama_dir, llama_ref_dir, tmp_path,
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "12+30="}\n{"prompt": "the movie was"}\n{"prompt": "a"}\n')
     out = tmp_path / "g.jsonl"
+    width = {"beam": ["--num-beams", 3], "reward-beam": ["--num-beams", 3], "best-of-n": ["--num-samples", 3],
+             "mcts": ["--simulations", 6]}[method]
     r2q("generate", "--model", llama_dir, "--ref", llama_ref_dir, "--prompts", prompts, "--out", out,
-        "--method", method, "--max-new-tokens", 6, "--num-beams", 3, "--num-samples", 3, "--simulations", 6,
-        "--quiet")
+        "--method", method, "--max-new-tokens", 6, *width, "--quiet")
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["prompt"] for x in lines] == ["12+30=", "the movie was", "a"]
     for x in lines:
@@ -76,3 +77,35 @@ def test_inspect_data(llama_dir, tmp_path):
     f.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "x"}\n')
     out = r2q("inspect-data", f, "--model", llama_dir).stdout
     assert "rows 2" in out and "kept 1" in out and "skipped 1" in out and "line 2" in out
+
+
+def test_inspect_data_counts_pairs_without_a_preference_and_mixed_formats(llama_dir, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "a", "chosen": "b", "rejected": "b"}\n'
+                 '{"chosen": "the film was good", "rejected": "the film was bad"}\n')
+    out = r2q("inspect-data", f, "--model", llama_dir).stdout
+    assert "chosen identical to rejected 1" in out and "formats standard 2, implicit-prompt 1" in out
+
+
+def test_generate_prompts_from_a_data_set_directory_and_what_is_skipped(llama_dir, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"prompt": ["a", "the film"]}).save_to_disk(str(tmp_path / "ds"))
+    r = r2q("generate", "--model", llama_dir, "--prompts", tmp_path / "ds", "--out", tmp_path / "g.jsonl",
+            "--max-new-tokens", 2, "--quiet")
+    assert [json.loads(x)["prompt"] for x in (tmp_path / "g.jsonl").read_text().splitlines()] == ["a", "the film"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("a\n\n  \nthe film\n")
+    r = r2q("generate", "--model", llama_dir, "--prompts", txt, "--out", tmp_path / "g.jsonl", "--max-new-tokens", 2,
+            "--quiet")
+    assert "p.txt: 2 blank lines skipped; 2 prompts, one output line each" in r.stderr
+    rows = tmp_path / "r.jsonl"
+    rows.write_text('{"prompt": "a"}\n{"text": "b", "id": 3}\n')
+    r = r2q("generate", "--model", llama_dir, "--prompts", rows, "--out", tmp_path / "h.jsonl", check=False)
+    assert r.returncode == 2 and "row 2: no 'prompt' field (its fields: text, id)" in r.stderr
+
+
+def test_credit_png_must_be_named_png(llama_dir, tmp_path):
+    r = r2q("credit", "--model", llama_dir, "--ref", llama_dir, "--prompt", "a", "--response", "b", "--png",
+            tmp_path / "x.jpg", check=False)
+    assert r.returncode == 2 and "must end in .png" in r.stderr and not (tmp_path / "x.jpg").exists()

@@ -113,3 +113,29 @@ def test_generate_runs_up_to_the_last_position(short_models, tmp_path, capsys, t
     assert code == 0, err
     line = json.loads(out.read_text().splitlines()[0])
     assert len(line["token_ids"]) == LIMIT - n  # ran to the last position (no EOS on the way)
+
+
+def test_inspect_data_counts_examples_past_the_table(short_models, long_data, capsys):
+    code, out, err = run_cli(capsys, "inspect-data", long_data, "--model", short_models / "gpt2")
+    assert code == 0, err
+    assert f"examples are longer than the {LIMIT} positions the model embeds" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "inspect-data", long_data, "--model", short_models / "llama")
+    assert "positions" not in out
+    code, out, _ = run_cli(capsys, "inspect-data", long_data, "--model", short_models / "gpt2", "--max-length",
+                           LIMIT, "--max-prompt-length", 12)
+    assert "positions" not in out
+
+
+def test_inspect_data_gives_the_count_as_data(short_models, long_data, tokenizer):
+    from r2q.data import inspect_data
+    from r2q.models import config_position_limit
+
+    assert config_position_limit(short_models / "opt") == LIMIT
+    assert config_position_limit(short_models / "llama") is None
+    info = inspect_data(long_data, tokenizer, position_limit=LIMIT)
+    lengths = [len(tokenizer(r["prompt"]).input_ids) + max(len(tokenizer(r[c], add_special_tokens=False).input_ids)
+                                                           for c in ("chosen", "rejected")) + 1
+               for r in map(json.loads, long_data.read_text().splitlines())]
+    assert info["over_position_limit"] == sum(n > LIMIT for n in lengths) >= 1
+    assert info["longest"] == max(lengths)
+    assert inspect_data(long_data, tokenizer)["over_position_limit"] is None

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -76,11 +77,12 @@ def _quiet_transformers() -> None:
 
 def _inspect_data(cfg: InspectConfig) -> None:
     from .data import inspect_data as _inspect
-    from .models import load_tokenizer
+    from .models import config_position_limit, load_tokenizer
 
     _quiet_transformers()
+    limit = config_position_limit(cfg.model)
     info = _inspect(cfg.data, load_tokenizer(cfg.model), max_length=cfg.max_length,
-                    max_prompt_length=cfg.max_prompt_length)
+                    max_prompt_length=cfg.max_prompt_length, position_limit=limit)
     table = Table(title=escape(f"{cfg.data} ({info['kind']}, {info['format']})"))
     table.add_column("field")
     for col in ("p50", "p90", "p99", "max"):
@@ -92,6 +94,16 @@ def _inspect_data(cfg: InspectConfig) -> None:
         f"rows {info['rows']}  kept {info['kept']}  skipped {info['skipped']}  "
         f"prompt truncated {info['prompt_truncated']}  completion truncated {info['completion_truncated']}"
     )
+    if info["kind"] == "preference":  # pairs with no preference left: the loss is ln 2 whatever the model
+        out.print(f"chosen identical to rejected {info['identical']}  made identical by the cut "
+                  f"{info['identical_after_cut']}")
+    if info["over_position_limit"]:
+        out.print(f"{info['over_position_limit']} examples are longer than the {limit} positions the model embeds "
+                  f"(the longest is {info['longest']} tokens; train and credit refuse them): --max-length {limit} "
+                  "cuts them", markup=False, highlight=False)
+    if len(info["formats"]) > 1:
+        out.print("formats " + ", ".join(f"{k} {v}" for k, v in info["formats"].items()), markup=False,
+                  highlight=False)
     for msg in info["skipped_rows"]:
         out.print(f"  skipped: {msg}", markup=False, highlight=False)
 
@@ -125,8 +137,6 @@ def _config_param(record: bool) -> inspect.Parameter:
                              annotation=Annotated[str, typer.Option(help=help, show_default=False)])
 
 
-
-
 def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
     """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to
     `run` by name, and --config): `run(cls(**fields), **extra)`, fields from --config where the command line
@@ -139,7 +149,12 @@ def _config_command(name: str, cls, doc: str, run, extra: list | None = None) ->
         if config:  # what the command line gave (not left at its default) wins over the file
             given = {k for k in names if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
             kw.update({k: v for k, v in read_config_file(config, cls).items() if k not in given})
-        run(cls(**{k: v for k, v in kw.items() if k in names}), **{k: v for k, v in kw.items() if k not in names})
+        with warnings.catch_warnings(record=True) as said:  # what the Python API warns of, the CLI refuses
+            warnings.simplefilter("always", UserWarning)
+            cfg = cls(**{k: v for k, v in kw.items() if k in names})
+        if warned := [w for w in said if issubclass(w.category, UserWarning)]:
+            raise UserError(str(warned[0].message))
+        run(cfg, **{k: v for k, v in kw.items() if k not in names})
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([context] + extra + [_config_param(cls is TrainConfig)] +
@@ -171,20 +186,27 @@ _config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prom
 
 
 def _read_prompts(path: Path) -> list[str]:
-    """Prompts from a .txt file (one per line) or a data file with a `prompt` field (strings or messages)."""
+    """Prompts from a .txt file (one per line; blank lines are skipped, and said) or data with a `prompt` field
+    (strings or messages): a data file, or a data set directory."""
     from .data import read_rows, read_text
 
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file")
-    if path.suffix == ".txt":
-        lines = [ln for ln in read_text(path).splitlines() if ln.strip()]
-        if not lines:
+    if path.suffix == ".txt" and path.is_file():
+        lines = read_text(path).splitlines()
+        prompts = [ln for ln in lines if ln.strip()]
+        if not prompts:
             raise UserError(f"{path}: no prompts")
-        return lines
-
+        if len(prompts) < len(lines):
+            blank = len(lines) - len(prompts)
+            note(f"{path}: {blank} blank line{'s' * (blank != 1)} skipped; {len(prompts)} prompts, one output line "
+                 "each")
+        return prompts
     prompts = []
     for n, row in read_rows(path):
-        p = row.get("prompt")
+        if "prompt" not in row:
+            raise UserError(f"{path} row {n}: no 'prompt' field (its fields: {', '.join(map(str, row)) or 'none'})")
+        p = row["prompt"]
         if not isinstance(p, (str, list)):  # a list of messages is checked, and rendered, by the search
             raise UserError(f"{path} row {n}: field 'prompt' must be a string or a list of chat messages")
         prompts.append(p)

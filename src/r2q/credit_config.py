@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import check_options, check_prompt_fits, option
+from .data.read import check_choices
+from .errors import UserError
 
 
 @dataclass
@@ -42,3 +44,7 @@ class CreditConfig:
     def __post_init__(self):
         check_options(self)
         check_prompt_fits(self.max_length, self.max_prompt_length)
+        if self.png and not self.png.lower().endswith(".png"):
+            raise UserError(f"--png {self.png}: the figure is written as PNG, so its name must end in .png")
+        check_choices({"--split": self.data if self.split != "train" else "", "--subset": self.data if self.subset
+                       else ""})

@@ -190,6 +190,21 @@ def position_limit(*models) -> int | None:
     return min(limits, default=None)
 
 
+def config_position_limit(path: str | os.PathLike, trust_remote_code: bool = False) -> int | None:
+    """`position_limit` of the model a directory's config.json describes, built on the meta device (no weights read,
+    no memory); None when there is no config.json or the model has no learned position table."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return position_limit(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the model's config.json in {path}: {first_line(e)}") from e
+
+
 def check_loaded(model, what: str = "policy") -> None:
     """The library's functions take loaded models: a path (or hub id) where one belongs is one line saying how."""
     if isinstance(model, (str, os.PathLike)):

@@ -247,13 +247,17 @@ def check_fit(examples: Sequence[PreferenceExample | SFTExample], limit: int | N
     per sequence). One line naming the longest, before any compute, instead of an IndexError in the forward."""
     if limit is None:
         return
-    over = [(len(e.prompt_ids) + max(map(len, _completions(e))), e.row) for e in examples]
-    over = [(n, row) for n, row in over if n > limit]
+    over = [(n, e.row) for n, e in zip(_sequence_lengths(examples), examples) if n > limit]
     if over:
         n, row = max(over)
         raise UserError(f"{len(over)} of {len(examples)} examples are longer than the {limit} positions the model "
                         f"embeds (a learned position table); the longest, row {row}, is {n} tokens: pass "
                         f"--max-length {limit} (and a --max-prompt-length below it) to cut them")
+
+
+def _sequence_lengths(examples: Sequence[PreferenceExample | SFTExample]) -> list[int]:
+    """Each example's longest sequence: its prompt and its longer completion."""
+    return [len(e.prompt_ids) + max(map(len, _completions(e))) for e in examples]
 
 
 def _completions(e: PreferenceExample | SFTExample) -> tuple[list[int], ...]:
@@ -368,11 +372,13 @@ def _percentiles(xs: list[int]) -> dict[str, int]:
 
 def inspect_data(
     path: str | os.PathLike, tokenizer, max_length: int = 1024, max_prompt_length: int = 512,
-    skip_bad: bool = True, kind: str | None = None,
+    skip_bad: bool = True, kind: str | None = None, position_limit: int | None = None,
 ) -> dict:
     """Counts, format and token-length percentiles (before truncation) of a data file, as plain data.
 
     kind: "preference" or "sft"; by default preference if the first row has 'chosen' and 'rejected'.
+    position_limit: the positions a model embeds (r2q.models.position_limit); the examples longer than it after the
+    cut, which training that model would refuse, are counted as "over_position_limit" (None: not counted).
     """
     _check_lengths(max_length, max_prompt_length)
     source, unit, items = _read(path)
@@ -382,7 +388,7 @@ def inspect_data(
     if kind not in ("preference", "sft"):
         raise UserError(f"unknown data kind {kind!r}; use preference or sft")
     encoded, report = _encode_rows(items, tokenizer, kind, source, unit, skip_bad)
-    _examples(encoded, report, max_length, max_prompt_length)  # fills the truncation counts
+    examples = _examples(encoded, report, max_length, max_prompt_length)  # (fills the truncation counts)
     names = ("chosen", "rejected") if kind == "preference" else ("completion",)
     lengths = {"prompt": _percentiles([len(p) for _, _, p, _, _ in encoded])}
     for i, name in enumerate(names):
@@ -401,5 +407,8 @@ def inspect_data(
         "identical": report.n_identical,
         "identical_after_cut": report.n_identical_after_cut,
         "lengths": lengths,
+        "longest": max(_sequence_lengths(examples), default=0),
+        "over_position_limit": None if position_limit is None else
+        sum(n > position_limit for n in _sequence_lengths(examples)),
         "skipped_rows": list(report.skipped),
     }

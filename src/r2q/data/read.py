@@ -40,6 +40,15 @@ def read_rows(path: str | os.PathLike, split: str = "train", subset: str = "") -
     return items  # type: ignore[return-value]
 
 
+def check_choices(given: dict[str, str | os.PathLike]) -> None:
+    """--split and --subset choose within a data set (a directory or a hub data set); a data file has neither, and
+    all its rows are read, so a choice given for one would be ignored. given: flag -> the data it chooses in."""
+    for flag, path in given.items():
+        if path and Path(path).is_file():
+            raise UserError(f"{flag} chooses within a data set (a directory or a hub data set), but {path} is a data "
+                            "file, whose rows are all read: drop it")
+
+
 def _looks_like_hub_id(name: str) -> bool:
     """ORG/NAME as the hub names data sets (not a path: no leading ./ or /, no data file extension, one slash)."""
     parts = name.split("/")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from enum import Enum
 
-from ..config import check_options, option
+from ..config import check_options, flag, option
 from ..errors import UserError
 
 METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "guided", "mcts")
@@ -15,6 +16,19 @@ WIDTH = {"best-of-n": "num_samples", "beam": "num_beams", "reward-beam": "num_be
          "mcts": "simulations"}
 NEEDS_REF = ("reward-beam", "chunk-beam", "guided")
 USES_BASE = ("chunk-beam", "guided")
+SAMPLING = ("sample", "best-of-n", "chunk-beam", "guided")  # guided with --do-sample
+BEAMS = ("beam", "reward-beam")
+# the options only some methods read: set to another value than the default, with another method, an option would
+# be ignored without a word (as transformers warns of a temperature given to greedy decoding)
+USED_BY = {
+    "num_beams": (*BEAMS, "chunk-beam"), "num_samples": ("best-of-n", "chunk-beam"),
+    **dict.fromkeys(("temperature", "top_k", "top_p"), SAMPLING),
+    **dict.fromkeys(("length_penalty", "early_stopping"), BEAMS),
+    "ref_term": ("reward-beam", "mcts"), "ranking": ("best-of-n",), "alpha": ("guided",), "do_sample": ("guided",),
+    "chunk_len": ("chunk-beam",),
+    **dict.fromkeys(("simulations", "c_puct", "expand_top_k", "rollout", "rollout_len", "sims_per_call", "backup"),
+                    ("mcts",)),
+}
 
 
 class EarlyStopping(str, Enum):
@@ -96,9 +110,31 @@ class GenerateConfig:
         if not self.delimiter and self.ranking in ("reward-min", "reward-last"):
             raise UserError(f"--delimiter is empty: --ranking {self.ranking} cuts steps at it (give the text that "
                             "ends a step, e.g. a newline or the chat template's end-of-turn token)")
+        if why := self.unused():
+            warnings.warn(why, UserWarning, stacklevel=3)
         if self.budget and self.method not in WIDTH:
             raise UserError(f"--budget sets a search width; {self.method} has none (its cost is fixed by "
                             "--max-new-tokens)")
+
+    def unused(self) -> str | None:
+        """What is wrong when an option is set (to other than its default) that this method does not read, else
+        None. The CLI refuses it; in Python it is a warning, as transformers warns of a temperature given to greedy
+        decoding (a sweep over methods may share one set of options)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in USED_BY.items():
+            if getattr(self, name) != defaults[name] and self.method not in methods:
+                return (f"{flag(name)} is not used by --method {self.method}, only by {', '.join(methods)}: drop it "
+                        "or choose one of those methods")
+        if self.method == "guided" and not self.do_sample:
+            given = [flag(n) for n in ("temperature", "top_k", "top_p") if getattr(self, n) != defaults[n]]
+            if given:
+                return (f"{given[0]} shapes sampling, and guided takes the argmax unless --do-sample is given: add "
+                        "--do-sample or drop it")
+        steps = self.method == "best-of-n" and self.ranking in ("reward-min", "reward-last")
+        if self.delimiter != defaults["delimiter"] and not steps:
+            return ("--delimiter cuts completions into steps for --method best-of-n --ranking reward-min or "
+                    "reward-last only")
+        return None
 
     @property
     def width(self) -> int | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import check_options, check_prompt_fits, flag, option
+from ..data.read import check_choices
 from ..errors import UserError
 
 # the losses r2q.losses.dpo_loss computes, named here too so the options load without torch (a test keeps the two equal)
@@ -121,6 +123,24 @@ def validate(cfg: TrainConfig, mode: str) -> None:
         raise UserError("--lora-dropout would be turned off with the rest of the dropout in DPO; add --keep-dropout")
     if mode == "sft" and (dpo_set := given(cfg, DPO_ONLY)):
         raise UserError(f"{flag(dpo_set[0])} is a DPO option (r2q train); r2q sft does not use it")
+    check_combinations(cfg, mode)
+
+
+def check_combinations(cfg: TrainConfig, mode: str) -> None:
+    """Options that would be ignored, or that contradict each other, given what else is set."""
+    if mode == "dpo" and cfg.ref == "none" and cfg.precompute_ref:
+        raise UserError("--precompute-ref caches the reference's log-probs, and --ref none trains without a "
+                        "reference: drop one of them")
+    if cfg.eval_data and cfg.eval_fraction:
+        raise UserError("--eval-data and --eval-fraction both choose the evaluation data: give one of them")
+    if cfg.eval_split != TrainConfig.eval_split and not cfg.eval_data:
+        raise UserError("--eval-split chooses within --eval-data, which is not given (--eval-fraction holds out part "
+                        "of --data)")
+    choices = {"--split": cfg.data if cfg.split != TrainConfig.split else "",
+               "--eval-split": cfg.eval_data if cfg.eval_split != TrainConfig.eval_split else ""}
+    if cfg.subset and all(not d or Path(d).is_file() for d in (cfg.data, cfg.eval_data)):
+        choices["--subset"] = cfg.data
+    check_choices(choices)
 
 
 def given(cfg: TrainConfig, names) -> list[str]:

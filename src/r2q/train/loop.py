@@ -85,7 +85,7 @@ class Trainer:
             model = trainable(model, keep_dropout=cfg.keep_dropout or mode == "sft",
                               checkpointing=cfg.gradient_checkpointing, lora=_lora(cfg))
             self.sharded = setup.shard_if_asked(model, cfg, self.acc, self._note)
-            self.plan = setup.plan_steps(cfg, self.acc.num_processes, self.train_ex, len(self.eval_ex))
+            self.plan = setup.plan_steps(cfg, self.acc.num_processes, self.train_ex, len(self.eval_ex), self._note)
             self._optimize(model)
         except BaseException:
             self._unlock(undo=True)

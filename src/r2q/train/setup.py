@@ -211,7 +211,8 @@ class StepPlan:
     total_steps: int
 
 
-def plan_steps(cfg: TrainConfig, processes: int, train_ex: list, n_eval: int) -> StepPlan:
+def plan_steps(cfg: TrainConfig, processes: int, train_ex: list, n_eval: int,
+               say: Callable[[str], None] = lambda _: None) -> StepPlan:
     parts = processes * cfg.grad_accum
     global_batch = cfg.batch_size * parts
     lengths = [example_tokens(e) for e in train_ex]
@@ -222,4 +223,8 @@ def plan_steps(cfg: TrainConfig, processes: int, train_ex: list, n_eval: int) ->
             held = f" after --eval-fraction {cfg.eval_fraction:g} held out {n_eval}; lower --eval-fraction"
         raise UserError(f"{len(train_ex)} training examples are fewer than one per micro-batch ({parts}){held} or "
                         "add data")
-    return StepPlan(parts, global_batch, lengths, per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch)))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    if cfg.warmup_steps > total:  # allowed (as in transformers), and said: the peak rate is never reached
+        say(f"--warmup-steps {cfg.warmup_steps} is more than the run's {total} steps: the learning rate stops at "
+            f"{total / cfg.warmup_steps:.2g} of --lr")
+    return StepPlan(parts, global_batch, lengths, per_epoch, total)
