@@ -111,6 +111,7 @@ def bare_forwards(models, prompts, trace) -> None:
     (beams or samples made from the prompt, finished rows leaving) the cache keeps as many rows, whichever they are.
     """
     from r2q.search.cache import new_cache
+    from r2q.search.lm import _cache_kwarg
 
     ids, mask = left_pad(prompts, PAD)
     new = sum(n for j, _, n in trace if j == 0) - ids.shape[1]
@@ -126,8 +127,9 @@ def bare_forwards(models, prompts, trace) -> None:
                 msk = torch.cat([msk, msk.new_ones(r, n)], dim=1)
             x = ids if k == 0 else torch.full((r, n), 2, dtype=torch.long)
             pos = (msk.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
-            m(input_ids=x, attention_mask=msk, position_ids=pos, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+            # (the cache under the name r2q passes it: transformers 5.25's `past_key_values` shim costs a little)
+            m(input_ids=x, attention_mask=msk, position_ids=pos, use_cache=True, logits_to_keep=1,
+              **{_cache_kwarg(m): cache})
 
 
 def timed(fn):
