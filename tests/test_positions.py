@@ -85,31 +85,32 @@ def test_llama_is_not_limited(short_models, long_data, tmp_path, capsys):
     assert code == 0, err
 
 
+def _generate(capsys, model, tmp_path, text, *args):
+    """`r2q generate` on the prompts in `text`; returns (code, stderr, the output path)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(text)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli(capsys, "generate", "--model", model, "--prompts", prompts, "--out", out, "--quiet", *args)
+    return code, err, out
+
+
 @pytest.mark.parametrize("method", ["greedy", "beam", "best-of-n"])
 def test_generate_refuses_prompts_that_would_run_past_the_table(short_models, tmp_path, capsys, tokenizer, method):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("the movie\nthe movie was great\n")
     n = len(tokenizer("the movie was great").input_ids)
-    out = tmp_path / "out.jsonl"
-    code, _, err = run_cli(capsys, "generate", "--model", short_models / "gpt2", "--prompts", prompts, "--method",
-                           method, "--max-new-tokens", LIMIT - n + 1, "--out", out, "--quiet")
+    code, err, out = _generate(capsys, short_models / "gpt2", tmp_path, "the movie\nthe movie was great\n",
+                               "--method", method, "--max-new-tokens", LIMIT - n + 1)
     err = one_line_error(code, err)
     assert f"prompt 2 is {n} tokens" in err and f"lower --max-new-tokens to {LIMIT - n}" in err
     assert not out.exists()
-    prompts.write_text("the movie was great " * 8 + "\n")
-    code, _, err = run_cli(capsys, "generate", "--model", short_models / "gpt2", "--prompts", prompts, "--out", out,
-                           "--quiet")
+    code, err, _ = _generate(capsys, short_models / "gpt2", tmp_path, "the movie was great " * 8 + "\n")
     assert f"shorten it below {LIMIT} tokens" in one_line_error(code, err)
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_generate_runs_up_to_the_last_position(short_models, tmp_path, capsys, tokenizer, method):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("the movie was great\n")
     n = len(tokenizer("the movie was great").input_ids)
-    out = tmp_path / "out.jsonl"
-    code, _, err = run_cli(capsys, "generate", "--model", short_models / "opt", "--prompts", prompts, "--method",
-                           method, "--max-new-tokens", LIMIT - n, "--out", out, "--quiet")
+    code, err, out = _generate(capsys, short_models / "opt", tmp_path, "the movie was great\n", "--method", method,
+                               "--max-new-tokens", LIMIT - n)
     assert code == 0, err
     line = json.loads(out.read_text().splitlines()[0])
     assert len(line["token_ids"]) == LIMIT - n  # ran to the last position (no EOS on the way)
