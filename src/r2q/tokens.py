@@ -234,6 +234,47 @@ def _takes_4d_mask(impl: str) -> bool:
     return "flash" not in impl
 
 
+def eager_flex(model) -> bool:
+    """Whether the model runs FlexAttention on the CPU, where r2q runs it uncompiled: transformers compiles
+    flex_attention on its first call, and on the CPU (torch 2.13) the compiled kernel gave log-probs 0.36 off eager
+    attention's on a tiny Llama (plain and shared layouts) and failed to build in a beam search (C++ compile
+    error), while uncompiled FlexAttention gives eager attention's values (tests/test_model_families.py)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    model = getattr(model, "module", model)
+    if "flex" not in _attn_impl(model):
+        return False
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cpu"
+
+
+class attention_stance:
+    """Context for a forward of `model`: torch.compile's stance forced to eager where `eager_flex(model)`, and
+    the two warnings that uncompiled FlexAttention then gives (unfused kernel; create_block_mask's _compile flag,
+    which transformers passes) silenced, since running it so is r2q's choice; no change for any other model."""
+
+    def __init__(self, model):
+        self.on = eager_flex(model)
+
+    def __enter__(self):
+        if self.on:
+            import warnings
+
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
+            warnings.filterwarnings("ignore", message=r"flex_attention called without torch\.compile")
+            warnings.filterwarnings("ignore", message=r"_compile flag on create_block_mask")
+            self._stance = torch.compiler.set_stance("force_eager")
+            self._stance.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._stance.__exit__(*exc)
+            self._warnings.__exit__(*exc)
+        return False
+
+
 def can_share_prefix(*models) -> bool:
     """Whether every model's attention takes the mask prefix-shared rows need."""
     return all(_takes_4d_mask(_attn_impl(m)) for m in models if m is not None)
@@ -310,14 +351,16 @@ def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         mask = shared_mask(mask, _attn_impl(hf), next(model.parameters()).dtype)
     kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     if not _wrapped(model) and _head_only(model):
-        hidden = model.base_model(**kw, use_cache=False).last_hidden_state
+        with attention_stance(hf):
+            hidden = model.base_model(**kw, use_cache=False).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[src_index]
         logits = model.get_output_embeddings()(h)
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
     else:
-        logits = model(**kw, use_cache=False).logits
+        with attention_stance(hf):
+            logits = model(**kw, use_cache=False).logits
         logits = logits.reshape(-1, logits.shape[-1])[src_index]
     return gather_logps(logits, targets)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..tokens import attention_stance
+
 
 @dataclass
 class Compute:
@@ -107,6 +109,7 @@ class Lockstep:
         self.mask: torch.Tensor | None = None
         self.compute = compute or Compute()
         self.device = next(self.models[0].parameters()).device
+        self.stances = [attention_stance(m) for m in self.models]  # uncompiled FlexAttention on the CPU
 
     def _run(self, i: int, ids: torch.Tensor, pos: torch.Tensor, tokens: int) -> torch.Tensor:
         if self.caches[i] is None:
@@ -114,8 +117,9 @@ class Lockstep:
 
             self.caches[i] = new_cache(self.models[i], self.room)
         kw = {self.keys[i]: self.caches[i]} if self.caches[i] is not None else {}
-        out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw,
-                             **self.last_only[i])
+        with self.stances[i]:
+            out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw,
+                                 **self.last_only[i])
         self.caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         self.compute.forward_passes += 1
         self.compute.tokens_processed += tokens

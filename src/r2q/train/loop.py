@@ -77,7 +77,7 @@ class Trainer:
                 cfg, mode, tokenizer, train_examples, eval_examples, not cfg.quiet and self.acc.is_main_process,
                 self._note)
             self.inputs = setup.fingerprints(cfg, mode, model, ref_model, tokenizer, self._data_hash)
-            model = setup.starting_policy(cfg, model, tokenizer, self.train_ex + self.eval_ex)
+            model = setup.starting_policy(cfg, model, tokenizer, self.train_ex + self.eval_ex, self.acc.device)
             # the reference is fixed before any checkpoint is loaded: `init` means the starting weights
             self.refs, self.ref_cache_hits = setup.reference(cfg, mode, model, ref_model, tokenizer, self.acc.device,
                                                              self.lm, self._precompute())

@@ -108,15 +108,20 @@ def weights_dtype(cfg: TrainConfig) -> str:
     return "bf16" if cfg.dtype == "bf16-weights" else "fp32"
 
 
-def starting_policy(cfg: TrainConfig, model, tokenizer, examples: list):
-    """The starting weights (loaded unless given), in the weights' dtype, checked against the tokenizer and against
-    the examples' lengths (a learned position table)."""
+def starting_policy(cfg: TrainConfig, model, tokenizer, examples: list, device: torch.device):
+    """The starting weights (loaded unless given), in the weights' dtype, checked against the tokenizer, against
+    the examples' lengths (a learned position table) and against the device (FlexAttention's backward)."""
     if model is None:
         model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code)
     if cfg.dtype == "bf16-weights":
         model = model.to(torch.bfloat16)
     check_vocab(tokenizer, model)
     check_fit(examples, position_limit(model))
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    if "flex" in impl and device.type == "cpu":
+        raise UserError(f"the model runs {impl}, which has no backward on the CPU in torch {torch.__version__}: "
+                        "train on a GPU, or load the model with attn_implementation='sdpa' (credit and generate "
+                        "run FlexAttention on the CPU)")
     return model
 
 
