@@ -201,6 +201,60 @@ def test_resume_without_a_checkpoint_starts_metrics_over(llama_dir, data, tmp_pa
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("mode", ["dpo", "sft"])
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(llama_dir, data, tmp_path, mode):
+    """A finished run that wrote no checkpoint (no --save-every) has nothing to continue from: --resume, even with
+    other settings, is one line and the run's files stay as they were (it used to train over them from step 0)."""
+    out = tmp_path / "run"
+    train(ckpt_cfg(llama_dir, data, out, max_steps=2, save_every=0), mode)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="holds a finished run .* and no checkpoint to continue from"):
+        train(ckpt_cfg(llama_dir, data, out, max_steps=3, save_every=0, lr=1e-3, resume=True), mode)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("text", ["{garbage", '{"config": 5, "step": 2}', "[1, 2]", '{"config": {}}'])
+def test_a_checkpoint_state_that_is_not_ones_own_is_skipped(llama_dir, data, tmp_path, capsys, text):
+    """trainer_state.json that matches the manifest (re-hashed after an edit) but is not a state r2q wrote: that
+    checkpoint is skipped with a line, and the run resumes from the one before."""
+    import hashlib
+
+    out = tmp_path / "run"
+    c = ckpt_cfg(llama_dir, data, out, max_steps=2)
+    train(c)
+    ck = out / "checkpoints" / "step-0000002"
+    (ck / "trainer_state.json").write_text(text)
+    man = json.loads((ck / "manifest.json").read_text())
+    body = text.encode()
+    man["files"]["trainer_state.json"] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    (ck / "manifest.json").write_text(json.dumps(man))
+    capsys.readouterr()
+    res = train(dataclasses.replace(c, resume=True))
+    err = capsys.readouterr().err
+    assert f"skipping damaged checkpoint {ck}: trainer_state.json" in err
+    assert "resuming from" in err and "step-0000001" in err and res.steps == 2
+
+
+def test_a_gradient_that_overflows_stops_the_run(llama_dir, data, tmp_path, monkeypatch):
+    """A finite loss whose gradient norm is inf would be clipped to no update at all: the run stops at that step
+    in one line, as for a non-finite loss, and keeps its checkpoints."""
+    import r2q.train.loop as tr
+
+    out = tmp_path / "run"
+    t = tr.Trainer(ckpt_cfg(llama_dir, data, out, max_steps=4, save_every=1), "dpo")
+    real, calls = t.acc.clip_grad_norm_, []
+
+    def overflow(params, max_norm):
+        calls.append(1)
+        norm = real(params, max_norm)
+        return norm * float("inf") if len(calls) == 3 else norm
+
+    monkeypatch.setattr(t.acc, "clip_grad_norm_", overflow)
+    with pytest.raises(UserError, match=r"non-finite gradient norm \(inf\) at step 3.*step-0000002"):
+        t.run()
+    assert not (out / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------- F: symlinks
 
 

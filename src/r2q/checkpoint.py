@@ -77,6 +77,20 @@ def write_manifest(d: Path) -> None:
     (d / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
+def read_state(d: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A checkpoint's trainer_state.json as (state, None), or (None, what is wrong with it): the manifest vouches
+    for its bytes, not for their being a state r2q wrote (a file edited and re-hashed, a writer of another tool)."""
+    try:
+        state = json.loads((d / STATE).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"{STATE} cannot be read ({' '.join(str(e).split())[:120]})"
+    tables = ("config", "inputs")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+            any(not isinstance(state.get(k) or {}, dict) for k in tables):
+        return None, f"{STATE} is not the state of an r2q checkpoint (a step and tables of config and inputs)"
+    return state, None
+
+
 def verify(d: Path) -> str | None:
     """None if every file the manifest lists is there with its size and hash, else what is wrong."""
     try:

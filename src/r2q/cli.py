@@ -224,7 +224,10 @@ def _generate_command() -> None:
                                    dirs=[("--model", model), ("--ref", ref), ("--base", base)])
         texts = _read_prompts(prompts)
         _quiet_transformers()
-        from .models import check_vocab, load_model, load_reference, load_tokenizer
+        from .models import check_model_path, check_vocab, load_model, load_reference, load_tokenizer
+        for path, what in ((model, "model"), (ref, "reference"), (base, "base")):  # all, before any is loaded
+            if path:
+                check_model_path(path, what)
         from .search import generate
         from .shards import processes
 

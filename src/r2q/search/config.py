@@ -147,5 +147,8 @@ def check_models(cfg: GenerateConfig, ref: object | None, base: object | None) -
     models or anything standing for them (their paths), so the CLI asks before loading them."""
     if cfg.method in NEEDS_REF and ref is None:
         raise UserError(f"{cfg.method} needs a reference model (--ref)")
+    if cfg.method == "best-of-n" and cfg.ranking in ("reward", "reward-min", "reward-last") and ref is None:
+        raise UserError(f"best-of-n ranks by {cfg.ranking}, which needs a reference model (--ref); or rank by "
+                        "--ranking likelihood")
     if base is not None and cfg.method not in USES_BASE:
         raise UserError("--base is the model chunk-beam and guided decode from; other methods do not use it")

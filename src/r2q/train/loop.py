@@ -16,13 +16,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from safetensors import SafetensorError
 
 from .. import refcache
-from ..checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint, verify
+from ..checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint, verify
 from ..errors import UserError, note
 from ..losses import pair_stats, sft_loss
 from ..models import load_tokenizer, pad_id
@@ -35,7 +35,7 @@ from ..tokens import TokenBatch, TokenScorer, examples_batch, shared_layout
 from . import setup
 from .config import TrainConfig, validate
 from .order import epoch_steps, example_tokens, micro_batches
-from .rundir import check_earlier_run, check_not_in_place, clear_run, resume_changes, truncate_metrics
+from .rundir import check_earlier_run, check_not_in_place, check_resumable, clear_run, resume_changes, truncate_metrics
 
 
 @dataclass
@@ -69,6 +69,8 @@ class Trainer:
         try:
             if not (cfg.resume or cfg.overwrite):
                 check_earlier_run(self.out)
+            elif cfg.resume:
+                check_resumable(self.out)
             setup.check_inputs(cfg, mode, model, tokenizer, ref_model)
             self.tokenizer = tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
             self.pad_id = pad_id(tokenizer)
@@ -187,12 +189,13 @@ class Trainer:
         first = stats["nll" if self.mode == "sft" else "loss"]
         bad = self.acc.reduce(torch.tensor([float(not torch.isfinite(first).all())], device=self.acc.device), "sum")
         if bad.item() > 0:
-            self.opt.zero_grad(set_to_none=True)
-            last = list_checkpoints(self.out)
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
-            raise UserError(f"non-finite loss at step {self.step + 1}; training stopped, {where}")
+            self._stop(f"non-finite loss at step {self.step + 1}")
         gnorm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor
+        if not math.isfinite(float(gnorm)):  # the same on every process (the norm of the reduced gradients)
+            # clipping would scale every gradient by 0 (inf) or NaN: the step would leave the weights as they were
+            self._stop(f"non-finite gradient norm ({float(gnorm)}) at step {self.step + 1}, from a finite loss (a "
+                       "gradient overflowed: is --beta or --lr far too large?)")
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -203,6 +206,13 @@ class Trainer:
         m.update(grad_norm=float(gnorm), learning_rate=lr, tokens_per_s=tok / dt, examples_per_s=len(step_idx) / dt,
                  step_time_s=dt)
         return m
+
+    def _stop(self, what: str) -> NoReturn:
+        """End training at a step that cannot be taken: nothing of it is applied, the checkpoints stay."""
+        self.opt.zero_grad(set_to_none=True)
+        last = list_checkpoints(self.out)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise UserError(f"{what}; training stopped, {where}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -282,7 +292,9 @@ class Trainer:
         for ck in reversed(found):
             why, kind = verify(ck), "damaged checkpoint"
             if why is None:
-                self._check_same_run(ck, json.loads((ck / STATE).read_text()))
+                state, why = read_state(ck)
+            if why is None:
+                self._check_same_run(ck, state)
                 try:
                     state = load_checkpoint(ck, self.lm(), self.opt, self.sched, self.acc.process_index)
                 except ValueError as e:  # load_weights' strict fit: intact, but written for another model

@@ -61,6 +61,16 @@ def check_earlier_run(out: Path) -> None:
                         "start over with --overwrite, or choose another --out")
 
 
+def check_resumable(out: Path) -> None:
+    """--resume continues from a checkpoint, or starts a run that never wrote one (killed before it) over. A
+    finished run with no checkpoint (it ran without --save-every) has nothing to continue from, and starting over
+    would replace its weights silently: refused."""
+    if out.is_dir() and (out / RECORD).exists() and not list_checkpoints(out):
+        raise UserError(f"--resume: --out {out} holds a finished run ({', '.join(earlier_run(out))}) and no "
+                        "checkpoint to continue from (it ran without --save-every): start over with --overwrite, or "
+                        "choose another --out")
+
+
 def clear_run(out: Path) -> None:
     """Remove every file an earlier run wrote in `out`: the record first (so that no half-removed directory is
     described by it), then weights, tokenizer, adapter, checkpoints and metrics. Other files are left alone."""
