@@ -34,9 +34,24 @@ def test_trainable_turns_off_cache_and_dropout_and_adds_only_trainable_adapters(
     assert all(p.requires_grad for p in full.parameters())
 
 
-def test_a_missing_lora_target_is_one_line(model):
-    with pytest.raises(UserError, match="--lora-target-modules nope"):
-        trainable(model, lora=(4, 8.0, 0.0, "nope"))
+@pytest.mark.parametrize("targets", ["nope", "q_proj,nope", "q_proj,", "layers.0.self_attn.q,v_proj"])
+def test_a_lora_target_that_matches_nothing_is_one_line(model, targets):
+    """Each name must match (PEFT skipped one of several that did not, and wrote it into adapter_config.json)."""
+    bad = [t for t in targets.split(",") if t not in ("q_proj", "v_proj")][0]
+    with pytest.raises(UserError, match="empty name" if not bad else f"'{bad}' matches no module of Llama.*q_proj"):
+        trainable(copy.deepcopy(model), lora=(4, 8.0, 0.0, targets))
+    m = trainable(copy.deepcopy(model), lora=(4, 8.0, 0.0, "layers.0.self_attn.q_proj,v_proj"))
+    assert {n.split(".lora_")[0] for n, p in m.named_parameters() if p.requires_grad} >= {
+        "base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.1.self_attn.v_proj"}
+
+
+def test_lora_on_gpt2s_conv1d_layers_raises_no_warning(gpt2_dir):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = trainable(load_model(gpt2_dir), lora=(4, 8.0, 0.0, "c_attn"))
+    assert any("c_attn.lora_A" in n for n, p in m.named_parameters() if p.requires_grad)
 
 
 def test_optimizer_decays_matrices_only(model):

@@ -4,6 +4,8 @@ reads as a list of these calls and each is tested on its own."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import UserError, first_line
@@ -19,12 +21,31 @@ def with_lora(model, r: int, alpha: float, dropout: float, target_modules: str):
 
     target: str | list[str] = target_modules if target_modules == "all-linear" else \
         [t.strip() for t in target_modules.split(",")]
+    if isinstance(target, list):
+        check_targets(model, target)
     try:
-        with quiet_deprecations():
+        with quiet_deprecations(), warnings.catch_warnings():
+            # gpt2's Conv1D: PEFT sets fan_in_fan_out itself and says so; the adapters are right either way
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is")
             return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                     target_modules=target, task_type="CAUSAL_LM"))
     except ValueError as e:  # e.g. a target module the model does not have
         raise UserError(f"--lora-target-modules {target_modules}: {first_line(e)}") from e
+
+
+def check_targets(model, targets: list[str]) -> None:
+    """Every name of --lora-target-modules names modules of the model, matched as PEFT matches a name (the
+    module's full name, or its last parts): PEFT refuses a list none of whose names match, but skips a name that
+    matches nothing when another does, and writes it into adapter_config.json."""
+    names = [n for n, _ in model.named_modules() if n]
+    for t in targets:
+        if not t:
+            raise UserError("--lora-target-modules has an empty name (a stray comma?)")
+        if not any(n == t or n.endswith("." + t) for n in names):
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+            raise UserError(f"--lora-target-modules: {t!r} matches no module of {type(model).__name__} (its linear "
+                            f"layers: {', '.join(linear)}; or all-linear)")
 
 
 def gradient_checkpointing(model) -> None:
