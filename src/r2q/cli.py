@@ -289,10 +289,12 @@ def _credit_inputs(cfg) -> tuple[str, float]:
     `r2q train` recorded with the model (and noting when that reference has changed since), else beta 0.1."""
     if not cfg.model:
         raise UserError("--model is required")
-    if bool(cfg.data) == bool(cfg.prompt or cfg.response is not None):
+    texts = cfg.prompt is not None or cfg.response is not None
+    if bool(cfg.data) == texts:
         raise UserError("give either --data FILE or --prompt TEXT with --response TEXT")
-    if not cfg.data and (not cfg.prompt or cfg.response is None):
-        raise UserError("--prompt and --response go together")
+    if texts and (cfg.prompt is None or cfg.response is None):
+        raise UserError(f"{'--response' if cfg.prompt is None else '--prompt'} is given without "
+                        f"{'--prompt' if cfg.prompt is None else '--response'}: they go together")
     try:
         rec = read_record(cfg.model)
     except UserError as e:  # a damaged record: what it would have given was given on the command line
@@ -358,10 +360,10 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     if cfg.data:
         report = credit_from_file(policy, ref_model, tokenizer, cfg.data, beta, skip_bad=cfg.skip_bad,
                                   split=cfg.split, subset=cfg.subset, **kw)
-        for line in report.data.notes() if procs.is_main else ():
-            note(line)
     else:
         report = score_texts(policy, ref_model, tokenizer, [cfg.prompt], [cfg.response], beta, **kw)
+    for line in report.data.notes() if procs.is_main and report.data is not None else ():
+        note(line)  # rows skipped, prompts or completions cut to --max-prompt-length / --max-length
     report.meta.update(model=str(cfg.model), ref=str(ref), data=report.meta.get("data", "--prompt/--response"))
     if procs.is_main:  # one view and one set of files, from the first process
         render_terminal(report, console, max_items=cfg.show)

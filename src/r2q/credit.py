@@ -19,6 +19,7 @@ from the `r2q train --precompute-ref` cache when it has this data (same key), ot
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,9 @@ from .data import (
     sft_examples_from_rows,
 )
 from .data.read import _read
-from .errors import UserError, check_beta, check_count, listed, note
+from .errors import UserError, UserTypeError, check_beta, check_count, listed, note
 from .losses import dpo_loss
-from .models import check_loaded, check_vocab, pad_id, position_limit
+from .models import check_loaded, check_tokenizer, check_vocab, pad_id, position_limit
 from .paths import write_atomic
 from .progress import progress_bar
 from .reference import CachedReference, LiveReference, NoReference, Reference, batch_slots, cached
@@ -206,7 +207,9 @@ def score_examples(
     procs: the processes scoring together (`r2q.shards.processes()` under torchrun / accelerate launch; every one
     must call): each scores every N-th batch and all return the whole report. Default: this process alone.
     """
-    _check_arguments(policy, examples, beta, batch_size)
+    _check_arguments(policy, tokenizer, beta, batch_size, delimiter)
+    if isinstance(examples, (str, bytes)) or not examples:
+        raise UserError("there is nothing to score" if not examples else "examples must be a list of examples")
     pairs = isinstance(examples[0], PreferenceExample)
     seqs = refcache.completion_sequences(examples)
     reference = _reference(ref, tokenizer, examples, ref_logps, use_cache, cache_dir)
@@ -249,12 +252,15 @@ def score_examples(
     return _report(tokenizer, examples, out, pair_loss, beta, reference.kind, top_k, min_count)
 
 
-def _check_arguments(policy, examples, beta, batch_size) -> None:
+def _check_arguments(policy, tokenizer, beta, batch_size=16, delimiter: str | None = "\n") -> None:
+    """The arguments every credit entry point takes, checked before any text is tokenised."""
     check_beta(beta)
     check_loaded(policy)
+    check_tokenizer(tokenizer)
     check_count(batch_size, "batch_size")
-    if isinstance(examples, (str, bytes)) or not examples:
-        raise UserError("there is nothing to score" if not examples else "examples must be a list of examples")
+    if delimiter is not None and not isinstance(delimiter, str):
+        raise UserTypeError(f"delimiter must be a string (or None: no steps); got {type(delimiter).__name__} "
+                            f"{delimiter!r}")
 
 
 @contextmanager
@@ -406,12 +412,16 @@ def score_texts(policy, ref, tokenizer, prompts: Sequence[str], completions: Seq
                 delimiter: str | None = "\n", max_length: int = 1024, max_prompt_length: int = 512,
                 **kw) -> CreditReport:
     """Credit for plain (prompt, completion) strings, tokenised as in training (completion + EOS)."""
+    _check_arguments(policy, tokenizer, beta, kw.get("batch_size", 16), delimiter)
     prompts, completions = listed(prompts, "prompts"), listed(completions, "completions")
     if len(prompts) != len(completions):
         raise UserError(f"{len(prompts)} prompts but {len(completions)} completions")
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-    examples, _ = sft_examples_from_rows(rows, tokenizer, max_length, max_prompt_length)
-    return score_examples(policy, ref, tokenizer, examples, beta, delimiter=delimiter, **kw)
+    examples, data_report = sft_examples_from_rows(rows, tokenizer, max_length, max_prompt_length,
+                                                   source="the texts given", unit="texts")
+    report = score_examples(policy, ref, tokenizer, examples, beta, delimiter=delimiter, **kw)
+    report.data = data_report  # what was cut to max_length / max_prompt_length, as for a file
+    return report
 
 
 def credit_from_file(policy, ref, tokenizer, path: str | Path, beta: float, *, max_length: int = 1024,
@@ -419,6 +429,10 @@ def credit_from_file(policy, ref, tokenizer, path: str | Path, beta: float, *, m
                      **kw) -> CreditReport:
     """Credit for a data file: preference pairs if its first row has 'chosen' and 'rejected', else
     completions (prompt/completion, text or messages rows). kw: as `score_examples`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserTypeError(f"path must be a data file, directory or hub name (a str or a Path); got "
+                            f"{type(path).__name__}")
+    _check_arguments(policy, tokenizer, beta, kw.get("batch_size", 16), kw.get("delimiter", "\n"))
     source, unit, items = _read(path, split, subset)  # rows that fail to parse stay in, for skip_bad to count
     first = next((r for _, r in items if isinstance(r, Mapping)), {})
     pairs = "chosen" in first and "rejected" in first

@@ -21,7 +21,8 @@ class CreditConfig:
                            "hub data set ORG/NAME")
     split: str = option("train", "Split of --data when it is a data set")
     subset: str = option("", "Configuration of a hub data set")
-    prompt: str = option("", "A prompt (with --response), instead of --data")
+    prompt: str | None = option(None, "A prompt (with --response), instead of --data (\"\" for an empty one: BOS "
+                                "alone)")
     response: str | None = option(None, "The response to --prompt (\"\" for an empty one: EOS alone)")
     html: str = option("", "Write a self-contained HTML heatmap here")
     json: str = option("", "Write the per-token numbers as JSON here")

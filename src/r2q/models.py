@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, first_line
+from .errors import UserError, UserTypeError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -208,10 +208,20 @@ def config_position_limit(path: str | os.PathLike, trust_remote_code: bool = Fal
 def check_loaded(model, what: str = "policy") -> None:
     """The library's functions take loaded models: a path (or hub id) where one belongs is one line saying how."""
     if isinstance(model, (str, os.PathLike)):
-        raise UserError(f"{what} must be a loaded model, not the path {str(model)!r}: load it first with "
-                        "r2q.models.load_model(path)")
+        raise UserTypeError(f"{what} must be a loaded model, not the path {str(model)!r}: load it first with "
+                            "r2q.models.load_model(path)")
     if not isinstance(model, torch.nn.Module):
-        raise UserError(f"{what} must be a loaded model (a torch.nn.Module); got {type(model).__name__}")
+        raise UserTypeError(f"{what} must be a loaded model (a torch.nn.Module); got {type(model).__name__}")
+
+
+def check_tokenizer(tokenizer) -> None:
+    """A loaded tokenizer (what transformers' tokenizers are: callable, with a vocabulary), not its path."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise UserTypeError(f"tokenizer must be a loaded tokenizer, not the path {str(tokenizer)!r}: load it first "
+                            "with r2q.models.load_tokenizer(path)")
+    if not (callable(tokenizer) and hasattr(tokenizer, "get_vocab")):
+        raise UserTypeError(f"tokenizer must be a loaded tokenizer (a transformers tokenizer); got "
+                            f"{type(tokenizer).__name__}")
 
 
 def has_head(model) -> bool:
@@ -222,6 +232,7 @@ def has_head(model) -> bool:
 def check_vocab(tokenizer, policy, other=None, what: str = "reference") -> None:
     """Token-level rewards compare log-probs of one token under two models: both must score the same
     vocabulary, and the tokenizer must not produce ids beyond it."""
+    check_tokenizer(tokenizer)
     if not has_head(policy) or (other is not None and not has_head(other)):
         return  # not an HF causal LM (a test double, a wrapper): nothing to compare
     v = vocab_size(policy)

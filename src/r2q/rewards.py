@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import torch
 
+from .errors import check_beta
+
 T = TypeVar("T")  # a tensor, an array or a float: the formulas are elementwise
 
 
@@ -20,6 +22,7 @@ def token_rewards(policy_logps: T, ref_logps: T | None, beta: float, ref_term: b
     ref_term adds beta * log pi_ref back (r + beta log pi_ref = beta log pi: search on the policy's likelihood
     scaled by beta, the paper's Eq. 13 view of search as optimising Q*). Every reward in r2q is computed here.
     """
+    check_beta(beta)
     if ref_logps is None:
         return beta * policy_logps
     r = beta * (policy_logps - ref_logps)
@@ -39,6 +42,9 @@ def guided_logps(base_logps: torch.Tensor, tuned_logps: torch.Tensor, ref_logps:
     alpha * log pi_tuned/pi_ref is the tuned pair's token reward at beta = alpha (`token_rewards`), so this is
     pi_base re-weighted by exp(r(s, a)): alpha = 1 gives pi_tuned itself when the base is the reference.
     """
+    check_beta(alpha, "alpha", zero_ok=True)
+    if alpha == 0:  # the tuned pair's reward weighted by 0: the base model alone (0 * -inf would be NaN)
+        return torch.log_softmax(base_logps.float(), -1)
     return torch.log_softmax(base_logps.float() + token_rewards(tuned_logps.float(), ref_logps.float(), alpha), -1)
 
 
@@ -74,6 +80,7 @@ def expected_reward(rewards: torch.Tensor, ref_probs: torch.Tensor | None = None
 
 def kl_ref_pi(rewards: torch.Tensor, beta: float, ref_probs: torch.Tensor | None = None) -> torch.Tensor:
     """KL(pi_ref || pi) in nats per completion, from the same identity: -E_ref[R] / beta.  (..., N) -> (...)"""
+    check_beta(beta)
     return -expected_reward(rewards, ref_probs) / beta
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, check_count
 from ..progress import progress_bar
 from .read import _read, _RowError, _tname
 from .rows import Turns, _eos_flag, _parse_preference, _parse_sft, _render, render_prompt
@@ -265,6 +265,8 @@ def _completions(e: PreferenceExample | SFTExample) -> tuple[list[int], ...]:
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
+    for name, v in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        check_count(v, name)
     if max_prompt_length < 1 or max_length < 2:
         raise UserError(f"max_length ({max_length}) and max_prompt_length ({max_prompt_length}) "
                         "must be positive")

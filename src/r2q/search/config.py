@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 
 from ..config import check_options, flag, option
-from ..errors import UserError
+from ..errors import UserError, UserTypeError
 
 METHODS = ("greedy", "sample", "beam", "reward-beam", "best-of-n", "chunk-beam", "guided", "mcts")
 RANKINGS = ("likelihood", "reward", "reward-min", "reward-last", "external")
@@ -145,6 +145,9 @@ class GenerateConfig:
 def check_models(cfg: GenerateConfig, ref: object | None, base: object | None) -> None:
     """What the config cannot check alone: whether the method has the models it needs. `ref` / `base` are the
     models or anything standing for them (their paths), so the CLI asks before loading them."""
+    if not isinstance(cfg, GenerateConfig):
+        raise UserTypeError(f"cfg must be a GenerateConfig (r2q.search.GenerateConfig(method=..., ...)); got "
+                            f"{type(cfg).__name__}")
     if cfg.method in NEEDS_REF and ref is None:
         raise UserError(f"{cfg.method} needs a reference model (--ref)")
     if cfg.method == "best-of-n" and cfg.ranking in ("reward", "reward-min", "reward-last") and ref is None:

@@ -9,7 +9,7 @@ import torch
 
 from ..config import flag
 from ..data import encode_prompt
-from ..errors import UserError, listed
+from ..errors import UserError, UserTypeError, listed
 from ..models import check_loaded, check_vocab, has_head, pad_id, position_limit, vocab_size
 from ..progress import progress_bar
 from ..rewards import sequence_rewards, token_rewards
@@ -119,6 +119,10 @@ def check_room(prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *models) -
                         f"tokens, past the {limit} positions the model embeds (a learned position table){many}: {fix}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @torch.no_grad()
 def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, eos_ids: Sequence[int], pad_id: int,
                  ref=None, base=None, tokenizer=None, scorer=None,
@@ -129,6 +133,11 @@ def generate_ids(policy, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, 
     model or a `Reference`."""
     ref = reference_model(ref)
     check_models(cfg, ref, base)  # (generate checked already; this is for callers of generate_ids itself)
+    if isinstance(eos_ids, (int, str)) or not eos_ids or not all(_is_int(e) for e in eos_ids):
+        raise UserTypeError(f"eos_ids must be a list of token ids (ints), e.g. [tokenizer.eos_token_id]; got "
+                            f"{eos_ids!r}")
+    if not _is_int(pad_id):
+        raise UserTypeError(f"pad_id must be a token id (an int); got {type(pad_id).__name__} {pad_id!r}")
     check_prompt_ids(prompts, vocab_size(policy) if has_head(policy) else None)
     check_room(prompts, cfg, policy, ref, base)
     job = Job(policy, cfg, eos_ids, pad_id, ref, base, tokenizer, scorer, generator, compute or Compute())

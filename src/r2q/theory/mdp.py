@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import check_beta, check_count, check_seed
+
 DTYPE = torch.float64
 EOS = 0
 
@@ -91,8 +93,8 @@ class TokenTree:
 
 def build_tree(n_tokens: int = 3, horizon: int = 4, n_prompts: int = 2) -> TokenTree:
     """All states of P prompt trees with K content tokens and at most H completion tokens (EOS included)."""
-    if n_tokens < 1 or horizon < 1 or n_prompts < 1:
-        raise ValueError("n_tokens, horizon and n_prompts must be >= 1")
+    for name, v in (("n_tokens", n_tokens), ("horizon", horizon), ("n_prompts", n_prompts)):
+        check_count(v, name)
     V = n_tokens + 1
     paths: list[tuple[int, tuple[int, ...]]] = []
     for p in range(n_prompts):
@@ -175,6 +177,7 @@ def soft_value_iteration(
     reward, ref_logp: (S, V).  Returns Q* (S, V) (-inf where disallowed), V* (S,), log pi* (S, V).
     Q*(s,a) = r(s,a) + beta log pi_ref(a|s) + V*(s') (V* = 0 after EOS); V*(s) = beta logsumexp(Q*(s,.)/beta).
     """
+    check_beta(beta)
     S = tree.num_states
     Q = torch.full((S, tree.vocab), float("-inf"), dtype=DTYPE)
     V = torch.zeros(S, dtype=DTYPE)
@@ -235,6 +238,10 @@ class Solution:
 def random_mdp(seed: int = 0, n_tokens: int = 3, horizon: int = 4, n_prompts: int = 2, beta: float = 0.5,
                ref_scale: float = 1.0, reward_scale: float = 1.0) -> TheoryMDP:
     """A random instance: reference logits ~ N(0, ref_scale^2), rewards ~ N(0, reward_scale^2) per (s, a)."""
+    check_beta(beta)
+    for name, v in (("ref_scale", ref_scale), ("reward_scale", reward_scale)):
+        check_beta(v, name, zero_ok=True)
+    check_seed(seed)
     tree = build_tree(n_tokens, horizon, n_prompts)
     g = torch.Generator().manual_seed(seed)
     ref_logits = ref_scale * torch.randn(tree.num_states, tree.vocab, generator=g, dtype=DTYPE)

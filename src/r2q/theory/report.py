@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import check_seed
 from ..paths import RunLock, write_atomic
 from ..views.report import esc, img, png_bytes, table
 from .checks import (
@@ -39,8 +39,7 @@ def run(out_dir: str | Path, seed: int = 0, quick: bool = False, progress: bool 
     """
     from rich.console import Console
 
-    if not 0 <= seed <= 2**31 - 1:
-        raise UserError(f"--seed must be in [0, {2**31 - 1}]; got {seed}")
+    check_seed(seed, "--seed")
     out = check_theory_out(out_dir, FIGURES)
     with RunLock(out):  # two runs on one DIR would pair one's figures with the other's summary
         return _run(out, seed, quick, Console(quiet=not progress))
