@@ -24,7 +24,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import check_options, check_prompt_fits, field_type, option, read_config_file
+from .config import (
+    ATTENTION,
+    attention_option,
+    check_attention,
+    check_options,
+    check_prompt_fits,
+    field_type,
+    option,
+    read_config_file,
+)
 from .credit_config import CreditConfig
 from .demo.config import DemoConfig
 from .errors import UserError, note
@@ -217,8 +226,12 @@ def _read_prompts(path: Path) -> list[str]:
 
 def _generate_command() -> None:
     def command(cfg: GenerateConfig, model: str, prompts: Path, out_path: Path, ref: str, base: str, dtype: str,
-                quiet: bool, trust_remote_code: bool) -> None:
+                attn_implementation: str, quiet: bool, trust_remote_code: bool) -> None:
         check_models(cfg, ref or None, base or None)  # before loading: it asks only whether each model is given
+        if attn_implementation not in ATTENTION:
+            raise UserError(f"--attn-implementation must be one of {', '.join(a or repr(a) for a in ATTENTION)}; "
+                            f"got {attn_implementation!r}")
+        check_attention(attn_implementation)
         check_out_file(out_path, "--out")
         check_outputs_spare_inputs([("--out", out_path)], files=[("--prompts", prompts)],
                                    dirs=[("--model", model), ("--ref", ref), ("--base", base)])
@@ -233,11 +246,11 @@ def _generate_command() -> None:
 
         procs = processes()  # under torchrun / accelerate launch: every process decodes its share of the batches
         tok = load_tokenizer(model, trust_remote_code)
-        policy = load_model(model, dtype, trust_remote_code)
+        policy = load_model(model, dtype, trust_remote_code, attn_implementation)
         check_vocab(tok, policy)
         if ref and (changed := reference_changed(_record_if_readable(model), ref)) is not None:
             note(changed)
-        others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name)
+        others = {name: load_reference(path, tok, policy, dtype, trust_remote_code, name, attn_implementation)
                   for name, path in (("reference", ref), ("base", base)) if path}
         results, total = generate(policy, tok, texts, cfg, ref=others.get("reference"), base=others.get("base"),
                                   progress=not quiet, procs=procs)
@@ -264,6 +277,9 @@ def _generate_command() -> None:
                               help="The model chunk-beam and guided decode from (default: the reference)")]),
         inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, default="fp32",
                           annotation=Annotated[str, typer.Option(help="fp32, bf16 or fp16 weights")]),
+        inspect.Parameter("attn_implementation", inspect.Parameter.KEYWORD_ONLY, default="",
+                          annotation=Annotated[str, typer.Option(help=attention_option().metadata["help"],
+                                                                 show_default="the model's")]),
         inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
                           annotation=Annotated[bool, typer.Option(help="No progress bar")]),
         inspect.Parameter("trust_remote_code", inspect.Parameter.KEYWORD_ONLY, default=False,
@@ -344,9 +360,10 @@ def run_credit(cfg, console: Console | None = None) -> dict:
     from .views.terminal import render_terminal
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
+    policy = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, cfg.attn_implementation)
     check_vocab(tokenizer, policy)
-    ref_model = None if ref == "none" else load_reference(ref, tokenizer, policy, cfg.dtype, cfg.trust_remote_code)
+    ref_model = None if ref == "none" else load_reference(ref, tokenizer, policy, cfg.dtype, cfg.trust_remote_code,
+                                                          attn=cfg.attn_implementation)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for m in (policy, ref_model):
         if m is not None:

@@ -18,6 +18,30 @@ from .errors import UserError
 INT_MAX = 2**31 - 1  # no count, length or seed r2q takes is larger; bigger values are typos
 
 
+# attention kernels r2q takes for --attn-implementation ("" = what the model's config says: transformers' default,
+# sdpa, unless config.json names one); the forms of the mask each takes: see tokens.shared_mask
+ATTENTION = ("", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+_FLASH_PACKAGE = {"flash_attention_2": ("flash_attn", "flash-attn"),
+                  "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (flash_attn_interface)")}
+
+
+def attention_option() -> Any:
+    return option("", "Attention kernel: sdpa, eager, flex_attention (training with it needs a GPU) or "
+                  "flash_attention_2 / _3 (a GPU and flash-attn; pairs run unshared)", choices=ATTENTION,
+                  shown="the model's")
+
+
+def check_attention(impl: str) -> None:
+    """A flash kernel needs its package: said before anything loads (transformers says it deep in a load)."""
+    if impl in _FLASH_PACKAGE:
+        import importlib.util
+
+        module, name = _FLASH_PACKAGE[impl]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--attn-implementation {impl} needs the {name} package (and a CUDA GPU), which is not "
+                            "installed: install it, or use sdpa")
+
+
 def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
            le: float | None = None, choices: tuple[str, ...] | None = None, shown: str | None = None,
            positional: bool = False) -> Any:
@@ -78,7 +102,7 @@ def _problem(v: Any, meta: Any) -> str | None:
     if isinstance(v, str):
         choices = meta.get("choices")
         if choices and v not in choices:
-            return f"must be one of {', '.join(choices)}; got {v!r}"
+            return f"must be one of {', '.join(c or repr(c) for c in choices)}; got {v!r}"
         return None
     if isinstance(v, float) and not math.isfinite(v):
         return f"must be a finite number; got {v}"

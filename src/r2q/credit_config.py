@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import check_options, check_prompt_fits, option
+from .config import attention_option, check_attention, check_options, check_prompt_fits, option
 from .data.read import check_choices
 from .errors import UserError
 
@@ -38,12 +38,14 @@ class CreditConfig:
     top_k: int = option(20, "Most rewarded and most penalised tokens listed", ge=1)
     min_count: int = option(0, "Tokens listed must occur this often (0: automatic)", ge=0)
     dtype: str = option("fp32", "fp32, bf16 or fp16 weights", choices=("fp32", "bf16", "fp16"))
+    attn_implementation: str = attention_option()
     skip_bad: bool = option(False, "Skip malformed rows instead of stopping")
     quiet: bool = option(False, "No progress bar")
     trust_remote_code: bool = option(False, "Allow model code from the checkpoint")
 
     def __post_init__(self):
         check_options(self)
+        check_attention(self.attn_implementation)
         check_prompt_fits(self.max_length, self.max_prompt_length)
         if self.png and not self.png.lower().endswith(".png"):
             raise UserError(f"--png {self.png}: the figure is written as PNG, so its name must end in .png")

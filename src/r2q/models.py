@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .config import check_attention
 from .errors import UserError, UserTypeError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -35,20 +36,25 @@ def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
         check_shard_index(Path(p))
 
 
-def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: bool = False):
-    """A causal LM from a local directory or hub id, weights from safetensors only (no pickle)."""
+def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: bool = False, attn: str = ""):
+    """A causal LM from a local directory or hub id, weights from safetensors only (no pickle). attn: the attention
+    implementation (transformers' attn_implementation; "" = what config.json says, else sdpa)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    check_attention(attn)
     check_model_path(path)
     if (Path(path) / "adapter_config.json").is_file():
-        return _load_adapter_model(Path(path), dtype, trust_remote_code)
+        return _load_adapter_model(Path(path), dtype, trust_remote_code, attn)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+            str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+            **({"attn_implementation": attn} if attn else {}))
+    except ImportError as e:  # an attention kernel (config.json's, or attn's) whose package is not installed
+        raise UserError(f"cannot load a model from {path}: {first_line(e)} (choose another kernel with "
+                        "--attn-implementation, e.g. sdpa)") from e
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
         why = first_line(e)
         if "ignore_mismatched_sizes" in why:  # transformers points at a report it logged, which r2q does not show
@@ -146,12 +152,12 @@ def check_adapter(path: Path) -> str:
     return adapter_base(path)
 
 
-def _load_adapter_model(path: Path, dtype: str, trust_remote_code: bool):
+def _load_adapter_model(path: Path, dtype: str, trust_remote_code: bool, attn: str = ""):
     """A LoRA adapter directory as a plain causal LM: its base with the adapter merged in (for scoring and search,
     where the merged weights run as fast as the base)."""
     from peft import PeftModel
 
-    base = load_model(check_adapter(path), dtype, trust_remote_code)
+    base = load_model(check_adapter(path), dtype, trust_remote_code, attn)
     try:
         with quiet_deprecations():
             return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
@@ -244,13 +250,13 @@ def check_vocab(tokenizer, policy, other=None, what: str = "reference") -> None:
 
 
 def load_reference(path: str | os.PathLike, tokenizer, policy, dtype: str = "fp32", trust_remote_code: bool = False,
-                   what: str = "reference"):
+                   what: str = "reference", attn: str = ""):
     """The model that `what` names, checked against the policy: same tokenizer (when it has tokenizer files)
     and same output vocabulary."""
     check_model_path(path, what)
     if Path(path, "tokenizer_config.json").exists() or Path(path, "tokenizer.json").exists():
         check_same_tokenizer(tokenizer, load_tokenizer(path, trust_remote_code), f"policy and {what}")
-    model = load_model(path, dtype, trust_remote_code)
+    model = load_model(path, dtype, trust_remote_code, attn)
     check_vocab(tokenizer, policy, model, what)
     return model
 

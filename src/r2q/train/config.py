@@ -7,7 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import check_options, check_prompt_fits, flag, option
+from ..config import attention_option, check_attention, check_options, check_prompt_fits, flag, option
 from ..data.read import check_choices
 from ..errors import UserError
 
@@ -62,6 +62,7 @@ class TrainConfig:
     keep_dropout: bool = option(False, "Keep the model's dropout on in DPO (off by default, as TRL's "
                                 "disable_dropout: with dropout the policy's log-probs are noisy and the reference's "
                                 "are not, which biases the implicit rewards)")
+    attn_implementation: str = attention_option()
     dtype: str = option("fp32", "fp32; bf16 autocast (weights and optimizer state stay fp32); or bf16-weights "
                         "(weights, gradients and optimizer state in bf16: half the memory, less precise updates)",
                         choices=("fp32", "float32", "bf16", "bfloat16", "bf16-weights"))
@@ -89,12 +90,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
+        check_attention(self.attn_implementation)
 
 
 # options that may differ between a run and its resumption: they change neither the updates nor the data
 FREE_ON_RESUME = {"resume", "overwrite", "quiet", "eval_every", "eval_on_start", "save_every", "keep_last",
                   "log_every", "report_to", "run_name", "cache_dir", "precompute_ref", "trust_remote_code", "eval_data",
-                  "eval_split", "out"}
+                  "eval_split", "out", "attn_implementation"}  # (kernels of the same attention)
 
 
 DPO_ONLY = ("ref", "beta", "loss", "label_smoothing", "precompute_ref", "keep_dropout", "pack")

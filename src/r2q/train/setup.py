@@ -112,7 +112,9 @@ def starting_policy(cfg: TrainConfig, model, tokenizer, examples: list, device: 
     """The starting weights (loaded unless given), in the weights' dtype, checked against the tokenizer, against
     the examples' lengths (a learned position table) and against the device (FlexAttention's backward)."""
     if model is None:
-        model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code)
+        model = load_model(cfg.model, weights_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
+    elif cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
     if cfg.dtype == "bf16-weights":
         model = model.to(torch.bfloat16)
     check_vocab(tokenizer, model)
@@ -179,7 +181,8 @@ def reference(cfg: TrainConfig, mode: str, model, ref_model, tokenizer, device, 
     if cfg.ref == "init":
         ref_model = ref_model or copy.deepcopy(model)
     elif ref_model is None:
-        ref_model = load_reference(cfg.ref, tokenizer, model, weights_dtype(cfg), cfg.trust_remote_code)
+        ref_model = load_reference(cfg.ref, tokenizer, model, weights_dtype(cfg), cfg.trust_remote_code,
+                                   attn=cfg.attn_implementation)
     check_vocab(tokenizer, model, ref_model)
     check_fit([e for split in precompute.splits.values() for e in split], position_limit(ref_model))
     ref_model.requires_grad_(False).eval()
