@@ -29,7 +29,8 @@ def test_every_command_takes_exactly_its_config_fields():
 
     commands = typer.main.get_command(app).commands
     assert set(commands) == {"train", "sft", "generate", "credit", "theory", "demo", "inspect-data", "version"}
-    extra = {"generate": {"model", "prompts", "out_path", "ref", "base", "dtype", "quiet", "trust_remote_code"}}
+    extra = {"generate": {"model", "prompts", "out_path", "ref", "base", "dtype", "attn_implementation", "quiet",
+                          "trust_remote_code"}}
     for name, cls in [("train", TrainConfig), ("sft", TrainConfig), ("generate", GenerateConfig),
                       ("credit", CreditConfig), ("theory", TheoryConfig), ("demo", DemoConfig),
                       ("inspect-data", InspectConfig)]:

@@ -217,22 +217,48 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused(llama_dir, data
 def test_a_checkpoint_state_that_is_not_ones_own_is_skipped(llama_dir, data, tmp_path, capsys, text):
     """trainer_state.json that matches the manifest (re-hashed after an edit) but is not a state r2q wrote: that
     checkpoint is skipped with a line, and the run resumes from the one before."""
-    import hashlib
-
     out = tmp_path / "run"
     c = ckpt_cfg(llama_dir, data, out, max_steps=2)
     train(c)
     ck = out / "checkpoints" / "step-0000002"
     (ck / "trainer_state.json").write_text(text)
-    man = json.loads((ck / "manifest.json").read_text())
-    body = text.encode()
-    man["files"]["trainer_state.json"] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-    (ck / "manifest.json").write_text(json.dumps(man))
+    _rehash(ck, "trainer_state.json")
     capsys.readouterr()
     res = train(dataclasses.replace(c, resume=True))
     err = capsys.readouterr().err
     assert f"skipping damaged checkpoint {ck}: trainer_state.json" in err
     assert "resuming from" in err and "step-0000001" in err and res.steps == 2
+
+
+def _rehash(ck: Path, name: str) -> None:
+    """The manifest made to vouch for `name` as it now is (an edit that verify cannot see)."""
+    import hashlib
+
+    man = json.loads((ck / "manifest.json").read_text())
+    body = (ck / name).read_bytes()
+    man["files"][name] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    (ck / "manifest.json").write_text(json.dumps(man))
+
+
+def test_an_optimizer_state_that_does_not_fit_is_named_and_the_length_note_said_once(llama_dir, data, tmp_path,
+                                                                                       capsys):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    c = ckpt_cfg(llama_dir, data, out, max_steps=2)
+    train(c)
+    ck = out / "checkpoints" / "step-0000002"
+    save_file({"x": torch.zeros(3)}, str(ck / "optimizer.safetensors"))
+    _rehash(ck, "optimizer.safetensors")
+    capsys.readouterr()
+    with pytest.raises(UserError, match="other settings: --lr"):  # a refusal says nothing of a new length first
+        train(dataclasses.replace(c, resume=True, max_steps=3, lr=1e-2))
+    assert "now ends at step" not in capsys.readouterr().err
+    res = train(dataclasses.replace(c, resume=True, max_steps=3))
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {ck}: its optimizer or scheduler state does not fit this run's" in err
+    assert err.count("--max-steps 2 -> 3; the run now ends at step 3") == 1 and res.steps == 3
+    assert "resuming from" in err and "step-0000001" in err
 
 
 def test_a_gradient_that_overflows_stops_the_run(llama_dir, data, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ LAYERS = [
     # 2. views of results
     ("r2q.views",),
     # 3. the command line, the demo and the theory report
-    ("r2q.cli", "r2q.clidoc", "r2q.demo", "r2q.theory.report", "r2q.theory", "r2q.integrations"),
+    ("r2q.cli", "r2q.commands", "r2q.clidoc", "r2q.demo", "r2q.theory.report", "r2q.theory", "r2q.integrations"),
 ]
 
 

@@ -97,8 +97,9 @@ def _generate(capsys, model, tmp_path, text, *args):
 @pytest.mark.parametrize("method", ["greedy", "beam", "best-of-n"])
 def test_generate_refuses_prompts_that_would_run_past_the_table(short_models, tmp_path, capsys, tokenizer, method):
     n = len(tokenizer("the movie was great").input_ids)
+    ranking = ["--ranking", "likelihood"] if method == "best-of-n" else []  # (no --ref here)
     code, err, out = _generate(capsys, short_models / "gpt2", tmp_path, "the movie\nthe movie was great\n",
-                               "--method", method, "--max-new-tokens", LIMIT - n + 1)
+                               "--method", method, "--max-new-tokens", LIMIT - n + 1, *ranking)
     err = one_line_error(code, err)
     assert f"prompt 2 is {n} tokens" in err and f"lower --max-new-tokens to {LIMIT - n}" in err
     assert not out.exists()

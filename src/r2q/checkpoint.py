@@ -207,21 +207,29 @@ def _check_fits(what: str, saved: dict[str, torch.Tensor], own: dict[str, torch.
             raise ValueError(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
 
 
+class StateMismatch(ValueError):
+    """A checkpoint's optimizer or scheduler state that does not fit the run's (its weights did)."""
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
     """Restore model weights, optimizer, scheduler and this process's RNG; returns the trainer state.
     Call `verify` first; raises ValueError (or a safetensors error) if the files do not fit the model."""
     path = Path(path)
     state = json.loads((path / STATE).read_text())
     load_weights(model, path)
-    osd = optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    try:
+        osd = optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        if is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), osd,  # accelerate wraps it
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(osd)
-    scheduler.load_state_dict(state["scheduler"])
+            set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), osd,  # accelerate wraps it
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(osd)
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # intact files of another optimizer's making
+        raise StateMismatch(f"its optimizer or scheduler state does not fit this run's "
+                            f"({' '.join(str(e).split())[:160] or type(e).__name__})") from e
     rng = path / f"rng-{rank}.safetensors"
     if rng.exists():
         torch.set_rng_state(load_file(str(rng))["torch"])

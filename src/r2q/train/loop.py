@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from .. import refcache
-from ..checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint, verify
+from ..checkpoint import StateMismatch, list_checkpoints, load_checkpoint, read_state, save_checkpoint, verify
 from ..errors import UserError, note
 from ..losses import pair_stats, sft_loss
 from ..models import load_tokenizer, pad_id
@@ -294,9 +294,11 @@ class Trainer:
             if why is None:
                 state, why = read_state(ck)
             if why is None:
-                self._check_same_run(ck, state)
+                longer = self._check_same_run(ck, state)
                 try:
                     state = load_checkpoint(ck, self.lm(), self.opt, self.sched, self.acc.process_index)
+                except StateMismatch as e:
+                    why, kind = str(e), "checkpoint"
                 except ValueError as e:  # load_weights' strict fit: intact, but written for another model
                     why, kind = f"it does not fit the model being trained ({' '.join(str(e).split())[:200]})", \
                         "checkpoint"
@@ -306,19 +308,21 @@ class Trainer:
                 self._note(f"skipping {kind} {ck}: {why}")
                 continue
             self.step = state["step"]
+            if longer:  # training on (or stopping sooner) is allowed; a decaying schedule now ends at the new total
+                self._note(f"--resume: {', '.join(longer)}; the run now ends at step {self.total_steps}")
             self._note(f"resuming from {ck} (step {self.step} of {self.total_steps})")
             truncate_metrics(self.out / "metrics.jsonl", self.step, self.acc.is_main_process, self._note)
             return
         raise UserError(f"--resume: none of the {len(found)} checkpoints in {self.out / 'checkpoints'} is usable "
                         "(see above); start over with --overwrite")
 
-    def _check_same_run(self, ck: Path, state: dict[str, Any]) -> None:
+    def _check_same_run(self, ck: Path, state: dict[str, Any]) -> list[str]:
+        """The changes of length between the checkpoint's run and this one (allowed); any other change refused."""
         longer, diff = resume_changes(state, self._recorded(), self.inputs)
-        if longer:  # training on (or stopping sooner) is allowed; a decaying schedule now ends at the new total
-            self._note(f"--resume: {', '.join(longer)}; the run now ends at step {self.total_steps}")
         if diff:
             raise UserError(f"--resume: {ck} was written by a run with other settings: {'; '.join(diff)}. Resume "
                             "with the same settings and inputs, or start over with --overwrite")
+        return longer
 
     def _unlock(self, undo: bool = False) -> None:
         if getattr(self, "lock", None) is not None:
