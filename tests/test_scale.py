@@ -151,7 +151,7 @@ def test_lora_adapter_round_trips_and_merges_to_the_same_log_probs(pairs, llama_
 def test_lora_options_need_lora_r(pairs, llama_dir, tmp_path):
     with pytest.raises(UserError, match="--lora-alpha is a LoRA option"):
         train(train_cfg(llama_dir, pairs, tmp_path / "x", lora_alpha=4.0))
-    with pytest.raises(UserError, match="--lora-target-modules nope"):
+    with pytest.raises(UserError, match="--lora-target-modules: 'nope' matches no module"):
         train(train_cfg(llama_dir, pairs, tmp_path / "y", lora_r=2, lora_target_modules="nope", max_steps=1))
     with pytest.raises(UserError, match="add --keep-dropout"):
         train(train_cfg(llama_dir, pairs, tmp_path / "z", lora_r=2, lora_dropout=0.1))
