@@ -261,6 +261,22 @@ def test_an_optimizer_state_that_does_not_fit_is_named_and_the_length_note_said_
     assert "resuming from" in err and "step-0000001" in err
 
 
+def test_resume_refuses_other_settings_before_loading_anything(llama_dir, data, tmp_path, monkeypatch):
+    import r2q.train.setup as setup
+
+    out = tmp_path / "run"
+    c = ckpt_cfg(llama_dir, data, out, max_steps=2)
+    train(c)
+
+    def no(*a, **k):
+        raise AssertionError("data or weights were loaded before the settings were compared")
+
+    monkeypatch.setattr(setup, "load_data", no)
+    monkeypatch.setattr(setup, "starting_policy", no)
+    with pytest.raises(UserError, match=r"step-0000002 was written by a run with other settings: --lr"):
+        train(dataclasses.replace(c, resume=True, lr=1e-2))
+
+
 def test_a_gradient_that_overflows_stops_the_run(llama_dir, data, tmp_path, monkeypatch):
     """A finite loss whose gradient norm is inf would be clipped to no update at all: the run stops at that step
     in one line, as for a non-finite loss, and keeps its checkpoints."""

@@ -35,7 +35,16 @@ from ..tokens import TokenBatch, TokenScorer, examples_batch, shared_layout
 from . import setup
 from .config import TrainConfig, validate
 from .order import epoch_steps, example_tokens, micro_batches
-from .rundir import check_earlier_run, check_not_in_place, check_resumable, clear_run, resume_changes, truncate_metrics
+from .rundir import (
+    check_earlier_run,
+    check_not_in_place,
+    check_resumable,
+    check_resume_settings,
+    clear_run,
+    refuse_changes,
+    resume_changes,
+    truncate_metrics,
+)
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Trainer:
                 check_earlier_run(self.out)
             elif cfg.resume:
                 check_resumable(self.out)
+                check_resume_settings(self.out, self._recorded())
             setup.check_inputs(cfg, mode, model, tokenizer, ref_model)
             self.tokenizer = tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
             self.pad_id = pad_id(tokenizer)
@@ -319,9 +329,7 @@ class Trainer:
     def _check_same_run(self, ck: Path, state: dict[str, Any]) -> list[str]:
         """The changes of length between the checkpoint's run and this one (allowed); any other change refused."""
         longer, diff = resume_changes(state, self._recorded(), self.inputs)
-        if diff:
-            raise UserError(f"--resume: {ck} was written by a run with other settings: {'; '.join(diff)}. Resume "
-                            "with the same settings and inputs, or start over with --overwrite")
+        refuse_changes(ck, diff)
         return longer
 
     def _unlock(self, undo: bool = False) -> None:

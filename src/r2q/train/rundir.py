@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import list_checkpoints
+from ..checkpoint import list_checkpoints, read_state
 from ..config import flag
 from ..errors import UserError, note
 from ..paths import write_atomic
@@ -69,6 +69,22 @@ def check_resumable(out: Path) -> None:
         raise UserError(f"--resume: --out {out} holds a finished run ({', '.join(earlier_run(out))}) and no "
                         "checkpoint to continue from (it ran without --save-every): start over with --overwrite, or "
                         "choose another --out")
+
+
+def check_resume_settings(out: Path, now: dict[str, Any]) -> None:
+    """The newest readable checkpoint's settings against this run's (`now`: the recorded config), before any data
+    or weights load; the inputs' fingerprints are compared once they are computed (Trainer._check_same_run)."""
+    for ck in reversed(list_checkpoints(out)):
+        state, why = read_state(ck)
+        if why is None:
+            refuse_changes(ck, resume_changes(state, now, {})[1])
+            return
+
+
+def refuse_changes(ck: Path, diff: list[str]) -> None:
+    if diff:
+        raise UserError(f"--resume: {ck} was written by a run with other settings: {'; '.join(diff)}. Resume with "
+                        "the same settings and inputs, or start over with --overwrite")
 
 
 def clear_run(out: Path) -> None:
