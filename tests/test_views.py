@@ -17,7 +17,7 @@ from r2q.views.html import render_html, write_html
 from r2q.views.plots import plot_credit
 from r2q.views.terminal import render_terminal
 
-EVIL = {"prompt": 'say <img src=x onerror=alert(1)> & "hi"',
+EVIL = {"prompt": 'say <img src=x onerror=alert(1)> & "hi" \u202egnp.exe',
         "chosen": " good. the end",
         "rejected": ' <script>alert(1)</script> "quotes" & <b>bold</b> $x$ [bold]rich[/bold]\x1b[31m'}
 ROWS = [EVIL, {"prompt": "the movie", "chosen": " was great.\nreally fun", "rejected": " was bad.\nboring"},
@@ -86,6 +86,7 @@ def test_html_escapes_every_piece_of_text(report):
     assert "".join(display_piece(x) for x in rejected.tokens) in texts
     assert '<script>alert(1)</script> "quotes" & <b>bold</b>' in texts  # as text, once unescaped by the parser
     assert "\\x1b[31m" in texts and "\x1b" not in page
+    assert "\u202e" not in page and "\\u202egnp.exe" in page  # a bidi override in the prompt is shown, not obeyed
     first = next(a for a, text in spans if text == display_piece(rejected.tokens[0]) and
                  f"{rejected.rewards[0]!r}" == a["data-reward"])
     assert f"log pi {rejected.logps[0]:+.6f}" in first["title"]

@@ -208,7 +208,9 @@ def _generate_command() -> None:
         inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
                           annotation=Annotated[bool, typer.Option(help="No progress bar")]),
         inspect.Parameter("trust_remote_code", inspect.Parameter.KEYWORD_ONLY, default=False,
-                          annotation=Annotated[bool, typer.Option(help="Allow model code from the checkpoint")]),
+                          annotation=Annotated[bool, typer.Option(
+                              help="Run Python code shipped in the model's directory (transformers' "
+                                   "trust_remote_code); off: only installed code runs")]),
     ]
     _config_command("generate", GenerateConfig, "Decode with search over the policy: beam, reward-beam, best-of-n, "
                     "chunk-beam, mcts, ...", command, base_params)

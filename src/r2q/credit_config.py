@@ -41,7 +41,8 @@ class CreditConfig:
     attn_implementation: str = attention_option()
     skip_bad: bool = option(False, "Skip malformed rows instead of stopping")
     quiet: bool = option(False, "No progress bar")
-    trust_remote_code: bool = option(False, "Allow model code from the checkpoint")
+    trust_remote_code: bool = option(False, "Run Python code shipped in the model's directory "
+                                     "(transformers' trust_remote_code); off: only installed code runs")
 
     def __post_init__(self):
         check_options(self)

@@ -46,6 +46,8 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
         raise UserError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     check_attention(attn)
     check_model_path(path)
+    if not attn:
+        check_config_kernel(Path(path))
     if (Path(path) / "adapter_config.json").is_file():
         return _load_adapter_model(Path(path), dtype, trust_remote_code, attn)
     try:
@@ -61,6 +63,21 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
             why = size_mismatch(Path(path), trust_remote_code) or "weights of other shapes than config.json says"
         raise UserError(f"cannot load a model from {path}: {_where(path)}{why}") from e
     return model
+
+
+def check_config_kernel(path: Path) -> None:
+    """A config.json whose attention implementation is a hub kernel ("org/name"): transformers would fetch it and
+    run its native code, which no option of r2q asked for. Refused unless --attn-implementation names a kernel."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no local config.json (a hub id), or one that loading will name as damaged
+    for key in ("attn_implementation", "_attn_implementation"):
+        v = config.get(key) if isinstance(config, dict) else None
+        if isinstance(v, str) and "/" in v:
+            raise UserError(f"{path}/config.json asks for the attention kernel {v!r} from the hub, which transformers "
+                            "would download and run as native code: choose a kernel with --attn-implementation "
+                            "(e.g. sdpa)")
 
 
 def size_mismatch(path: Path, trust_remote_code: bool = False) -> str:

@@ -89,6 +89,9 @@ def recorded_config(config: dict[str, Any], mode: str) -> dict[str, Any]:
     """A run's settings as the record and its checkpoints keep them: local paths made absolute, so `credit` and
     `--resume` find the same files from any directory (a hub id is not a path: kept as given)."""
     d = dict(config, mode=mode)
+    # not a setting of the run (resume may change it) and not one to hand on: a record passed as --config, or shipped
+    # with the model, must not turn on running a directory's code
+    d.pop("trust_remote_code", None)
     for k in ("model", "data", "ref", "eval_data", "cache_dir", "out"):
         if d.get(k) and Path(d[k]).exists():
             d[k] = str(Path(d[k]).resolve())

@@ -71,8 +71,10 @@ def load_external_scorer(spec: str, device="cpu") -> Callable[[Sequence[str], Se
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True).eval().to(device)
-        tok = AutoTokenizer.from_pretrained(spec)
+        # never the directory's own code: transformers would otherwise ask on stdin, and a "y" there would run it
+        model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True,
+                                                                   trust_remote_code=False).eval().to(device)
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a reward model from {spec}: {str(e).splitlines()[0]}") from e
     if tok.pad_token is None:

@@ -74,7 +74,8 @@ class GenerateConfig:
                                            "true or never", choices=tuple(e.value for e in EarlyStopping))
     ref_term: bool = option(False, "reward-beam / mcts: add beta * log pi_ref to the reward (= beta * log pi)")
     ranking: str = option("reward", f"best-of-n ranking: {', '.join(RANKINGS)}", choices=RANKINGS)
-    scorer: str = option("", "External scorer for --ranking external: a reward-model directory, or module:function, "
+    scorer: str = option("", "External scorer for --ranking external: a reward-model directory (never its own "
+                           "code), or module:function, "
                            "which imports and RUNS that Python code (the current directory is searched); it is "
                            "called as fn(prompts: list[str], completions: list[str]) -> list[float]")
     delimiter: str = option("\n", "Step delimiter for reward-min / reward-last (a chat model's end-of-turn token, "

@@ -85,7 +85,8 @@ class TrainConfig:
                             "its own settings from the environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...)")
     run_name: str = option("", "Run name for the trackers (default: the name of --out)")
     skip_bad: bool = option(False, "Skip malformed rows (counted and reported) instead of stopping")
-    trust_remote_code: bool = option(False, "Allow model code from the checkpoint (off: safer)")
+    trust_remote_code: bool = option(False, "Run Python code shipped in the model's directory (transformers' "
+                                     "trust_remote_code); off: only installed code runs")
     quiet: bool = option(False, "No progress bar")
 
     def __post_init__(self):

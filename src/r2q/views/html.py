@@ -13,7 +13,18 @@ from pathlib import Path
 
 from ..credit import CompletionCredit, CreditReport, PairCredit, completions_of
 from ..paths import write_atomic
-from . import NEGATIVE, NEUTRAL, POSITIVE, css_rgb, display_piece, reward_rgb, step_line, text_rgb, vmax_of
+from . import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    css_rgb,
+    display_piece,
+    reward_rgb,
+    step_line,
+    text_rgb,
+    visible_text,
+    vmax_of,
+)
 from .report import esc
 
 CSS = """
@@ -77,13 +88,14 @@ def pair_html(p: PairCredit, vmax: float) -> str:
              for x in (c, r)]
     rows += [f"<div>{_steps(x)}</div>" for x in (c, r)]
     return (f'<section class="item pair"><div class="head">row {p.row} &middot; margin {p.margin:+.4f} &middot; '
-            f'loss {p.loss:.4f} &middot; {verdict}</div><div class="prompt">{esc(p.prompt)}</div>'
+            f'loss {p.loss:.4f} &middot; {verdict}</div><div class="prompt">{esc(visible_text(p.prompt))}</div>'
             f'<div class="grid">{"".join(rows)}</div></section>')
 
 
 def completion_html(c: CompletionCredit, vmax: float) -> str:
     return (f'<section class="item completion"><div class="head">row {c.row} &middot; R = {c.reward:+.4f}</div>'
-            f'<div class="prompt">{esc(c.prompt)}</div><div>{tokens_html(c, 0, len(c.tokens), vmax)}</div>'
+            f'<div class="prompt">{esc(visible_text(c.prompt))}</div>'
+            f'<div>{tokens_html(c, 0, len(c.tokens), vmax)}</div>'
             f"{_steps(c)}</section>")
 
 
