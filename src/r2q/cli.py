@@ -37,7 +37,7 @@ from .demo.config import DemoConfig
 from .errors import UserError
 from .search.config import GenerateConfig
 from .theory.config import TheoryConfig
-from .train.config import TrainConfig
+from .train.config import DPO_ONLY, TrainConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -102,9 +102,10 @@ def _inspect_data(cfg: InspectConfig) -> None:
         out.print(f"  skipped: {msg}", markup=False, highlight=False)
 
 
-def _options_from(cls):
+def _options_from(cls, hide: tuple[str, ...] = ()):
     """Turn a config dataclass into a typer signature: one --option (or argument) per field, help and range from
-    the field's metadata (see r2q.config.option)."""
+    the field's metadata (see r2q.config.option); those in `hide` are taken (for the config to refuse them in one
+    line) but not listed in --help."""
     params = []
     for f in dataclasses.fields(cls):
         typ = field_type(f)  # an Enum option (e.g. --early-stopping) is its value's string; the config converts it
@@ -117,7 +118,7 @@ def _options_from(cls):
             opt = typer.Argument(help=f.metadata.get("help", ""), show_default=shown)
             default = inspect.Parameter.empty if f.default == "" else f.default
         else:
-            opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown)
+            opt = typer.Option(help=f.metadata.get("help", ""), show_default=shown, hidden=f.name in hide)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[typ, opt]))
     return inspect.Signature(params)
@@ -131,10 +132,10 @@ def _config_param(record: bool) -> inspect.Parameter:
                              annotation=Annotated[str, typer.Option(help=help, show_default=False)])
 
 
-def _config_command(name: str, cls, doc: str, run, extra: list | None = None) -> None:
-    """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to
-    `run` by name, and --config): `run(cls(**fields), **extra)`, fields from --config where the command line
-    leaves them at their default."""
+def _config_command(name: str, cls, doc: str, run, extra: list | None = None, hide: tuple[str, ...] = ()) -> None:
+    """A command whose options are the fields of config dataclass `cls` (plus `extra` parameters, handed to `run` by
+    name, and --config; `hide`: fields left out of --help): `run(cls(**fields), **extra)`, fields from --config
+    where the command line leaves them at their default."""
     names = {f.name for f in dataclasses.fields(cls)}
     extra = extra or []
     assert not names & {p.name for p in extra} and "config" not in names
@@ -152,7 +153,7 @@ def _config_command(name: str, cls, doc: str, run, extra: list | None = None) ->
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([context] + extra + [_config_param(cls is TrainConfig)] +
-                                              list(_options_from(cls).parameters.values()))
+                                              list(_options_from(cls, hide).parameters.values()))
     command.__doc__ = doc
     app.command(name)(command)
 
@@ -176,7 +177,7 @@ def _train(cfg, name: str, mode: str) -> None:
 _config_command("train", TrainConfig, "Token-level DPO training of a causal LM on preference pairs.",
                 lambda cfg: _train(cfg, "train", "dpo"))
 _config_command("sft", TrainConfig, "Supervised fine-tuning on completions (prompt/completion, text, messages or "
-                "chosen).", lambda cfg: _train(cfg, "sft", "sft"))
+                "chosen).", lambda cfg: _train(cfg, "sft", "sft"), hide=DPO_ONLY)
 
 
 def _generate_command() -> None:
@@ -189,8 +190,8 @@ def _generate_command() -> None:
         inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY,
                           annotation=Annotated[str, typer.Option(help="Policy model directory")]),
         inspect.Parameter("prompts", inspect.Parameter.KEYWORD_ONLY,
-                          annotation=Annotated[Path, typer.Option(help="Prompts: .txt (one per line) or a data file "
-                                                                  "with a 'prompt' field")]),
+                          annotation=Annotated[Path, typer.Option(help="Prompts: .txt (one per line), or a data file "
+                                                                  "or data set directory with a 'prompt' field")]),
         inspect.Parameter("out_path", inspect.Parameter.KEYWORD_ONLY,
                           annotation=Annotated[Path, typer.Option("--out", help="Output .jsonl, one line per prompt")]),
         inspect.Parameter("ref", inspect.Parameter.KEYWORD_ONLY, default="",

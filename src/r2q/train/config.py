@@ -28,7 +28,7 @@ class TrainConfig:
     ref: str = option("init", "Reference policy: a model path, 'init' (frozen copy of the start) or 'none'")
     beta: float = option(0.1, "KL strength beta of the implicit reward beta*log pi/pi_ref", gt=0)
     loss: str = option("sigmoid", "DPO loss: sigmoid (DPO), ipo or cdpo (label-smoothed)", choices=LOSS_TYPES)
-    label_smoothing: float = option(0.0, "cDPO label noise epsilon, in [0, 0.5) (--loss cdpo only)", ge=0, le=0.49)
+    label_smoothing: float = option(0.0, "cDPO label noise epsilon, in [0, 0.49] (--loss cdpo only)", ge=0, le=0.49)
     lr: float = option(5e-6, "Peak learning rate (AdamW)", gt=0)
     schedule: str = option("linear", "Learning-rate schedule after warm-up: linear, cosine or constant",
                        choices=("linear", "cosine", "constant"))
