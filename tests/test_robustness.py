@@ -234,7 +234,7 @@ def test_help_and_messages(llama_dir, tmp_path, capsys, monkeypatch):
     assert "\\n" in delim and "[default: (\\n)]" in delim
     assert "the one r2q train recorded, else 0.1" in out
     _, out, _ = run_cli(capsys, "generate", "--help")
-    assert "RUNS that Python code" in " ".join(out.split())
+    assert "RUNS that Python code" in " ".join(out.replace("│", " ").split())
     code, _, err = run_cli(capsys, "train", "--model", tmp_path / "nope", "--data", tmp_path / "d.jsonl",
                            "--out", tmp_path / "o")
     assert f"{tmp_path / 'nope'}: no such model directory" in one_line_error(code, err)
