@@ -218,3 +218,16 @@ def test_theory_run_names_a_seed_of_the_wrong_type(tmp_path):
     with pytest.raises(UserTypeError, match="--seed must be an integer"):
         run(tmp_path / "t", seed="0")
     assert not (tmp_path / "t").exists()
+
+
+def test_generate_with_a_tokenizer_without_eos_names_it(loaded):
+    import copy
+
+    from r2q.search import GenerateConfig, generate
+
+    policy, _, tok = loaded
+    no_eos = copy.deepcopy(tok)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None
+    with pytest.raises(UserError, match="the tokenizer has no EOS token"):
+        generate(policy, no_eos, ["the film"], GenerateConfig(method="greedy"))

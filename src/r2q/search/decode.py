@@ -224,6 +224,8 @@ def generate(policy, tokenizer, prompts: Sequence[str | list[dict]], cfg: Genera
         if m is not None:
             m.eval()
     scorer = load_external_scorer(cfg.scorer) if cfg.method == "best-of-n" and cfg.ranking == "external" else None
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token; a search needs one to end its hypotheses")
     eos_ids = [tokenizer.eos_token_id]
     pad = pad_id(tokenizer)
     enc = encode_prompts(tokenizer, prompts)
