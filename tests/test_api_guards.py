@@ -178,7 +178,7 @@ def test_the_reward_helpers_take_any_real_beta():
     from r2q import token_rewards
 
     lp, rl = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    for beta in (1, 0.5, np.float32(0.5), np.float64(0.5)):
+    for beta in (1, 0.5, np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
         torch.testing.assert_close(token_rewards(lp, rl, beta), float(beta) * (lp - rl))
     assert token_rewards(-1.0, -1.5, 0.5) == pytest.approx(0.25)
 
@@ -231,3 +231,13 @@ def test_generate_with_a_tokenizer_without_eos_names_it(loaded):
     assert no_eos.eos_token_id is None
     with pytest.raises(UserError, match="the tokenizer has no EOS token"):
         generate(policy, no_eos, ["the film"], GenerateConfig(method="greedy"))
+
+
+def test_lengths_may_be_numpy_integers(loaded):
+    import numpy as np
+
+    from r2q.data import sft_examples_from_rows
+
+    _, _, tok = loaded
+    ex, _ = sft_examples_from_rows([{"prompt": "a", "completion": "b"}], tok, np.int64(64), np.int64(8))
+    assert len(ex) == 1

@@ -213,7 +213,9 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused(llama_dir, data
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize("text", ["{garbage", '{"config": 5, "step": 2}', "[1, 2]", '{"config": {}}'])
+@pytest.mark.parametrize("text", ["{garbage", '{"config": 5, "step": 2}', "[1, 2]", '{"config": {}}',
+                                  '{"config": [], "step": 1}', '{"config": {}, "step": true}',
+                                  '{"config": {}, "step": 2, "inputs": ""}', '{"step": 2}'])
 def test_a_checkpoint_state_that_is_not_ones_own_is_skipped(llama_dir, data, tmp_path, capsys, text):
     """trainer_state.json that matches the manifest (re-hashed after an edit) but is not a state r2q wrote: that
     checkpoint is skipped with a line, and the run resumes from the one before."""

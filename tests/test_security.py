@@ -49,6 +49,13 @@ def test_a_run_record_does_not_carry_trust_remote_code(llama_dir, tmp_path, caps
                            tmp_path / "again", "--quiet")
     assert code == 0, err
     assert "trust_remote_code" not in json.loads((tmp_path / "again" / "r2q_config.json").read_text())
+    old = dict(record, trust_remote_code=True)  # a record of an earlier r2q, which held the key
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    from r2q.config import read_config_file
+    from r2q.train import TrainConfig
+
+    assert "trust_remote_code" not in read_config_file(str(tmp_path / "old.json"), TrainConfig)
+    assert "trust_remote_code is not applied" in capsys.readouterr().err
 
 
 def test_a_hub_attention_kernel_in_config_json_is_refused(llama_dir, tmp_path):
@@ -60,6 +67,9 @@ def test_a_hub_attention_kernel_in_config_json_is_refused(llama_dir, tmp_path):
     (m / "config.json").write_text(json.dumps(dict(cfg, attn_implementation="evilorg/evil-kernel")))
     with pytest.raises(UserError, match="asks for the attention kernel 'evilorg/evil-kernel' from the hub"):
         load_model(m)
+    (m / "config.json").write_text(json.dumps(dict(cfg, attn_implementation={"": "evilorg/evil-kernel"})))
+    with pytest.raises(UserError, match="asks for the attention kernel 'evilorg/evil-kernel' from the hub"):
+        load_model(m)  # the form of one kernel per sub-config
     assert load_model(m, attn="sdpa").config._attn_implementation == "sdpa"  # a kernel chosen by the user
 
 

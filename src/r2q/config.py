@@ -13,7 +13,7 @@ from dataclasses import field
 from enum import Enum
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, note
 
 INT_MAX = 2**31 - 1  # no count, length or seed r2q takes is larger; bigger values are typos
 
@@ -161,6 +161,11 @@ def read_config_file(path: str, cls: type) -> dict[str, Any]:
             raise UserError(f"--config {path}: {spelled[name]!r} and {key!r} are the same option, given twice")
         spelled[name] = key
         if name in RECORD_ONLY:
+            continue
+        if name == "trust_remote_code" and "inputs" in data:  # a run record (of r2q < 0.2 still held this key)
+            if value:
+                note(f"--config {path}: a run record's trust_remote_code is not applied (it would run the model "
+                     "directory's code); give --trust-remote-code yourself")
             continue
         if name not in fields:
             raise UserError(f"--config {path}: unknown option {key!r} (not an option of this command)")

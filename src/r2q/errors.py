@@ -49,7 +49,7 @@ def listed(value, what: str) -> list:
 
 def check_count(value, what: str, unit: str = "") -> None:
     """A count (a batch size, a number of steps): a positive int, bools and floats refused."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's ints too
         raise UserTypeError(f"{what} must be a positive integer{unit}; got {value!r}")
     if value < 1:
         raise UserError(f"{what} must be a positive integer{unit}; got {value!r}")
@@ -68,6 +68,8 @@ def check_beta(beta, what: str = "beta", zero_ok: bool = False) -> None:
     zero_ok for a weight that may switch its term off (guided decoding's alpha)."""
     if type(beta) is float and (0 <= beta if zero_ok else 0 < beta) and beta < math.inf:
         return  # the common case, fast (search checks beta at every scored token)
+    if getattr(beta, "ndim", None) == 0 and hasattr(beta, "item"):  # a 0-d tensor or array holding the number
+        beta = beta.item()
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise UserTypeError(f"{what} must be a {'non-negative' if zero_ok else 'positive'} finite number; got "
                             f"{type(beta).__name__} {beta!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,9 +55,10 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
             **({"attn_implementation": attn} if attn else {}))
-    except ImportError as e:  # an attention kernel (config.json's, or attn's) whose package is not installed
-        raise UserError(f"cannot load a model from {path}: {first_line(e)} (choose another kernel with "
-                        "--attn-implementation, e.g. sdpa)") from e
+    except ImportError as e:  # a package the model needs: its attention kernel's, its own code's, a quantizer's
+        hint = " (choose another kernel with --attn-implementation, e.g. sdpa)" if re.search(
+            r"attention|flash|kernel", str(e), re.I) else ""
+        raise UserError(f"cannot load a model from {path}: {first_line(e)}{hint}") from e
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # missing, damaged or mismatched files
         why = first_line(e)
         if "ignore_mismatched_sizes" in why:  # transformers points at a report it logged, which r2q does not show
@@ -66,18 +68,29 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", trust_remote_code: 
 
 
 def check_config_kernel(path: Path) -> None:
-    """A config.json whose attention implementation is a hub kernel ("org/name"): transformers would fetch it and
-    run its native code, which no option of r2q asked for. Refused unless --attn-implementation names a kernel."""
+    """A config.json whose attention implementation is a hub kernel ("org/name", given as a string or in a mapping
+    of one per sub-config), or a flash kernel whose package is missing (for which transformers fetches a hub kernel
+    when the `kernels` package is installed): transformers would download and run native code that no option of
+    r2q asked for. Refused unless --attn-implementation names a kernel. (A hub id's config is not read here.)"""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # no local config.json (a hub id), or one that loading will name as damaged
     for key in ("attn_implementation", "_attn_implementation"):
         v = config.get(key) if isinstance(config, dict) else None
-        if isinstance(v, str) and "/" in v:
-            raise UserError(f"{path}/config.json asks for the attention kernel {v!r} from the hub, which transformers "
-                            "would download and run as native code: choose a kernel with --attn-implementation "
-                            "(e.g. sdpa)")
+        for name in (v.values() if isinstance(v, dict) else [v]):
+            if not isinstance(name, str):
+                continue
+            if "/" in name:
+                raise UserError(f"{path}/config.json asks for the attention kernel {name!r} from the hub, which "
+                                "transformers would download and run as native code: choose a kernel with "
+                                "--attn-implementation (e.g. sdpa)")
+            try:
+                check_attention(name)
+            except UserError:
+                raise UserError(f"{path}/config.json asks for {name}, whose package is not installed (transformers "
+                                "would fetch a kernel from the hub in its place): choose a kernel with "
+                                "--attn-implementation (e.g. sdpa)") from None
 
 
 def size_mismatch(path: Path, trust_remote_code: bool = False) -> str:

@@ -12,6 +12,7 @@ sequence s (EOS included); ``mask[s, t]`` says whether it exists. A prompt token
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -248,31 +249,21 @@ def eager_flex(model) -> bool:
     return p is not None and p.device.type == "cpu"
 
 
-class attention_stance:
-    """Context for a forward of `model`: torch.compile's stance forced to eager where `eager_flex(model)`, and
-    the two warnings that uncompiled FlexAttention then gives (unfused kernel; create_block_mask's _compile flag,
-    which transformers passes) silenced, since running it so is r2q's choice; no change for any other model."""
+def attention_stance(model=None, *, on: bool | None = None):
+    """A fresh context for a forward of `model` (or, with `on`, of a model already asked `eager_flex`):
+    torch.compile's stance forced to eager where `eager_flex(model)`, and the two warnings that uncompiled
+    FlexAttention then gives (unfused kernel; create_block_mask's _compile flag, which transformers passes)
+    silenced, since running it so is r2q's choice; nothing for any other model."""
+    if not (eager_flex(model) if on is None else on):
+        return contextlib.nullcontext()
+    import warnings
 
-    def __init__(self, model):
-        self.on = eager_flex(model)
-
-    def __enter__(self):
-        if self.on:
-            import warnings
-
-            self._warnings = warnings.catch_warnings()
-            self._warnings.__enter__()
-            warnings.filterwarnings("ignore", message=r"flex_attention called without torch\.compile")
-            warnings.filterwarnings("ignore", message=r"_compile flag on create_block_mask")
-            self._stance = torch.compiler.set_stance("force_eager")
-            self._stance.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.on:
-            self._stance.__exit__(*exc)
-            self._warnings.__exit__(*exc)
-        return False
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message=r"flex_attention called without torch\.compile")
+    warnings.filterwarnings("ignore", message=r"_compile flag on create_block_mask")
+    stack.enter_context(torch.compiler.set_stance("force_eager"))
+    return stack
 
 
 def can_share_prefix(*models) -> bool:

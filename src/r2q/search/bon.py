@@ -68,8 +68,13 @@ def load_external_scorer(spec: str, device="cpu") -> Callable[[Sequence[str], Se
         except ValueError:  # no signature to read (some built-ins): it is called as it is
             pass
         return f
+    from pathlib import Path
+
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..models import check_config_kernel
+
+    check_config_kernel(Path(spec))
     try:
         # never the directory's own code: transformers would otherwise ask on stdin, and a "y" there would run it
         model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True,

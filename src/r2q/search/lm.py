@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..tokens import attention_stance
+from ..tokens import attention_stance, eager_flex
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Lockstep:
         self.mask: torch.Tensor | None = None
         self.compute = compute or Compute()
         self.device = next(self.models[0].parameters()).device
-        self.stances = [attention_stance(m) for m in self.models]  # uncompiled FlexAttention on the CPU
+        self.eager = [eager_flex(m) for m in self.models]  # FlexAttention on the CPU: run uncompiled
 
     def _run(self, i: int, ids: torch.Tensor, pos: torch.Tensor, tokens: int) -> torch.Tensor:
         if self.caches[i] is None:
@@ -117,7 +117,7 @@ class Lockstep:
 
             self.caches[i] = new_cache(self.models[i], self.room)
         kw = {self.keys[i]: self.caches[i]} if self.caches[i] is not None else {}
-        with self.stances[i]:
+        with attention_stance(on=self.eager[i]):
             out = self.models[i](input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True, **kw,
                                  **self.last_only[i])
         self.caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)

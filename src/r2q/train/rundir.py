@@ -67,18 +67,23 @@ def check_resumable(out: Path) -> None:
     would replace its weights silently: refused."""
     if out.is_dir() and (out / RECORD).exists() and not list_checkpoints(out):
         raise UserError(f"--resume: --out {out} holds a finished run ({', '.join(earlier_run(out))}) and no "
-                        "checkpoint to continue from (it ran without --save-every): start over with --overwrite, or "
-                        "choose another --out")
+                        "checkpoint to continue from (it wrote none: no --save-every, or fewer steps than it): start "
+                        "over with --overwrite, or choose another --out")
 
 
 def check_resume_settings(out: Path, now: dict[str, Any]) -> None:
     """The newest readable checkpoint's settings against this run's (`now`: the recorded config), before any data
     or weights load; the inputs' fingerprints are compared once they are computed (Trainer._check_same_run)."""
-    for ck in reversed(list_checkpoints(out)):
+    first = None  # (the newest readable checkpoint, what differs): refused only when no readable one matches, since
+    for ck in reversed(list_checkpoints(out)):  # a damaged newest one is skipped later in favour of an older one
         state, why = read_state(ck)
         if why is None:
-            refuse_changes(ck, resume_changes(state, now, {})[1])
-            return
+            diff = resume_changes(state, now, {})[1]
+            if not diff:
+                return
+            first = first or (ck, diff)
+    if first:
+        refuse_changes(*first)
 
 
 def refuse_changes(ck: Path, diff: list[str]) -> None:

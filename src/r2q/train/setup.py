@@ -122,8 +122,8 @@ def starting_policy(cfg: TrainConfig, model, tokenizer, examples: list, device: 
     impl = getattr(model.config, "_attn_implementation", None) or ""
     if "flex" in impl and device.type == "cpu":
         raise UserError(f"the model runs {impl}, which has no backward on the CPU in torch {torch.__version__}: "
-                        "train on a GPU, or load the model with attn_implementation='sdpa' (credit and generate "
-                        "run FlexAttention on the CPU)")
+                        "train on a GPU, or choose another kernel (--attn-implementation sdpa; "
+                        "attn_implementation='sdpa' in Python). Credit and generate run FlexAttention on the CPU")
     return model
 
 
