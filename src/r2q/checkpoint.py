@@ -84,9 +84,11 @@ def read_state(d: Path) -> tuple[dict[str, Any] | None, str | None]:
         state = json.loads((d / STATE).read_text())
     except (OSError, ValueError) as e:
         return None, f"{STATE} cannot be read ({' '.join(str(e).split())[:120]})"
-    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        state = {}
+    step, inputs = state.get("step"), state.get("inputs")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(state.get("config"), dict) \
-            or not isinstance(state.get("inputs", {}) if state.get("inputs") is not None else {}, dict):
+            or not (inputs is None or isinstance(inputs, dict)):
         return None, f"{STATE} is not the state of an r2q checkpoint (a step and tables of config and inputs)"
     return state, None
 

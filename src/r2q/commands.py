@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import ATTENTION, check_attention
+from .config import check_attention
 from .errors import UserError, note
 from .paths import check_out_file, check_outputs_spare_inputs, write_atomic
 from .record import read_record, reference_changed
@@ -61,9 +61,6 @@ def run_generate(cfg: GenerateConfig, model: str, prompts: Path, out_path: Path,
                  attn_implementation: str, quiet: bool, trust_remote_code: bool, console: Console) -> None:
     """`r2q generate`: check, read the prompts, load the models, decode, write one line per prompt."""
     check_models(cfg, ref or None, base or None)  # before loading: it asks only whether each model is given
-    if attn_implementation not in ATTENTION:
-        raise UserError(f"--attn-implementation must be one of {', '.join(a or repr(a) for a in ATTENTION)}; "
-                        f"got {attn_implementation!r}")
     check_attention(attn_implementation)
     check_out_file(out_path, "--out")
     check_outputs_spare_inputs([("--out", out_path)], files=[("--prompts", prompts)],

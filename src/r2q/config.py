@@ -31,15 +31,26 @@ def attention_option() -> Any:
                   shown="the model's")
 
 
-def check_attention(impl: str) -> None:
-    """A flash kernel needs its package: said before anything loads (transformers says it deep in a load)."""
+def missing_package(impl: str) -> str | None:
+    """The package a flash kernel needs when it is not installed (None when it is, or for any other kernel)."""
     if impl in _FLASH_PACKAGE:
         import importlib.util
 
         module, name = _FLASH_PACKAGE[impl]
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"--attn-implementation {impl} needs the {name} package (and a CUDA GPU), which is not "
-                            "installed: install it, or use sdpa")
+            return name
+    return None
+
+
+def check_attention(impl: str) -> None:
+    """--attn-implementation: one of ATTENTION, and a flash kernel's package installed: said before anything loads
+    (transformers says it deep in a load)."""
+    if impl not in ATTENTION:
+        raise UserError(f"--attn-implementation must be one of {', '.join(a or repr(a) for a in ATTENTION)}; got "
+                        f"{impl!r}")
+    if name := missing_package(impl):
+        raise UserError(f"--attn-implementation {impl} needs the {name} package (and a CUDA GPU), which is not "
+                        "installed: install it, or use sdpa")
 
 
 def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import check_attention
+from .config import check_attention, missing_package
 from .errors import UserError, UserTypeError, first_line
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -85,12 +85,10 @@ def check_config_kernel(path: Path) -> None:
                 raise UserError(f"{path}/config.json asks for the attention kernel {name!r} from the hub, which "
                                 "transformers would download and run as native code: choose a kernel with "
                                 "--attn-implementation (e.g. sdpa)")
-            try:
-                check_attention(name)
-            except UserError:
+            if missing_package(name):
                 raise UserError(f"{path}/config.json asks for {name}, whose package is not installed (transformers "
                                 "would fetch a kernel from the hub in its place): choose a kernel with "
-                                "--attn-implementation (e.g. sdpa)") from None
+                                "--attn-implementation (e.g. sdpa)")
 
 
 def size_mismatch(path: Path, trust_remote_code: bool = False) -> str:

@@ -224,7 +224,7 @@ def _wrapped(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _attn_impl(model) -> str:
+def attn_impl(model) -> str:
     """The attention implementation the model's config names ("" when it names none)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
 
@@ -243,7 +243,7 @@ def eager_flex(model) -> bool:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     model = getattr(model, "module", model)
-    if "flex" not in _attn_impl(model):
+    if "flex" not in attn_impl(model):
         return False
     p = next(model.parameters(), None)
     return p is not None and p.device.type == "cpu"
@@ -268,14 +268,14 @@ def attention_stance(model=None, *, on: bool | None = None):
 
 def can_share_prefix(*models) -> bool:
     """Whether every model's attention takes the mask prefix-shared rows need."""
-    return all(_takes_4d_mask(_attn_impl(m)) for m in models if m is not None)
+    return all(_takes_4d_mask(attn_impl(m)) for m in models if m is not None)
 
 
 def shared_layout(share_prefix: bool, *models, say=None) -> bool:
     """share_prefix if the models can take it; else False, said once through `say` (one line)."""
     if share_prefix and not can_share_prefix(*models):
         if say is not None:
-            impls = {_attn_impl(m) for m in models if m is not None}
+            impls = {attn_impl(m) for m in models if m is not None}
             say(f"prefix sharing needs a 4D attention mask, which {', '.join(sorted(impls))} cannot take: "
                 "pairs run in the plain layout (one row per completion)")
         return False
@@ -339,7 +339,7 @@ def flat_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     hf = getattr(model, "module", model)  # DDP and FSDP1 keep the HF model at .module
     mask = attention_mask
     if mask.dim() == 3:  # prefix-shared rows: block and segment ids
-        mask = shared_mask(mask, _attn_impl(hf), next(model.parameters()).dtype)
+        mask = shared_mask(mask, attn_impl(hf), next(model.parameters()).dtype)
     kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     if not _wrapped(model) and _head_only(model):
         with attention_stance(hf):

@@ -267,7 +267,7 @@ def _completions(e: PreferenceExample | SFTExample) -> tuple[list[int], ...]:
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     for name, v in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
         check_count(v, name)
-    if max_prompt_length < 1 or max_length < 2:
+    if max_length < 2:  # (both are positive integers by now)
         raise UserError(f"max_length ({max_length}) and max_prompt_length ({max_prompt_length}) "
                         "must be positive")
     if max_prompt_length >= max_length:

@@ -20,7 +20,7 @@ from ..paths import check_out_dir
 from ..prepare import shard
 from ..record import model_fingerprint
 from ..reference import AdaptersOff, LiveReference, NoReference, Reference, precomputed
-from ..tokens import shared_layout
+from ..tokens import attn_impl, shared_layout
 from .config import TrainConfig, trackers
 from .order import epoch_steps, example_tokens
 
@@ -119,7 +119,7 @@ def starting_policy(cfg: TrainConfig, model, tokenizer, examples: list, device: 
         model = model.to(torch.bfloat16)
     check_vocab(tokenizer, model)
     check_fit(examples, position_limit(model))
-    impl = getattr(model.config, "_attn_implementation", None) or ""
+    impl = attn_impl(model)
     if "flex" in impl and device.type == "cpu":
         raise UserError(f"the model runs {impl}, which has no backward on the CPU in torch {torch.__version__}: "
                         "train on a GPU, or choose another kernel (--attn-implementation sdpa; "

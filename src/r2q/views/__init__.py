@@ -40,18 +40,19 @@ def text_rgb(bg: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if lum > 140 else (255, 255, 255)
 
 
+def _escaped(ch: str) -> str:
+    """A character written out as Python would: '\\xNN' below 256, else '\\uNNNN'."""
+    return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+
+
 _BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def visible_text(text: str) -> str:
     """A prompt's text as a page shows it: lines and tabs kept, control and bidirectional-override characters
     written out ('\\u202e'), so that none can hide or reorder what is shown around it."""
-    def shown(ch: str) -> str:
-        if ch in "\n\t" or not (ch in _BIDI or unicodedata.category(ch) == "Cc"):
-            return ch
-        return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
-
-    return "".join(map(shown, text))
+    return "".join(_escaped(ch) if ch not in "\n\t" and (ch in _BIDI or unicodedata.category(ch) == "Cc") else ch
+                   for ch in text)
 
 
 def display_piece(piece: str) -> str:
@@ -68,7 +69,7 @@ def display_piece(piece: str) -> str:
         elif ch == "\r":
             out.append("␍")
         elif unicodedata.category(ch) in ("Cc", "Cf") and ch != " ":
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+            out.append(_escaped(ch))
         else:
             out.append(ch)
     return "".join(out)
